@@ -1,0 +1,1 @@
+//! comm-perf and criterion benchmarks for the distributed layer.

@@ -1,0 +1,1 @@
+//! Host layout operations (filled in by the layout work item).

@@ -1,0 +1,1 @@
+//! NCCL backend for CUDA tensors, loading libnccl and libcuda at run time.

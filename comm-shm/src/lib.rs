@@ -1,0 +1,1 @@
+//! Shared-memory backend: segments, futex waits, the MessageQueue broadcaster and intra-host collectives.

@@ -1,0 +1,1 @@
+//! Process launcher (distrun) and multi-process executor with collective RPC.

@@ -1,0 +1,1 @@
+//! Multi-process integration tests and the backend conformance suite.
