@@ -1,16 +1,10 @@
 //! Host reduction kernels: `dst = dst op src`, element-wise.
 //!
 //! The loops are plain zips over slices so LLVM vectorises them; f16 and bf16
-//! are widened to f32 in small stack blocks (with `half`'s SIMD conversions),
-//! reduced there and narrowed back, so they accumulate in f32 per step.
-
-use half::slice::HalfFloatSliceExt;
-use half::{bf16, f16};
+//! are widened to f32, reduced and narrowed back (round to nearest even) in
+//! one fused, branch-free pass, so they accumulate in f32 per step.
 
 use crate::{CommError, DType, ReduceOp, Result};
-
-/// Elements of f16/bf16 widened per block; fits comfortably in L1.
-const HALF_BLOCK: usize = 256;
 
 macro_rules! zip_apply {
     ($dst:expr, $src:expr, |$a:ident, $b:ident| $e:expr) => {
@@ -60,23 +54,103 @@ reduce_int!(reduce_u8, u8);
 reduce_int!(reduce_i32, i32);
 reduce_int!(reduce_i64, i64);
 
+// f16 / bf16 <-> f32 conversions written branch-free (selects only), so the
+// fused widen-reduce-narrow loops below vectorise with plain SSE2 / NEON.
+// Rounding is to nearest, ties to even, bit-identical to `half`'s
+// conversions for every non-NaN value; NaNs stay NaN (quieted, payload kept).
+
+#[inline(always)]
+fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+#[inline(always)]
+fn f32_to_bf16(f: f32) -> u16 {
+    let x = f.to_bits();
+    let nan = (x >> 16) | 0x0040;
+    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+    (if x & 0x7FFF_FFFF > 0x7F80_0000 { nan } else { rounded }) as u16
+}
+
+#[inline(always)]
+fn f16_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    // Exponent and mantissa moved into f32 position, exponent re-biased.
+    let o = ((h & 0x7FFF) << 13) + (112 << 23);
+    let exp = h & 0x7C00;
+    // Inf / NaN: exponent all ones (and the quiet bit for NaN).
+    let inf_nan = (o + (112 << 23)) | (((h & 0x03FF) != 0) as u32) << 22;
+    // Zero / subnormal: renormalise through one exact float subtraction.
+    let sub = (f32::from_bits(o + (1 << 23)) - f32::from_bits(113 << 23)).to_bits();
+    let bits = if exp == 0x7C00 {
+        inf_nan
+    } else if exp == 0 {
+        sub
+    } else {
+        o
+    };
+    f32::from_bits(bits | ((h & 0x8000) << 16))
+}
+
+#[inline(always)]
+fn f32_to_f16(f: f32) -> u16 {
+    let x = f.to_bits();
+    let sign = (x >> 16) & 0x8000;
+    let a = x & 0x7FFF_FFFF;
+    // NaN (quieted, top mantissa bits kept), or Inf for Inf and overflow.
+    let special = if a > 0x7F80_0000 {
+        0x7E00 | ((a >> 13) & 0x03FF)
+    } else {
+        0x7C00
+    };
+    // Results below the smallest normal: adding 0.5 makes the FPU round the
+    // mantissa into the low bits (ties to even).
+    const MAGIC: u32 = 126 << 23;
+    let sub = (f32::from_bits(a) + f32::from_bits(MAGIC))
+        .to_bits()
+        .wrapping_sub(MAGIC);
+    // Normal results: re-bias, round to nearest even, shift.
+    let norm = a
+        .wrapping_sub(112 << 23)
+        .wrapping_add(0x0FFF + ((a >> 13) & 1))
+        >> 13;
+    let r = if a >= 0x4780_0000 {
+        special
+    } else if a < 0x3880_0000 {
+        sub
+    } else {
+        norm
+    };
+    (r | sign) as u16
+}
+
+/// `dst = narrow(widen(dst) op widen(src))` in one fused pass.
+macro_rules! half_apply {
+    ($dst:expr, $src:expr, $wide:ident, $narrow:ident, |$a:ident, $b:ident| $e:expr) => {
+        for (d, s) in $dst.iter_mut().zip($src.iter()) {
+            let $a = $wide(*d);
+            let $b = $wide(*s);
+            *d = $narrow($e);
+        }
+    };
+}
+
 macro_rules! reduce_half {
-    ($name:ident, $t:ty) => {
-        fn $name(dst: &mut [$t], src: &[$t], op: ReduceOp) {
-            let mut a = [0f32; HALF_BLOCK];
-            let mut b = [0f32; HALF_BLOCK];
-            for (d, s) in dst.chunks_mut(HALF_BLOCK).zip(src.chunks(HALF_BLOCK)) {
-                let n = d.len();
-                d.convert_to_f32_slice(&mut a[..n]);
-                s.convert_to_f32_slice(&mut b[..n]);
-                reduce_f32(&mut a[..n], &b[..n], op);
-                d.convert_from_f32_slice(&a[..n]);
+    ($name:ident, $wide:ident, $narrow:ident) => {
+        fn $name(dst: &mut [u16], src: &[u16], op: ReduceOp) {
+            match op {
+                ReduceOp::Sum | ReduceOp::Avg => {
+                    half_apply!(dst, src, $wide, $narrow, |a, b| a + b)
+                }
+                ReduceOp::Prod => half_apply!(dst, src, $wide, $narrow, |a, b| a * b),
+                ReduceOp::Min => half_apply!(dst, src, $wide, $narrow, |a, b| a.min(b)),
+                ReduceOp::Max => half_apply!(dst, src, $wide, $narrow, |a, b| a.max(b)),
             }
         }
     };
 }
-reduce_half!(reduce_f16, f16);
-reduce_half!(reduce_bf16, bf16);
+reduce_half!(reduce_f16, f16_to_f32, f32_to_f16);
+reduce_half!(reduce_bf16, bf16_to_f32, f32_to_bf16);
 
 fn check_lens(dst: &[u8], src: &[u8], dtype: DType) -> Result<()> {
     if dst.len() != src.len() || dst.len() % dtype.size() != 0 {
@@ -112,6 +186,11 @@ fn cast_mut<T: bytemuck::Pod>(b: &mut [u8]) -> Result<&mut [T]> {
 /// ```
 pub fn reduce_into(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) -> Result<()> {
     check_lens(dst, src, dtype)?;
+    if dst.is_empty() {
+        // Empty slices may have a dangling pointer that is not aligned for
+        // `dtype`; there is nothing to do anyway.
+        return Ok(());
+    }
     match dtype {
         DType::F32 => reduce_f32(cast_mut(dst)?, cast(src)?, op),
         DType::F64 => reduce_f64(cast_mut(dst)?, cast(src)?, op),
@@ -149,16 +228,19 @@ pub fn finish_avg(buf: &mut [u8], dtype: DType, count: usize) -> Result<()> {
     if buf.len() % dtype.size() != 0 {
         return Err(CommError::invalid("finish_avg: buffer is not whole elements"));
     }
+    if buf.is_empty() {
+        return Ok(());
+    }
     let c = count;
     match dtype {
         DType::F32 => cast_mut::<f32>(buf)?.iter_mut().for_each(|x| *x /= c as f32),
         DType::F64 => cast_mut::<f64>(buf)?.iter_mut().for_each(|x| *x /= c as f64),
-        DType::F16 => cast_mut::<f16>(buf)?
+        DType::F16 => cast_mut::<u16>(buf)?
             .iter_mut()
-            .for_each(|x| *x = f16::from_f32(x.to_f32() / c as f32)),
-        DType::BF16 => cast_mut::<bf16>(buf)?
+            .for_each(|x| *x = f32_to_f16(f16_to_f32(*x) / c as f32)),
+        DType::BF16 => cast_mut::<u16>(buf)?
             .iter_mut()
-            .for_each(|x| *x = bf16::from_f32(x.to_f32() / c as f32)),
+            .for_each(|x| *x = f32_to_bf16(bf16_to_f32(*x) / c as f32)),
         DType::I8 => cast_mut::<i8>(buf)?
             .iter_mut()
             .for_each(|x| *x = (*x as i64 / c as i64) as i8),

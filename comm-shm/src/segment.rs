@@ -1,0 +1,667 @@
+//! The substrate: shared-memory segments and cross-process waiting.
+//!
+//! # Segments
+//! A segment is a POSIX shared-memory object created by one member with
+//! `O_CREAT | O_EXCL`, mode `0600`, under a unique name
+//! (`/dshm.<job>.<pid>.<random>`), sized with `ftruncate` + `fallocate` (so a
+//! full `/dev/shm` is an error at set-up, never a `SIGBUS` later) and mapped
+//! `MAP_SHARED | MAP_POPULATE`. Its name travels through the [`Store`]. Every
+//! member maps it, writes its pid into the member table and increments the
+//! attach counter; the member that brings the counter to the member count
+//! unlinks the name at once, so nothing is left in `/dev/shm` even if every
+//! member is later killed with `SIGKILL`. If set-up fails (a member never
+//! attaches before the deadline), the creator and every attached member
+//! unlink the name too.
+//!
+//! # Layout
+//! ```text
+//! line 0            meta: magic, version, member count, total length, kind, job id
+//! line 1            attach counter (a Flag)
+//! line 2            abort flag (a Flag): 0 running, 1 aborted, 2 closed
+//! lines 3..3+n      member table: pid, exited flag (one 128-byte line each)
+//! ctrl flags        the owner's Flags, one 128-byte line each
+//! payload           page aligned, owner-defined
+//! ```
+//!
+//! # Waiting
+//! [`Segment::wait`] spins briefly (`spin_loop` hints), then yields the CPU,
+//! then sleeps on a *shared* futex (no `FUTEX_PRIVATE_FLAG`, so it works across
+//! processes) in slices of [`SpinPolicy::sleep_slice`], checking the abort flag,
+//! the deadline and the liveness of the watched members between slices.
+//! Publishers wake a flag's futex only when its `sleepers` count says someone
+//! sleeps there, so the fast path is one store and one fence.
+
+use std::collections::hash_map::RandomState;
+use std::fs::File;
+use std::hash::{BuildHasher, Hasher};
+use std::hint::spin_loop;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
+use std::time::{Duration, Instant};
+
+use comm_core::{CommError, Deadline, Result, Store};
+use rustix::fs::{FallocateFlags, Mode};
+use rustix::io::Errno;
+use rustix::shm;
+use rustix::thread::futex;
+
+/// Cache-line size assumed for isolation (128 covers Apple/ARM big cores and
+/// x86's adjacent-line prefetcher).
+pub const LINE: usize = 128;
+const PAGE: usize = 4096;
+const MAGIC: u64 = u64::from_le_bytes(*b"DSHMSEG1");
+const VERSION: u32 = 1;
+/// Where POSIX shared memory lives on Linux.
+pub const SHM_DIR: &str = "/dev/shm";
+/// Every segment name starts with this (after the leading `/`).
+pub const NAME_PREFIX: &str = "dshm.";
+const JOB_BYTES: usize = 48;
+
+/// Abort flag value: running.
+pub(crate) const RUNNING: u32 = 0;
+/// Abort flag value: `abort()` was called by some member.
+pub(crate) const ABORTED: u32 = 1;
+/// Abort flag value: the owner closed the object (queue shutdown).
+pub(crate) const CLOSED: u32 = 2;
+
+/// A cross-process flag on its own cache line: a 32-bit sequence word that is
+/// also the futex word, a count of sleepers, and two 64-bit auxiliary words
+/// (published with `seq`'s release store).
+#[repr(C, align(128))]
+#[derive(Debug)]
+pub struct Flag {
+    /// The sequence / futex word.
+    pub seq: AtomicU32,
+    /// Number of waiters sleeping (or about to sleep) in `futex_wait` on `seq`.
+    pub sleepers: AtomicU32,
+    /// Auxiliary words, written before `seq` is published.
+    pub aux: [AtomicU64; 2],
+}
+
+const _: () = assert!(std::mem::size_of::<Flag>() == LINE);
+
+impl Flag {
+    /// Release-stores `v` into `seq` and wakes sleepers, if any.
+    #[inline]
+    pub fn publish(&self, v: u32) {
+        self.seq.store(v, Release);
+        self.wake_if_sleeping();
+    }
+
+    /// Wakes every sleeper on `seq` if the sleepers count is non-zero.
+    ///
+    /// The SeqCst fence pairs with the one in the waiter (increment sleepers,
+    /// fence, re-read): either we see its increment or it sees our store.
+    #[inline]
+    pub fn wake_if_sleeping(&self) {
+        fence(SeqCst);
+        if self.sleepers.load(Relaxed) != 0 {
+            let _ = futex::wake(&self.seq, futex::Flags::empty(), i32::MAX as u32);
+        }
+    }
+
+    /// True once `seq` has reached `target` (wrapping comparison), acquire.
+    #[inline]
+    pub fn reached(&self, target: u32) -> bool {
+        (self.seq.load(Acquire).wrapping_sub(target) as i32) >= 0
+    }
+}
+
+#[repr(C, align(128))]
+struct Meta {
+    magic: AtomicU64,
+    total_len: AtomicU64,
+    version: AtomicU32,
+    members: AtomicU32,
+    kind: AtomicU32,
+    ctrl_flags: AtomicU32,
+    job_len: AtomicU32,
+    job: [AtomicU8; JOB_BYTES],
+}
+
+#[repr(C, align(128))]
+struct Member {
+    pid: AtomicU32,
+    exited: AtomicU32,
+}
+
+/// How a waiter burns (or does not burn) CPU while it waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpinPolicy {
+    /// Busy-poll iterations (with a `spin_loop` hint each) before yielding.
+    pub spin_iters: u32,
+    /// How long to poll with `sched_yield` between checks before sleeping.
+    /// Oversubscribed groups (more ranks than cores) progress through this.
+    pub yield_for: Duration,
+    /// Futex sleep slice; between slices the waiter checks abort, deadline
+    /// and peer liveness. Bounds how fast a dead peer is noticed.
+    pub sleep_slice: Duration,
+}
+
+impl Default for SpinPolicy {
+    fn default() -> Self {
+        SpinPolicy {
+            spin_iters: 256,
+            yield_for: Duration::from_micros(500),
+            sleep_slice: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Members a waiter checks for liveness while it sleeps.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Watch {
+    /// One member.
+    One(usize),
+    /// Everyone but me.
+    Others,
+}
+
+/// Why a wait failed; owners turn it into a [`CommError`] with context.
+#[derive(Debug)]
+pub(crate) enum WaitFail {
+    Timeout,
+    Aborted(u32),
+    Lost { member: usize, detail: String },
+}
+
+/// What one member needs to create or attach a segment.
+pub(crate) struct SetupSpec<'a> {
+    pub store: &'a dyn Store,
+    pub key: String,
+    pub member: usize,
+    pub members: usize,
+    pub ctrl_flags: usize,
+    pub payload_bytes: usize,
+    pub job_id: &'a str,
+    pub kind: u32,
+    pub timeout: Duration,
+    /// For errors: what is being set up (e.g. `shm communicator `tp``).
+    pub what: String,
+    /// For errors: the label of each member (e.g. `rank 3`).
+    pub labels: Vec<String>,
+    pub policy: SpinPolicy,
+}
+
+/// One member's mapping of a segment.
+#[derive(Debug)]
+pub struct Segment {
+    map: memmap2::MmapMut,
+    base: *mut u8,
+    name: String,
+    me: usize,
+    n: usize,
+    nflags: usize,
+    ctrl_off: usize,
+    payload_off: usize,
+    payload_len: usize,
+    my_pid: u32,
+    policy: SpinPolicy,
+}
+
+// SAFETY: `base` points into `map`, which lives as long as the Segment; all
+// shared state behind it is accessed through atomics or under the owners'
+// acquire/release protocols.
+unsafe impl Send for Segment {}
+// SAFETY: as above; `&Segment` only hands out atomics and raw pointers.
+unsafe impl Sync for Segment {}
+
+fn align_up(x: usize, a: usize) -> usize {
+    x.div_ceil(a) * a
+}
+
+/// (ctrl flags offset, payload offset, total length).
+fn layout(members: usize, ctrl_flags: usize, payload: usize) -> (usize, usize, usize) {
+    let ctrl = (3 + members) * LINE;
+    let payload_off = align_up(ctrl + ctrl_flags * LINE, PAGE);
+    (ctrl, payload_off, align_up(payload_off + payload, PAGE))
+}
+
+/// The default job id: `DIST_JOB_ID` if set, else `nojob`.
+pub fn default_job_id() -> String {
+    std::env::var("DIST_JOB_ID").unwrap_or_else(|_| "nojob".to_string())
+}
+
+fn sanitize_job(job: &str) -> String {
+    let s: String = job
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(32)
+        .collect();
+    if s.is_empty() {
+        "nojob".into()
+    } else {
+        s
+    }
+}
+
+fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Relaxed));
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+/// Names (as found in `/dev/shm`, without the leading `/`) of the segments of
+/// job `job` that currently exist. Used by leak checks.
+pub fn list_segments(job: &str) -> Vec<String> {
+    let prefix = format!("{NAME_PREFIX}{}.", sanitize_job(job));
+    std::fs::read_dir(SHM_DIR)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn grow_hint(bytes: usize) -> String {
+    format!(
+        "this segment needs {bytes} bytes ({:.1} MiB). Grow /dev/shm (docker: `--shm-size=2g` or more; \
+         Kubernetes: an emptyDir with medium Memory mounted at /dev/shm; a host: \
+         `mount -o remount,size=8G /dev/shm`) or lower the workspace/ring sizes in the options",
+        bytes as f64 / (1024.0 * 1024.0)
+    )
+}
+
+/// Errors (with what to do) unless `/dev/shm` has `bytes` free.
+pub fn check_free_space(bytes: usize) -> Result<()> {
+    let st = rustix::fs::statvfs(SHM_DIR).map_err(|e| {
+        CommError::unavailable(
+            "shm",
+            format!("cannot stat {SHM_DIR} ({e}); POSIX shared memory needs a tmpfs mounted there"),
+        )
+    })?;
+    let avail = st.f_bavail.saturating_mul(st.f_frsize);
+    if avail < bytes as u64 {
+        return Err(CommError::unavailable(
+            "shm",
+            format!("{SHM_DIR} has only {avail} bytes free, but {}", grow_hint(bytes)),
+        ));
+    }
+    Ok(())
+}
+
+/// Unlinks a segment name when dropped (ENOENT ignored: someone beat us to it).
+struct UnlinkOnDrop(String);
+
+impl Drop for UnlinkOnDrop {
+    fn drop(&mut self) {
+        let _ = shm::unlink(self.0.as_str());
+    }
+}
+
+fn errno_io(e: Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+fn map_fd(fd: rustix::fd::OwnedFd, len: usize, name: &str) -> Result<memmap2::MmapMut> {
+    let file = File::from(fd);
+    // SAFETY: the file is a shared-memory object of at least `len` bytes that
+    // only members of this job map; concurrent access goes through atomics
+    // and the owners' acquire/release protocols.
+    unsafe { memmap2::MmapOptions::new().len(len).populate().map_mut(&file) }
+        .map_err(|e| CommError::io(format!("mapping shared-memory segment {name} ({len} bytes)"), e))
+}
+
+/// Returns `Some(detail)` if process `pid` is gone (no such process, or a zombie).
+pub(crate) fn process_gone(pid: u32) -> Option<String> {
+    let p = rustix::process::Pid::from_raw(pid as i32)?;
+    if let Err(Errno::SRCH) = rustix::process::test_kill_process(p) {
+        return Some(format!("process {pid} no longer exists"));
+    }
+    if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        if let Some((_, rest)) = s.rsplit_once(')') {
+            if let Some(c @ ('Z' | 'X')) = rest.trim_start().chars().next() {
+                return Some(format!("process {pid} has exited (state {c})"));
+            }
+        }
+    }
+    None
+}
+
+impl Segment {
+    /// Creates (member 0) or attaches (others) the segment described by
+    /// `spec`, returning once every member has attached and the name is
+    /// unlinked.
+    pub(crate) fn establish(spec: &SetupSpec<'_>) -> Result<Segment> {
+        let dl = Deadline::after(spec.timeout);
+        if spec.members > 4096 {
+            return Err(CommError::invalid(format!("{}: too many members ({})", spec.what, spec.members)));
+        }
+        let seg = if spec.member == 0 { Self::create(spec, &dl)? } else { Self::attach(spec, &dl)? };
+        Ok(seg)
+    }
+
+    fn create(spec: &SetupSpec<'_>, dl: &Deadline) -> Result<Segment> {
+        let (ctrl_off, payload_off, total) = layout(spec.members, spec.ctrl_flags, spec.payload_bytes);
+        check_free_space(total)?;
+        let job = sanitize_job(spec.job_id);
+        let name = format!("/{NAME_PREFIX}{job}.{}.{:016x}", std::process::id(), random_u64());
+        let fd = shm::open(
+            name.as_str(),
+            shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| CommError::io(format!("creating shared-memory segment {name}"), errno_io(e)))?;
+        // From here on the name is always unlinked when this function returns.
+        let _unlink = UnlinkOnDrop(name.clone());
+        rustix::fs::ftruncate(&fd, total as u64)
+            .map_err(|e| CommError::io(format!("sizing {name}: {}", grow_hint(total)), errno_io(e)))?;
+        match rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, total as u64) {
+            Ok(()) | Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => {}
+            Err(Errno::NOSPC) => {
+                return Err(CommError::unavailable("shm", format!("{SHM_DIR} is full: {}", grow_hint(total))))
+            }
+            Err(e) => return Err(CommError::io(format!("reserving {name}"), errno_io(e))),
+        }
+        let mut map = map_fd(fd, total, &name)?;
+        let base = map.as_mut_ptr();
+        let seg = Segment {
+            map,
+            base,
+            name: name.clone(),
+            me: 0,
+            n: spec.members,
+            nflags: spec.ctrl_flags,
+            ctrl_off,
+            payload_off,
+            payload_len: total - payload_off,
+            my_pid: std::process::id(),
+            policy: spec.policy,
+        };
+        let m = seg.meta();
+        m.total_len.store(total as u64, Relaxed);
+        m.version.store(VERSION, Relaxed);
+        m.members.store(spec.members as u32, Relaxed);
+        m.kind.store(spec.kind, Relaxed);
+        m.ctrl_flags.store(spec.ctrl_flags as u32, Relaxed);
+        let jb = spec.job_id.as_bytes();
+        let jl = jb.len().min(JOB_BYTES);
+        for (d, s) in m.job.iter().zip(&jb[..jl]) {
+            d.store(*s, Relaxed);
+        }
+        m.job_len.store(jl as u32, Relaxed);
+        m.magic.store(MAGIC, Release);
+        seg.member(0).pid.store(seg.my_pid, Release);
+        seg.attached().publish(1);
+        spec.store.set(&spec.key, name.as_bytes())?;
+        seg.await_attach(spec, dl)?;
+        Ok(seg)
+    }
+
+    fn attach(spec: &SetupSpec<'_>, dl: &Deadline) -> Result<Segment> {
+        let raw = spec.store.get(&spec.key, dl.remaining())?;
+        let name = String::from_utf8(raw)
+            .map_err(|_| CommError::Protocol(format!("{}: store key `{}` holds no segment name", spec.what, spec.key)))?;
+        let fd = shm::open(name.as_str(), shm::OFlags::RDWR, Mode::empty()).map_err(|e| {
+            if e == Errno::NOENT {
+                CommError::State(format!(
+                    "{}: segment {name} (from store key `{}`) no longer exists: its creator gave up \
+                     (set-up deadline passed or it died) or the key is left over from an earlier group; \
+                     use a fresh key prefix per communicator",
+                    spec.what, spec.key
+                ))
+            } else {
+                CommError::io(format!("opening shared-memory segment {name}"), errno_io(e))
+            }
+        })?;
+        let _unlink_on_error = scopeguard_unlink(name.clone());
+        let st = rustix::fs::fstat(&fd).map_err(|e| CommError::io(format!("stat of {name}"), errno_io(e)))?;
+        let total = st.st_size as usize;
+        let (ctrl_off, payload_off, expect) = layout(spec.members, spec.ctrl_flags, spec.payload_bytes);
+        if total != expect {
+            return Err(CommError::Protocol(format!(
+                "{}: segment {name} is {total} bytes but member {} expects {expect}; do all members \
+                 pass the same sizes and options?",
+                spec.what, spec.member
+            )));
+        }
+        let mut map = map_fd(fd, total, &name)?;
+        let base = map.as_mut_ptr();
+        let seg = Segment {
+            map,
+            base,
+            name: name.clone(),
+            me: spec.member,
+            n: spec.members,
+            nflags: spec.ctrl_flags,
+            ctrl_off,
+            payload_off,
+            payload_len: total - payload_off,
+            my_pid: std::process::id(),
+            policy: spec.policy,
+        };
+        let m = seg.meta();
+        if m.magic.load(Acquire) != MAGIC
+            || m.version.load(Relaxed) != VERSION
+            || m.members.load(Relaxed) as usize != spec.members
+            || m.kind.load(Relaxed) != spec.kind
+            || m.total_len.load(Relaxed) as usize != total
+        {
+            return Err(CommError::Protocol(format!(
+                "{}: segment {name} has a foreign header (magic/version/member count/kind differ)",
+                spec.what
+            )));
+        }
+        seg.member(spec.member).pid.store(seg.my_pid, Release);
+        let a = seg.attached().seq.fetch_add(1, AcqRel) + 1;
+        seg.attached().wake_if_sleeping();
+        if a as usize == spec.members {
+            let _ = shm::unlink(name.as_str());
+        }
+        seg.await_attach(spec, dl)?;
+        std::mem::forget(_unlink_on_error);
+        Ok(seg)
+    }
+
+    fn await_attach(&self, spec: &SetupSpec<'_>, dl: &Deadline) -> Result<()> {
+        let n = spec.members as u32;
+        let att = self.attached();
+        let r = self.wait(att, || att.seq.load(Acquire) >= n, Watch::Others, dl);
+        let Err(fail) = r else { return Ok(()) };
+        // Set-up failed: make sure the name is gone and tell the others.
+        let _ = shm::unlink(self.name.as_str());
+        self.set_abort(ABORTED);
+        let missing: Vec<String> = (0..spec.members)
+            .filter(|&i| self.member(i).pid.load(Acquire) == 0)
+            .map(|i| spec.labels.get(i).cloned().unwrap_or_else(|| format!("member {i}")))
+            .collect();
+        Err(match fail {
+            WaitFail::Timeout => CommError::timeout(format!("{} set-up (attach)", spec.what), dl.elapsed(), missing),
+            WaitFail::Aborted(_) => CommError::Aborted(format!(
+                "{} set-up was abandoned by another member (still missing: {})",
+                spec.what,
+                missing.join(", ")
+            )),
+            WaitFail::Lost { member, detail } => CommError::peer_lost(member, format!("{} set-up", spec.what), detail),
+        })
+    }
+
+    fn meta(&self) -> &Meta {
+        // SAFETY: line 0 of a live mapping holds a Meta (all atomics).
+        unsafe { &*(self.base as *const Meta) }
+    }
+
+    fn attached(&self) -> &Flag {
+        // SAFETY: line 1 holds a Flag.
+        unsafe { &*(self.base.add(LINE) as *const Flag) }
+    }
+
+    fn abort_flag(&self) -> &Flag {
+        // SAFETY: line 2 holds a Flag.
+        unsafe { &*(self.base.add(2 * LINE) as *const Flag) }
+    }
+
+    fn member(&self, i: usize) -> &Member {
+        assert!(i < self.n);
+        // SAFETY: lines 3..3+n hold Members.
+        unsafe { &*(self.base.add((3 + i) * LINE) as *const Member) }
+    }
+
+    /// Control flag `i` of the owner's area.
+    #[inline]
+    pub(crate) fn flag(&self, i: usize) -> &Flag {
+        debug_assert!(i < self.nflags);
+        // SAFETY: the ctrl area holds `nflags` Flags.
+        unsafe { &*(self.base.add(self.ctrl_off + i * LINE) as *const Flag) }
+    }
+
+    /// Start of the payload area (page aligned).
+    #[inline]
+    pub(crate) fn payload(&self) -> *mut u8 {
+        // SAFETY: payload_off < mapping length.
+        unsafe { self.base.add(self.payload_off) }
+    }
+
+    /// Bytes in the payload area.
+    pub fn payload_len(&self) -> usize {
+        self.payload_len
+    }
+
+    /// The segment's name (already unlinked once set-up finished).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This member's index.
+    pub fn member_index(&self) -> usize {
+        self.me
+    }
+
+    /// Mapping length in bytes.
+    pub fn mapped_len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Current abort flag value.
+    #[inline]
+    pub(crate) fn abort_code(&self) -> u32 {
+        self.abort_flag().seq.load(Acquire)
+    }
+
+    /// Sets the abort flag (first writer wins) and wakes every sleeper.
+    pub(crate) fn set_abort(&self, code: u32) {
+        let _ = self.abort_flag().seq.compare_exchange(RUNNING, code, AcqRel, Acquire);
+        self.wake_all();
+    }
+
+    /// Wakes every sleeper on any flag of the segment.
+    pub(crate) fn wake_all(&self) {
+        self.attached().wake_if_sleeping();
+        self.abort_flag().wake_if_sleeping();
+        for i in 0..self.nflags {
+            self.flag(i).wake_if_sleeping();
+        }
+    }
+
+    /// Pid recorded for member `i` (0 if it never attached).
+    pub fn member_pid(&self, i: usize) -> u32 {
+        self.member(i).pid.load(Acquire)
+    }
+
+    /// `Some(detail)` if member `i` has closed its end or its process is gone.
+    pub(crate) fn member_lost(&self, i: usize) -> Option<String> {
+        if i == self.me {
+            return None;
+        }
+        let m = self.member(i);
+        if m.exited.load(Acquire) != 0 {
+            return Some("it closed its end (dropped its communicator/queue)".into());
+        }
+        let pid = m.pid.load(Acquire);
+        if pid == 0 || pid == self.my_pid {
+            return None;
+        }
+        process_gone(pid)
+    }
+
+    fn check_watch(&self, watch: Watch) -> std::result::Result<(), WaitFail> {
+        let lost = |i: usize| self.member_lost(i).map(|detail| WaitFail::Lost { member: i, detail });
+        let r = match watch {
+            Watch::One(i) => lost(i),
+            Watch::Others => (0..self.n).find_map(lost),
+        };
+        r.map_or(Ok(()), Err)
+    }
+
+    /// Waits until `cond()` holds. `cond` must become true only through
+    /// stores followed by a publish (or `wake_if_sleeping`) on `flag`.
+    pub(crate) fn wait(
+        &self,
+        flag: &Flag,
+        mut cond: impl FnMut() -> bool,
+        watch: Watch,
+        dl: &Deadline,
+    ) -> std::result::Result<(), WaitFail> {
+        let p = self.policy;
+        for _ in 0..p.spin_iters {
+            if cond() {
+                return Ok(());
+            }
+            spin_loop();
+        }
+        let start = Instant::now();
+        loop {
+            if cond() {
+                return Ok(());
+            }
+            rustix::thread::sched_yield();
+            if start.elapsed() >= p.yield_for {
+                break;
+            }
+        }
+        let mut last_check: Option<Instant> = None;
+        loop {
+            if cond() {
+                return Ok(());
+            }
+            let code = self.abort_code();
+            if code != RUNNING {
+                return if cond() { Ok(()) } else { Err(WaitFail::Aborted(code)) };
+            }
+            if last_check.map_or(true, |t| t.elapsed() >= p.sleep_slice) {
+                last_check = Some(Instant::now());
+                if let Err(e) = self.check_watch(watch) {
+                    // It may have published just before leaving.
+                    return if cond() { Ok(()) } else { Err(e) };
+                }
+            }
+            if dl.expired() {
+                return if cond() { Ok(()) } else { Err(WaitFail::Timeout) };
+            }
+            let slice = p.sleep_slice.min(dl.remaining()).max(Duration::from_micros(100));
+            let ts = rustix::time::Timespec {
+                tv_sec: slice.as_secs() as _,
+                tv_nsec: slice.subsec_nanos() as _,
+            };
+            flag.sleepers.fetch_add(1, SeqCst);
+            let v = flag.seq.load(SeqCst);
+            if !cond() {
+                let _ = futex::wait(&flag.seq, futex::Flags::empty(), v, Some(&ts));
+            }
+            flag.sleepers.fetch_sub(1, SeqCst);
+        }
+    }
+}
+
+/// Guard that unlinks a name unless forgotten.
+fn scopeguard_unlink(name: String) -> UnlinkOnDrop {
+    UnlinkOnDrop(name)
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // Tell the others we are gone, so that waits on us end with PeerLost
+        // at once rather than at the next liveness check.
+        self.member(self.me).exited.store(1, Release);
+        self.wake_all();
+    }
+}

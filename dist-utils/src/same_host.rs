@@ -1,0 +1,181 @@
+//! Which ranks share this host, found by probing shared memory rather than
+//! trusting host names (containers, aliases and multi-homed hosts make names
+//! unreliable; shared memory is what the shm backend actually needs).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use comm_core::{CommError, Deadline, Result, Store};
+use rustix::fs::Mode;
+use rustix::shm;
+
+/// Store key prefix used by [`same_host_ranks`].
+const KEY: &str = "same_host";
+
+/// A POSIX shm segment owned by this rank, unlinked on drop.
+struct Segment {
+    name: String,
+}
+
+impl Segment {
+    fn create(rank: usize, token: &str) -> Result<Self> {
+        let name = format!(
+            "/dist-samehost-{}-r{rank}-{}",
+            std::process::id(),
+            random_hex(8)?
+        );
+        let fd = shm::open(
+            name.as_str(),
+            shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
+            Mode::RUSR | Mode::WUSR,
+        )
+        .map_err(|e| CommError::io(format!("creating the shared-memory probe {name}"), e.into()))?;
+        let seg = Segment { name };
+        File::from(fd).write_all(token.as_bytes()).map_err(|e| {
+            CommError::io(format!("writing the shared-memory probe {}", seg.name), e)
+        })?;
+        Ok(seg)
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        if let Err(e) = shm::unlink(self.name.as_str()) {
+            tracing::warn!(name = %self.name, error = %e, "could not unlink the same-host probe segment");
+        }
+    }
+}
+
+fn random_hex(nbytes: usize) -> Result<String> {
+    let mut b = vec![0u8; nbytes];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| CommError::io("reading /dev/urandom", e))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// True when segment `name` exists, can be opened by this process and holds `token`.
+fn probe(name: &str, token: &str) -> bool {
+    if !name.starts_with("/dist-samehost-") || name[1..].contains('/') {
+        return false;
+    }
+    let Ok(fd) = shm::open(name, shm::OFlags::RDONLY, Mode::empty()) else {
+        return false;
+    };
+    let mut buf = Vec::with_capacity(token.len());
+    let read = File::from(fd)
+        .take(token.len() as u64 + 1)
+        .read_to_end(&mut buf);
+    read.is_ok() && buf == token.as_bytes()
+}
+
+/// The sorted global ranks running on this host, this rank included.
+///
+/// Every rank of `0..world` must call it (collectively) with the same store.
+/// Each creates a small POSIX shared-memory segment (mode 0600, a unique name
+/// with its pid and random bits) holding a random token, and publishes name
+/// and token in `store`; each then opens every other rank's segment, and the
+/// ranks whose segment it can open with the right content share its host
+/// (same kernel, same `/dev/shm`, same user). After a store barrier every
+/// rank unlinks its own segment, so nothing is left behind, also on error.
+/// Every wait is bounded by `timeout`; a rank that never arrives gives a
+/// [`CommError::Timeout`] naming it. Calling it again on the same store is fine.
+pub fn same_host_ranks(
+    store: &dyn Store,
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<Vec<usize>> {
+    if rank >= world {
+        return Err(CommError::invalid(format!(
+            "same_host_ranks: rank {rank} is not below world size {world}"
+        )));
+    }
+    let deadline = Deadline::after(timeout);
+    // Per-rank call counter: the n-th call of every rank uses generation n,
+    // so repeated calls never read a stale segment name.
+    let gen = store.add(&format!("{KEY}/calls/{rank}"), 1)?;
+    let prefix = format!("{KEY}/{gen}");
+
+    let token = random_hex(16)?;
+    let seg = Segment::create(rank, &token)?;
+    store.set(
+        &format!("{prefix}/{rank}"),
+        format!("{} {token}", seg.name).as_bytes(),
+    )?;
+
+    let keys: Vec<String> = (0..world).map(|r| format!("{prefix}/{r}")).collect();
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    store
+        .wait(&key_refs, deadline.remaining())
+        .map_err(|e| name_missing_ranks(e, &prefix))?;
+
+    let mut local = Vec::new();
+    for (r, key) in keys.iter().enumerate() {
+        if r == rank {
+            local.push(r);
+            continue;
+        }
+        let v = store.get(key, deadline.remaining())?;
+        let v = String::from_utf8_lossy(&v);
+        let (name, tok) = v.split_once(' ').ok_or_else(|| {
+            CommError::Protocol(format!(
+                "same_host_ranks: malformed entry for rank {r} in the store: {v:?}"
+            ))
+        })?;
+        if probe(name, tok) {
+            local.push(r);
+        }
+    }
+
+    // Barrier: nobody unlinks before everyone has probed.
+    let done = format!("{prefix}/done");
+    let release = format!("{prefix}/release");
+    if store.add(&done, 1)? == world as i64 {
+        store.set(&release, b"1")?;
+    }
+    store
+        .wait(&[release.as_str()], deadline.remaining())
+        .map_err(|e| match e {
+            CommError::Timeout {
+                operation, waited, ..
+            } => CommError::Timeout {
+                operation: format!("same_host_ranks barrier ({operation})"),
+                waited,
+                missing: vec![format!(
+                    "ranks that did not finish probing (counter `{done}` below {world})"
+                )],
+            },
+            other => other,
+        })?;
+    drop(seg);
+    Ok(local)
+}
+
+fn name_missing_ranks(e: CommError, prefix: &str) -> CommError {
+    match e {
+        CommError::Timeout {
+            waited, missing, ..
+        } => CommError::Timeout {
+            operation: "same_host_ranks: waiting for every rank's shared-memory probe".into(),
+            waited,
+            missing: missing
+                .into_iter()
+                .map(|k| match k.strip_prefix(&format!("{prefix}/")) {
+                    Some(r) => format!("rank {r}"),
+                    None => k,
+                })
+                .collect(),
+        },
+        other => other,
+    }
+}
+
+/// This machine's host name (metadata only; [`same_host_ranks`] does not rely on it).
+pub fn hostname() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}

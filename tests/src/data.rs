@@ -1,0 +1,322 @@
+//! Deterministic, integer-valued test data and exactly computed expectations.
+//!
+//! Every value is a function of `(salt, rank, index)` only, so each rank can
+//! compute what every other rank contributed, and therefore the exact result
+//! of any collective, without communicating.
+//!
+//! Value ranges are chosen so that every reduction is exact in every dtype
+//! (f16 holds integers up to 2048 exactly, bf16 up to 256, i8 up to 127) for
+//! groups of up to [`MAX_EXACT_WORLD`] ranks, and integer sums and products
+//! never wrap:
+//! - `Sum`/`Avg`: values in `-5..=5` (`0..=10` for u8): |sum| <= 5 * world;
+//! - `Prod`: values in `{1, 2}` (and `-1` for signed types), with a 2 only on
+//!   ranks `< 6`, so |prod| <= 64;
+//! - `Min`/`Max`: values in `-100..=100` (`0..=200` for u8);
+//! - data movement ([`Pattern::Unique`]): values spread over the largest range
+//!   each dtype holds exactly, so misplaced elements are caught.
+
+use comm_core::{DType, ReduceOp, Tensor};
+
+/// Largest group for which [`Pattern::Reduce`] results stay exact in every
+/// dtype (the sum of 20 values of magnitude 5 fits i8 and bf16).
+pub const MAX_EXACT_WORLD: usize = 20;
+
+/// Which family of values to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// Values whose reduction with the given op is exact (see the module docs).
+    Reduce(ReduceOp),
+    /// Values spread over the dtype's exact range, for pure data movement.
+    Unique,
+}
+
+/// A prime just below 2^31: every product below stays inside u64.
+const P: u64 = 2_147_483_629;
+
+/// A cheap hash of `(salt, rank, index)` into `0..P`: an affine map followed
+/// by two modular squarings, so neighbouring indices, ranks and salts give
+/// unrelated values. Written with plain, never-overflowing arithmetic so it
+/// stays fast in debug builds (the suite runs there).
+#[inline]
+fn hash(salt: u64, rank: usize, index: usize) -> u64 {
+    let x = ((salt % P) * 48_271 + (rank as u64) * 1_000_003 + (index as u64) % P) % P;
+    let x = (x * x + 12_345) % P;
+    (x * x + (index as u64 >> 31)) % P
+}
+
+/// The half-open range `[lo, lo + span)` of integers that `dtype` holds exactly
+/// and that [`Pattern::Unique`] draws from.
+fn unique_range(dtype: DType) -> (i64, u64) {
+    match dtype {
+        DType::I8 => (-128, 256),
+        DType::U8 => (0, 256),
+        DType::F16 => (-2048, 4096),
+        DType::BF16 => (-256, 512),
+        DType::F32 => (-(1 << 24), 1 << 25),
+        // The hash has 31 bits; centred, and exact in f64 for the comparison.
+        DType::I32 | DType::F64 | DType::I64 => (-(1 << 30), 1 << 31),
+    }
+}
+
+/// The value `rank` contributes at flat `index` (an integer, as f64).
+#[inline]
+pub fn value(dtype: DType, pattern: Pattern, salt: u64, rank: usize, index: usize) -> f64 {
+    let h = hash(salt, rank, index);
+    let signed = dtype != DType::U8;
+    let v: i64 = match pattern {
+        Pattern::Unique => {
+            let (lo, span) = unique_range(dtype);
+            lo + (h % span) as i64
+        }
+        Pattern::Reduce(ReduceOp::Sum | ReduceOp::Avg) => {
+            let v = (h % 11) as i64;
+            if signed {
+                v - 5
+            } else {
+                v
+            }
+        }
+        Pattern::Reduce(ReduceOp::Prod) => {
+            if rank < 6 && h % 3 == 0 {
+                2
+            } else if signed && (h >> 8) % 5 == 0 {
+                -1
+            } else {
+                1
+            }
+        }
+        Pattern::Reduce(ReduceOp::Min | ReduceOp::Max) => {
+            let v = (h % 201) as i64;
+            if signed {
+                v - 100
+            } else {
+                v
+            }
+        }
+    };
+    v as f64
+}
+
+/// The exact reduction over ranks `0..world` of `value(.., Reduce(op), .., index)`.
+///
+/// For `Avg` this is the float mean for float dtypes (compare with
+/// [`tolerance`]) and the sum divided by `world` truncated toward zero for
+/// integers, as comm-core documents.
+pub fn reduced(dtype: DType, op: ReduceOp, salt: u64, world: usize, index: usize) -> f64 {
+    let p = Pattern::Reduce(op);
+    // Plain loops: this runs once per element per rank, in debug builds.
+    let mut acc = value(dtype, p, salt, 0, index);
+    for r in 1..world {
+        let v = value(dtype, p, salt, r, index);
+        acc = match op {
+            ReduceOp::Sum | ReduceOp::Avg => acc + v,
+            ReduceOp::Prod => acc * v,
+            ReduceOp::Min => acc.min(v),
+            ReduceOp::Max => acc.max(v),
+        };
+    }
+    match op {
+        ReduceOp::Sum | ReduceOp::Prod | ReduceOp::Min | ReduceOp::Max => acc,
+        ReduceOp::Avg => {
+            let s = acc;
+            if dtype.is_float() {
+                s / world as f64
+            } else {
+                ((s as i64) / world as i64) as f64
+            }
+        }
+    }
+}
+
+/// Allowed absolute error for a result of magnitude `expected`: zero except
+/// for `Avg` on floats (the mean is not an integer).
+pub fn tolerance(dtype: DType, op: ReduceOp, expected: f64) -> f64 {
+    if op != ReduceOp::Avg || !dtype.is_float() {
+        return 0.0;
+    }
+    let rel = match dtype {
+        DType::F16 | DType::BF16 => 1e-2,
+        DType::F32 => 1e-5,
+        _ => 1e-12,
+    };
+    rel * expected.abs().max(1.0)
+}
+
+/// Runs `$body` with `$T` bound to the Rust element type of `$dt`.
+#[macro_export]
+macro_rules! with_dtype {
+    ($dt:expr, $T:ident => $body:expr) => {
+        match $dt {
+            ::comm_core::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            ::comm_core::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            ::comm_core::DType::F16 => {
+                type $T = ::comm_core::f16;
+                $body
+            }
+            ::comm_core::DType::BF16 => {
+                type $T = ::comm_core::bf16;
+                $body
+            }
+            ::comm_core::DType::I8 => {
+                type $T = i8;
+                $body
+            }
+            ::comm_core::DType::U8 => {
+                type $T = u8;
+                $body
+            }
+            ::comm_core::DType::I32 => {
+                type $T = i32;
+                $body
+            }
+            ::comm_core::DType::I64 => {
+                type $T = i64;
+                $body
+            }
+        }
+    };
+}
+
+/// A 1-D host tensor of `n` elements with `t[i] = f(i)`.
+pub fn filled(dtype: DType, n: usize, f: impl Fn(usize) -> f64) -> Tensor {
+    use comm_core::Element;
+    let mut t = Tensor::zeros([n], dtype);
+    with_dtype!(dtype, T => {
+        let s = t.as_mut_slice::<T>().expect("dtype matches");
+        for (i, x) in s.iter_mut().enumerate() {
+            *x = <T as Element>::from_f64(f(i));
+        }
+    });
+    t
+}
+
+/// The first element that differs from what was expected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mismatch {
+    /// Flat index.
+    pub index: usize,
+    /// Expected value.
+    pub expected: f64,
+    /// Value found.
+    pub actual: f64,
+    /// How many elements differ in total.
+    pub wrong: usize,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "first bad index {}: expected {}, actual {} ({} wrong element(s))",
+            self.index, self.expected, self.actual, self.wrong
+        )
+    }
+}
+
+/// Compares every element of host tensor `t` with `expected(i)`, allowing an
+/// absolute error of `tol(expected)`. Returns the first mismatch (with the
+/// total count of wrong elements).
+pub fn compare(
+    t: &Tensor,
+    expected: impl Fn(usize) -> f64,
+    tol: impl Fn(f64) -> f64,
+) -> Result<(), Mismatch> {
+    use comm_core::Element;
+    let mut first: Option<Mismatch> = None;
+    let mut wrong = 0usize;
+    with_dtype!(t.dtype(), T => {
+        let host;
+        let t = if t.is_host() {
+            t
+        } else {
+            host = t.to_host().expect("device to host copy");
+            &host
+        };
+        let s = t.as_slice::<T>().expect("dtype matches");
+        for (i, x) in s.iter().enumerate() {
+            let a = <T as Element>::to_f64(*x);
+            let e = expected(i);
+            // `!(<=)` so that NaN counts as wrong.
+            let ok = a == e || (a - e).abs() <= tol(e);
+            if !ok {
+                wrong += 1;
+                if first.is_none() {
+                    first = Some(Mismatch { index: i, expected: e, actual: a, wrong: 0 });
+                }
+            }
+        }
+    });
+    match first {
+        None => Ok(()),
+        Some(mut m) => {
+            m.wrong = wrong;
+            Err(m)
+        }
+    }
+}
+
+/// Number of elements of `t` that differ from `expected` (see [`compare`]).
+pub fn count_wrong(t: &Tensor, expected: impl Fn(usize) -> f64, tol: impl Fn(f64) -> f64) -> usize {
+    match compare(t, expected, tol) {
+        Ok(()) => 0,
+        Err(m) => m.wrong,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reductions_are_exact_in_every_dtype() {
+        for dtype in DType::ALL {
+            for op in ReduceOp::ALL {
+                for world in 1..=MAX_EXACT_WORLD {
+                    for i in 0..200 {
+                        let e = reduced(dtype, op, 7, world, i);
+                        // Every expected value must be representable in the dtype.
+                        let t = filled(dtype, 1, |_| e);
+                        let back = with_dtype!(dtype, T => {
+                            comm_core::Element::to_f64(t.as_slice::<T>().unwrap()[0])
+                        });
+                        assert!(
+                            (back - e).abs() <= tolerance(dtype, op, e),
+                            "{dtype} {op} world {world}: {e} became {back}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn compare_finds_first_mismatch() {
+        let t = filled(DType::I32, 5, |i| i as f64);
+        assert!(compare(&t, |i| i as f64, |_| 0.0).is_ok());
+        let m = compare(&t, |i| if i >= 3 { 9.0 } else { i as f64 }, |_| 0.0).unwrap_err();
+        assert_eq!((m.index, m.expected, m.actual, m.wrong), (3, 9.0, 3.0, 2));
+        let nan = filled(DType::F32, 1, |_| f64::NAN);
+        assert_eq!(count_wrong(&nan, |_| 0.0, |_| 1.0), 1);
+    }
+}
+#[cfg(test)]
+mod timing {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn time_data() {
+        let t0 = std::time::Instant::now();
+        let n = 65539;
+        for op in ReduceOp::ALL {
+            let t = filled(DType::F32, n, |i| value(DType::F32, Pattern::Reduce(op), 1, 0, i));
+            let _ = compare(&t, |i| reduced(DType::F32, op, 1, 5, i), |e| tolerance(DType::F32, op, e));
+        }
+        eprintln!("5 ops x 65539 f32 w5: {:?}", t0.elapsed());
+    }
+}
