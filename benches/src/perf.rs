@@ -108,7 +108,10 @@ impl std::str::FromStr for Op {
 /// or `iB` is accepted).
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, mul) = match t.chars().last() {
         Some('k' | 'K') => (&t[..t.len() - 1], 1u64 << 10),
         Some('m' | 'M') => (&t[..t.len() - 1], 1 << 20),
@@ -128,7 +131,9 @@ pub fn sizes(min: u64, max: u64, factor: u64) -> std::result::Result<Vec<u64>, S
         return Err("the step factor (-f) must be at least 2".into());
     }
     if min > max {
-        return Err(format!("min bytes ({min}) is larger than max bytes ({max})"));
+        return Err(format!(
+            "min bytes ({min}) is larger than max bytes ({max})"
+        ));
     }
     let mut v = Vec::new();
     let mut s = min;
@@ -263,7 +268,14 @@ fn run_once(comm: &mut dyn DeviceCommunicator, cfg: &PerfConfig, b: &mut Buffers
 }
 
 /// Wrong elements of this rank's result after one [`run_once`] on fresh buffers.
-fn wrong_here(cfg: &PerfConfig, b: &Buffers, count: usize, rank: usize, world: usize, salt: u64) -> usize {
+fn wrong_here(
+    cfg: &PerfConfig,
+    b: &Buffers,
+    count: usize,
+    rank: usize,
+    world: usize,
+    salt: u64,
+) -> usize {
     let d = cfg.dtype;
     let op = cfg.redop;
     let exact = |_: f64| 0.0;
@@ -272,13 +284,25 @@ fn wrong_here(cfg: &PerfConfig, b: &Buffers, count: usize, rank: usize, world: u
         Op::AllReduce => count_wrong(&b.input, |i| reduced(d, op, salt, world, i), tol),
         Op::AllGather => {
             let n = count / world;
-            count_wrong(&b.output, |i| value(d, Pattern::Unique, salt, i / n, i % n), exact)
+            count_wrong(
+                &b.output,
+                |i| value(d, Pattern::Unique, salt, i / n, i % n),
+                exact,
+            )
         }
         Op::ReduceScatter => {
             let n = count / world;
-            count_wrong(&b.output, |k| reduced(d, op, salt, world, rank * n + k), tol)
+            count_wrong(
+                &b.output,
+                |k| reduced(d, op, salt, world, rank * n + k),
+                tol,
+            )
         }
-        Op::Broadcast => count_wrong(&b.input, |i| value(d, Pattern::Unique, salt, cfg.root, i), exact),
+        Op::Broadcast => count_wrong(
+            &b.input,
+            |i| value(d, Pattern::Unique, salt, cfg.root, i),
+            exact,
+        ),
         Op::AllToAll => {
             let n = count / world;
             count_wrong(
@@ -289,7 +313,11 @@ fn wrong_here(cfg: &PerfConfig, b: &Buffers, count: usize, rank: usize, world: u
         }
         Op::SendRecv => {
             let prev = (rank + world - 1) % world;
-            count_wrong(&b.output, |i| value(d, Pattern::Unique, salt, prev, i), exact)
+            count_wrong(
+                &b.output,
+                |i| value(d, Pattern::Unique, salt, prev, i),
+                exact,
+            )
         }
     }
 }
@@ -335,14 +363,26 @@ pub fn measure(comm: &mut dyn DeviceCommunicator, cfg: &PerfConfig, bytes: u64) 
     let local_us = start.elapsed().as_secs_f64() * 1e6 / cfg.iters.max(1) as f64;
     let time_us = group_f64(comm, local_us, ReduceOp::Max)?;
 
-    let algbw = if time_us > 0.0 { size as f64 / (time_us * 1e-6) / 1e9 } else { 0.0 };
+    let algbw = if time_us > 0.0 {
+        size as f64 / (time_us * 1e-6) / 1e9
+    } else {
+        0.0
+    };
     Ok(Row {
         backend: comm.backend().to_string(),
         op: cfg.op.name().to_string(),
         world,
         dtype: cfg.dtype.name().to_string(),
-        redop: if cfg.op.reduces() { cfg.redop.name().to_string() } else { "none".into() },
-        root: if cfg.op == Op::Broadcast { cfg.root as i64 } else { -1 },
+        redop: if cfg.op.reduces() {
+            cfg.redop.name().to_string()
+        } else {
+            "none".into()
+        },
+        root: if cfg.op == Op::Broadcast {
+            cfg.root as i64
+        } else {
+            -1
+        },
         bytes: size,
         count,
         time_us,
@@ -378,7 +418,10 @@ pub fn summary(rows: &[Row]) -> String {
         rows.iter().map(|r| r.busbw_gbps).sum::<f64>() / rows.len() as f64
     };
     let wrong = if rows.iter().all(|r| r.wrong.is_some()) {
-        rows.iter().map(|r| r.wrong.unwrap_or(0)).sum::<u64>().to_string()
+        rows.iter()
+            .map(|r| r.wrong.unwrap_or(0))
+            .sum::<u64>()
+            .to_string()
     } else {
         "N/A".into()
     };
@@ -412,7 +455,13 @@ mod unit {
     #[test]
     fn single_rank_rows_check_clean() {
         let mut c = comm_core::SingleRankCommunicator::new();
-        for op in [Op::AllReduce, Op::AllGather, Op::ReduceScatter, Op::Broadcast, Op::AllToAll] {
+        for op in [
+            Op::AllReduce,
+            Op::AllGather,
+            Op::ReduceScatter,
+            Op::Broadcast,
+            Op::AllToAll,
+        ] {
             let cfg = PerfConfig {
                 op,
                 dtype: DType::BF16,

@@ -16,7 +16,7 @@ macro_rules! zip_apply {
     };
 }
 
-#[inline]
+#[inline(always)]
 fn reduce_f32(dst: &mut [f32], src: &[f32], op: ReduceOp) {
     match op {
         ReduceOp::Sum | ReduceOp::Avg => zip_apply!(dst, src, |a, b| a + b),
@@ -26,7 +26,7 @@ fn reduce_f32(dst: &mut [f32], src: &[f32], op: ReduceOp) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn reduce_f64(dst: &mut [f64], src: &[f64], op: ReduceOp) {
     match op {
         ReduceOp::Sum | ReduceOp::Avg => zip_apply!(dst, src, |a, b| a + b),
@@ -38,7 +38,7 @@ fn reduce_f64(dst: &mut [f64], src: &[f64], op: ReduceOp) {
 
 macro_rules! reduce_int {
     ($name:ident, $t:ty) => {
-        #[inline]
+        #[inline(always)]
         fn $name(dst: &mut [$t], src: &[$t], op: ReduceOp) {
             match op {
                 ReduceOp::Sum | ReduceOp::Avg => zip_apply!(dst, src, |a, b| a.wrapping_add(b)),
@@ -124,19 +124,33 @@ fn f32_to_f16(f: f32) -> u16 {
     (r | sign) as u16
 }
 
-/// `dst = narrow(widen(dst) op widen(src))` in one fused pass.
+/// `dst = narrow(widen(dst) op widen(src))` in one fused pass, 16 lanes at a
+/// time through fixed-size arrays (which LLVM turns into vector code), then
+/// the tail element by element.
 macro_rules! half_apply {
-    ($dst:expr, $src:expr, $wide:ident, $narrow:ident, |$a:ident, $b:ident| $e:expr) => {
-        for (d, s) in $dst.iter_mut().zip($src.iter()) {
-            let $a = $wide(*d);
-            let $b = $wide(*s);
-            *d = $narrow($e);
+    ($dst:expr, $src:expr, $wide:ident, $narrow:ident, |$a:ident, $b:ident| $e:expr) => {{
+        let f = |$a: f32, $b: f32| $e;
+        let mut d16 = $dst.chunks_exact_mut(16);
+        for (d, s) in (&mut d16).zip($src.chunks_exact(16)) {
+            let (mut x, mut y) = ([0f32; 16], [0f32; 16]);
+            for i in 0..16 {
+                x[i] = $wide(d[i]);
+                y[i] = $wide(s[i]);
+            }
+            for i in 0..16 {
+                d[i] = $narrow(f(x[i], y[i]));
+            }
         }
-    };
+        let n = $src.len() / 16 * 16;
+        for (d, s) in d16.into_remainder().iter_mut().zip(&$src[n..]) {
+            *d = $narrow(f($wide(*d), $wide(*s)));
+        }
+    }};
 }
 
 macro_rules! reduce_half {
     ($name:ident, $wide:ident, $narrow:ident) => {
+        #[inline(always)]
         fn $name(dst: &mut [u16], src: &[u16], op: ReduceOp) {
             match op {
                 ReduceOp::Sum | ReduceOp::Avg => {
@@ -191,13 +205,95 @@ pub fn reduce_into(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) -> Re
         // `dtype`; there is nothing to do anyway.
         return Ok(());
     }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if dtype == DType::F16
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
+            let (d, s) = (cast_mut(dst)?, cast(src)?);
+            // SAFETY: `f16c::reduce` requires AVX2 and F16C, detected just above.
+            unsafe { f16c::reduce(d, s, op) };
+            return Ok(());
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: `reduce_avx2` only requires AVX2, detected on this CPU just above.
+            return unsafe { reduce_avx2(dst, src, dtype, op) };
+        }
+    }
+    reduce_typed(dst, src, dtype, op)
+}
+
+/// f16 with the F16C conversion instructions (8 lanes at a time); the
+/// arithmetic itself stays plain Rust on `[f32; 8]`, so every op keeps exactly
+/// the semantics of the portable kernel (`f32::min`/`max` included).
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use std::arch::x86_64::{
+        _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_loadu_ps, _mm256_storeu_ps, _mm_loadu_si128,
+        _mm_storeu_si128, _MM_FROUND_TO_NEAREST_INT,
+    };
+
+    use crate::ReduceOp;
+
+    #[inline(always)]
+    fn apply(dst: &mut [u16], src: &[u16], f: impl Fn(f32, f32) -> f32) {
+        let mut d8 = dst.chunks_exact_mut(8);
+        for (d, s) in (&mut d8).zip(src.chunks_exact(8)) {
+            let (mut a, mut b) = ([0f32; 8], [0f32; 8]);
+            // SAFETY: `d` and `s` hold exactly 8 u16 (16 bytes) and `a`, `b`
+            // 8 f32 (32 bytes); all loads and stores are the unaligned forms.
+            // The caller runs this only on CPUs with AVX2 and F16C.
+            unsafe {
+                _mm256_storeu_ps(a.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().cast())));
+                _mm256_storeu_ps(b.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast())));
+            }
+            for (x, y) in a.iter_mut().zip(b) {
+                *x = f(*x, y);
+            }
+            // SAFETY: as above.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(a.as_ptr()));
+                _mm_storeu_si128(d.as_mut_ptr().cast(), h);
+            }
+        }
+        let n = src.len() / 8 * 8;
+        for (d, s) in d8.into_remainder().iter_mut().zip(&src[n..]) {
+            *d = super::f32_to_f16(f(super::f16_to_f32(*d), super::f16_to_f32(*s)));
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn reduce(dst: &mut [u16], src: &[u16], op: ReduceOp) {
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => apply(dst, src, |a, b| a + b),
+            ReduceOp::Prod => apply(dst, src, |a, b| a * b),
+            ReduceOp::Min => apply(dst, src, f32::min),
+            ReduceOp::Max => apply(dst, src, f32::max),
+        }
+    }
+}
+
+/// The same kernels compiled with AVX2 enabled and chosen at run time, so the
+/// f16/bf16 conversions and the integer loops use 256-bit vectors without
+/// requiring `-C target-cpu` at build time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn reduce_avx2(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) -> Result<()> {
+    reduce_typed(dst, src, dtype, op)
+}
+
+#[inline(always)]
+fn reduce_typed(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) -> Result<()> {
     match dtype {
         DType::F32 => reduce_f32(cast_mut(dst)?, cast(src)?, op),
         DType::F64 => reduce_f64(cast_mut(dst)?, cast(src)?, op),
         DType::F16 => reduce_f16(cast_mut(dst)?, cast(src)?, op),
         DType::BF16 => reduce_bf16(cast_mut(dst)?, cast(src)?, op),
         DType::I8 => reduce_i8(cast_mut(dst)?, cast(src)?, op),
-        DType::U8 => reduce_u8(cast_mut(dst)?, cast(src)?, op),
+        DType::U8 => reduce_u8(dst, src, op),
         DType::I32 => reduce_i32(cast_mut(dst)?, cast(src)?, op),
         DType::I64 => reduce_i64(cast_mut(dst)?, cast(src)?, op),
     }

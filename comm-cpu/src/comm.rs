@@ -282,12 +282,12 @@ impl TcpCommunicator {
             let rb = (r + 2 * w - s - 1) % w;
             let (s0, sc) = block(n, w, sb);
             let (r0, rc) = block(n, w, rb);
-            // SAFETY: blocks `sb` and `rb` are disjoint ranges of `buf`; the send
-            // only reads block `sb`, the receive only writes the scratch buffer,
-            // and the callback only writes block `rb`.
-            let mut sends = [SendOp::raw(right, unsafe { base.add(s0 * es) }, sc * es)];
+            // Blocks `sb` and `rb` are disjoint ranges of `buf`; the send only
+            // reads block `sb`, the receive only writes the scratch buffer, and
+            // the callback only writes block `rb`.
+            let mut sends = [SendOp::raw(right, base.wrapping_add(s0 * es), sc * es)];
             let mut recvs = [RecvOp::raw(left, sp, rc * es)];
-            let dst0 = unsafe { base.add(r0 * es) };
+            let dst0 = base.wrapping_add(r0 * es);
             self.mesh.exchange(kind, name, &mut sends, &mut recvs, deadline, seg, |_, off, bytes| {
                 // SAFETY: see above: `off + bytes.len() <= rc * es`, inside block `rb`.
                 let dst = unsafe { std::slice::from_raw_parts_mut(dst0.add(off), bytes.len()) };
@@ -318,10 +318,10 @@ impl TcpCommunicator {
             let rb = (r + shift + 2 * w - s - 1) % w;
             let (s0, sc) = block(n, w, sb);
             let (r0, rc) = block(n, w, rb);
-            // SAFETY: blocks `sb` and `rb` are disjoint ranges of `buf`: one is
-            // only read (send), the other only written (receive).
-            let mut sends = [SendOp::raw(right, unsafe { base.add(s0 * es) }, sc * es)];
-            let mut recvs = [RecvOp::raw(left, unsafe { base.add(r0 * es) }, rc * es)];
+            // Blocks `sb` and `rb` are disjoint ranges of `buf`: one is only
+            // read (send), the other only written (receive).
+            let mut sends = [SendOp::raw(right, base.wrapping_add(s0 * es), sc * es)];
+            let mut recvs = [RecvOp::raw(left, base.wrapping_add(r0 * es), rc * es)];
             self.mesh
                 .exchange(kind, name, &mut sends, &mut recvs, deadline, usize::MAX, |_, _, _| Ok(()))?;
         }
@@ -628,8 +628,8 @@ impl DeviceCommunicator for TcpCommunicator {
         let mut recvs: Vec<RecvOp> = (1..w)
             .map(|k| {
                 let from = (r + w - k) % w;
-                // SAFETY: the blocks `from` (all different) are disjoint ranges of `ob`.
-                RecvOp::raw(from, unsafe { obp.add(from * m) }, m)
+                // The blocks `from` (all different) are disjoint ranges of `ob`.
+                RecvOp::raw(from, obp.wrapping_add(from * m), m)
             })
             .collect();
         let res = self

@@ -222,6 +222,7 @@ impl Mesh {
     /// `on_recv(i, off, bytes)` is called as payload of receive `i` arrives,
     /// with each newly arrived range exactly once, in order (ranges are
     /// multiples of `grain` bytes except the last one of each message).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn exchange(
         &mut self,
         kind: Kind,
@@ -316,7 +317,9 @@ impl Mesh {
                 return Err(CommError::timeout(op(), deadline.elapsed(), missing));
             }
             if now.duration_since(last_progress) < self.busy_poll {
-                std::hint::spin_loop();
+                // Yield rather than pure spinning: with more ranks than cores
+                // the peer we wait for may need this core.
+                std::thread::yield_now();
                 continue;
             }
             self.wait(sends, recvs, reported, deadline, op)?;

@@ -116,6 +116,7 @@ pub(crate) fn connect_mesh(
     let mut peers: Vec<Option<Peer>> = (0..world).map(|_| None).collect();
 
     // Higher ranks connect to lower ones.
+    #[allow(clippy::needless_range_loop)]
     for to in 0..rank {
         let key = format!("{g}/addr/{to}");
         let raw = store.get(&key, deadline.remaining())?;

@@ -310,7 +310,7 @@ unsafe impl DeviceRepr for PermuteParams {}
 
 const KERNEL_SRC: &str = r#"
 struct Params { unsigned long long ndim; unsigned long long shape[6]; unsigned long long stride[6]; };
-struct __align__(16) V16 { unsigned long long a, b; };
+struct alignas(16) V16 { unsigned long long a, b; };
 template <typename T, typename I>
 __device__ __forceinline__ void permute(const T* __restrict__ src, T* __restrict__ dst,
                                         unsigned long long n, const Params& p) {

@@ -10,7 +10,7 @@
 //!
 //! Per rank: `2 * workspace_bytes + 2 * (W - 1) * p2p_bytes`; per group `W`
 //! times that plus `(3W + 2W(W-1))` 128-byte control lines. With the defaults
-//! (4 MiB, 256 KiB) a group of 4 maps 32 MiB + 6 MiB.
+//! (1 MiB, 256 KiB) a group of 4 maps 8 MiB + 6 MiB.
 //!
 //! # Protocol
 //! Every collective is split into chunks that fit the workspace; each chunk
@@ -42,7 +42,8 @@ pub struct ShmOptions {
     /// Deadline of every blocking operation (set-up included).
     pub timeout: Duration,
     /// Bytes of each of a rank's two collective buffers (rounded up to 4 KiB,
-    /// at least `64 * world`). Larger tensors are chunked. Default 4 MiB.
+    /// at least `64 * world`). Larger tensors are chunked. Default 1 MiB
+    /// (chunks that stay in L2/L3 beat bigger ones).
     pub workspace_bytes: usize,
     /// Bytes of each of the two slots of a point-to-point channel (rounded
     /// up to 4 KiB). Default 256 KiB.
@@ -57,21 +58,22 @@ pub struct ShmOptions {
     pub group_name: String,
     /// Job id, part of segment names (leak checks look for it).
     pub job_id: String,
-    /// Spin / yield / sleep policy of waits.
-    pub spin: SpinPolicy,
+    /// Spin / yield / sleep policy of waits; `None`:
+    /// [`SpinPolicy::for_members`]`(world)`.
+    pub spin: Option<SpinPolicy>,
 }
 
 impl Default for ShmOptions {
     fn default() -> Self {
         ShmOptions {
             timeout: comm_core::default_timeout(),
-            workspace_bytes: 4 << 20,
+            workspace_bytes: 1 << 20,
             p2p_bytes: 256 << 10,
             one_shot_max_bytes: 256 << 10,
             key_prefix: "shm".into(),
             group_name: "shm".into(),
             job_id: default_job_id(),
-            spin: SpinPolicy::default(),
+            spin: None,
         }
     }
 }
@@ -192,7 +194,7 @@ impl ShmCommunicator {
             timeout: opts.timeout,
             what: format!("shm communicator `{}`", opts.group_name),
             labels: (0..world).map(|r| format!("rank {r}")).collect(),
-            policy: opts.spin,
+            policy: opts.spin.unwrap_or_else(|| SpinPolicy::for_members(world)),
         };
         c.seg = Some(Segment::establish(&spec)?);
         Ok(c)

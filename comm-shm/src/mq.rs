@@ -33,8 +33,9 @@ pub struct MqOptions {
     pub job_id: String,
     /// Name used in error messages.
     pub name: String,
-    /// Spin / yield / sleep policy of waits.
-    pub spin: SpinPolicy,
+    /// Spin / yield / sleep policy of waits; `None`:
+    /// [`SpinPolicy::for_members`]`(1 + readers)`.
+    pub spin: Option<SpinPolicy>,
 }
 
 impl Default for MqOptions {
@@ -43,7 +44,7 @@ impl Default for MqOptions {
             timeout: comm_core::default_timeout(),
             job_id: default_job_id(),
             name: "mq".into(),
-            spin: SpinPolicy::default(),
+            spin: None,
         }
     }
 }
@@ -165,7 +166,7 @@ impl MessageQueue {
             timeout: opts.timeout,
             what: format!("message queue `{}`", opts.name),
             labels,
-            policy: opts.spin,
+            policy: opts.spin.unwrap_or_else(|| SpinPolicy::for_members(1 + n)),
         };
         let seg = Segment::establish(&spec)?;
         Ok(MessageQueue {

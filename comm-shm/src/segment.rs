@@ -147,6 +147,18 @@ impl Default for SpinPolicy {
     }
 }
 
+impl SpinPolicy {
+    /// The policy for `members` processes on this host: a long spin (about
+    /// 100 us) when every member can have a core, a tiny one when the group
+    /// is oversubscribed, so that the member holding the CPU is the one with
+    /// work to do.
+    pub fn for_members(members: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let spin_iters = if members <= cores { 4000 } else { 32 };
+        SpinPolicy { spin_iters, ..Self::default() }
+    }
+}
+
 /// Members a waiter checks for liveness while it sleeps.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Watch {

@@ -29,9 +29,9 @@ pub const STORE_HOSTED_ENV: &str = "DIST_STORE_HOSTED";
 pub const TIMEOUT_EXIT_CODE: i32 = 124;
 
 /// How often the supervisor polls children, signals and deadlines.
-const POLL: Duration = Duration::from_millis(10);
+pub(crate) const POLL: Duration = Duration::from_millis(10);
 /// How long to wait for SIGKILLed processes to disappear before giving up.
-const KILL_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long output readers may take to drain after every process is gone.
 const DRAIN_WAIT: Duration = Duration::from_secs(3);
 
@@ -76,10 +76,11 @@ pub struct LaunchConfig {
     pub capture: bool,
     /// Prefix forwarded lines with `[rank R] `.
     pub prefix: bool,
-    /// The job secret (hex); `None`: `DIST_JOB_SECRET` from the environment,
-    /// or (single node only) a fresh random one.
+    /// The job secret (hex); `None`: a fresh random one on a single node,
+    /// `DIST_JOB_SECRET` from the environment on several (required there).
     pub job_secret: Option<String>,
-    /// The job id; `None`: `DIST_JOB_ID` from the environment or a fresh one.
+    /// The job id; `None`: (multi-node) `DIST_JOB_ID` from the environment,
+    /// else derived from the secret.
     pub job_id: Option<String>,
 }
 
@@ -331,11 +332,16 @@ fn decode_hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// The job secret: the configured one; for a multi-node job
+/// `DIST_JOB_SECRET` from the environment (every node must agree); else a
+/// fresh random one (a single-node job never reuses an inherited secret).
 fn resolve_secret(cfg: &LaunchConfig) -> Result<String> {
-    let given = cfg
-        .job_secret
-        .clone()
-        .or_else(|| std::env::var(JOB_SECRET_ENV).ok().filter(|s| !s.is_empty()));
+    let given = cfg.job_secret.clone().or_else(|| {
+        (cfg.nnodes > 1)
+            .then(|| std::env::var(JOB_SECRET_ENV).ok())
+            .flatten()
+            .filter(|s| !s.is_empty())
+    });
     match given {
         Some(s) if is_hex_secret(&s) => Ok(s.to_ascii_lowercase()),
         Some(_) => Err(CommError::invalid(format!(
@@ -351,22 +357,21 @@ fn resolve_secret(cfg: &LaunchConfig) -> Result<String> {
     }
 }
 
+/// The job id: the configured one, else (multi-node) `DIST_JOB_ID` from the
+/// environment, else derived from a hash of the secret, which every node of
+/// the job shares without revealing it.
 fn resolve_job_id(cfg: &LaunchConfig, secret: &str) -> String {
-    cfg.job_id
-        .clone()
-        .or_else(|| std::env::var(JOB_ID_ENV).ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| {
-            if cfg.nnodes > 1 {
-                // Must agree across nodes without communication.
-                format!("distrun-{}", &secret[..secret.len().min(8)])
-            } else {
-                format!(
-                    "distrun-{}-{}",
-                    std::process::id(),
-                    &secret[..secret.len().min(8)]
-                )
-            }
-        })
+    use std::hash::{Hash, Hasher};
+    let env_id = (cfg.nnodes > 1)
+        .then(|| std::env::var(JOB_ID_ENV).ok())
+        .flatten()
+        .filter(|s| !s.is_empty());
+    cfg.job_id.clone().or(env_id).unwrap_or_else(|| {
+        // SipHash with fixed keys: the same on every node running this build.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        secret.hash(&mut h);
+        format!("distrun-{:016x}", h.finish())
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -377,7 +382,7 @@ fn pid_of(raw: u32) -> Option<Pid> {
 }
 
 /// True when some non-zombie process is still in process group `pgid`.
-fn group_alive(pgid: u32) -> bool {
+pub(crate) fn group_alive(pgid: u32) -> bool {
     let Some(p) = pid_of(pgid) else { return false };
     if rustix::process::test_kill_process_group(p).is_err() {
         return false;
@@ -409,14 +414,14 @@ fn group_alive(pgid: u32) -> bool {
     false
 }
 
-fn signal_group(pgid: u32, sig: Signal) {
+pub(crate) fn signal_group(pgid: u32, sig: Signal) {
     if let Some(p) = pid_of(pgid) {
         // ESRCH (group already empty) is fine.
         let _ = rustix::process::kill_process_group(p, sig);
     }
 }
 
-fn status_code(st: ExitStatus) -> (i32, Option<i32>) {
+pub(crate) fn status_code(st: ExitStatus) -> (i32, Option<i32>) {
     match (st.code(), st.signal()) {
         (Some(c), _) => (c, None),
         (None, Some(s)) => (128 + s, Some(s)),
@@ -429,13 +434,17 @@ fn status_code(st: ExitStatus) -> (i32, Option<i32>) {
 
 type Lines = Arc<Mutex<Vec<String>>>;
 
-enum Sink {
+pub(crate) enum Sink {
     Capture(Lines),
     Stdout(Option<String>),
     Stderr(Option<String>),
 }
 
-fn spawn_reader(src: impl Read + Send + 'static, sink: Sink, done: mpsc::Sender<()>) -> Result<()> {
+pub(crate) fn spawn_reader(
+    src: impl Read + Send + 'static,
+    sink: Sink,
+    done: mpsc::Sender<()>,
+) -> Result<()> {
     thread::Builder::new()
         .name("distrun-output".into())
         .spawn(move || {
@@ -600,9 +609,7 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
             Ok(c) => c,
             Err(e) => {
                 // Stop what was already started, then report.
-                let mut started = procs;
-                stop_all(&mut started, Duration::ZERO);
-                drop(job);
+                stop_all(&mut procs, Duration::ZERO);
                 return Err(CommError::io(
                     format!("starting rank {rank}: `{}`", cfg.program.to_string_lossy()),
                     e,
@@ -610,9 +617,15 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
             }
         };
         let pid = child.id();
+        let (so, se) = (child.stdout.take(), child.stderr.take());
+        procs.push(Running {
+            rank,
+            pid,
+            child,
+            exit: None,
+        });
         if piped {
             let prefix = cfg.prefix.then(|| format!("[rank {rank}] "));
-            let (so, se) = (child.stdout.take(), child.stderr.take());
             let (o_sink, e_sink) = if cfg.capture {
                 let o: Lines = Arc::default();
                 let e: Lines = Arc::default();
@@ -622,21 +635,19 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
             } else {
                 (Sink::Stdout(prefix.clone()), Sink::Stderr(prefix))
             };
-            if let Some(so) = so {
-                spawn_reader(so, o_sink, done_tx.clone())?;
-                readers += 1;
-            }
-            if let Some(se) = se {
-                spawn_reader(se, e_sink, done_tx.clone())?;
+            let srcs: [(Option<Box<dyn Read + Send>>, Sink); 2] = [
+                (so.map(|x| Box::new(x) as Box<dyn Read + Send>), o_sink),
+                (se.map(|x| Box::new(x) as Box<dyn Read + Send>), e_sink),
+            ];
+            for (src, sink) in srcs {
+                let Some(src) = src else { continue };
+                if let Err(e) = spawn_reader(src, sink, done_tx.clone()) {
+                    stop_all(&mut procs, Duration::ZERO);
+                    return Err(e);
+                }
                 readers += 1;
             }
         }
-        procs.push(Running {
-            rank,
-            pid,
-            child,
-            exit: None,
-        });
     }
     drop(done_tx);
 

@@ -14,12 +14,20 @@
 //! hosts the rendezvous `TcpStore` itself on a free port of 127.0.0.1 and
 //! sets `DIST_STORE_HOSTED=1`; node 0 of a multi-node job hosts it on
 //! `master_addr:master_port`.
+//!
+//! [`Executor`] keeps one long-lived worker process per rank (the workers use
+//! [`Worker`]): it waits for a READY or ERROR from each, runs
+//! `collective_rpc(method, args, timeout)` with replies in rank order, names a
+//! worker that died, and shuts down with a message, a grace period, SIGTERM,
+//! then SIGKILL.
 
 #![warn(missing_docs)]
 
 mod launch;
+mod rpc;
 
 pub use launch::{
     install_signal_handlers, launch, random_hex128, LaunchConfig, LaunchOutcome, RankExit,
     StopReason, JOB_ID_ENV, JOB_SECRET_ENV, STORE_HOSTED_ENV, TIMEOUT_EXIT_CODE,
 };
+pub use rpc::{Executor, Worker, EXECUTOR_FD_ENV};

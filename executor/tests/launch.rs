@@ -107,11 +107,15 @@ fn failing_rank_stops_the_others_with_its_code() {
 #[test]
 fn rank_ignoring_sigterm_is_killed_after_the_grace_period() {
     let grace = Duration::from_millis(500);
-    let cfg = sh(
-        2,
-        r#"[ "$RANK" = 1 ] && exit 3; trap '' TERM; while :; do sleep 0.05; done"#,
-    )
-    .grace(grace);
+    // Rank 1 fails only once rank 0 has installed its trap.
+    let dir = std::env::temp_dir().join(format!("distrun-trap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = format!(
+        r#"D={}; if [ "$RANK" = 1 ]; then while [ ! -e $D/ready ]; do sleep 0.01; done; exit 3; fi
+           trap '' TERM; touch $D/ready; while :; do sleep 0.05; done"#,
+        dir.display()
+    );
+    let cfg = sh(2, &script).grace(grace);
     let t0 = Instant::now();
     let out = launch(&cfg).unwrap();
     let took = t0.elapsed();
@@ -123,6 +127,7 @@ fn rank_ignoring_sigterm_is_killed_after_the_grace_period() {
         "took {took:?}"
     );
     assert_nothing_left(&out.pids());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

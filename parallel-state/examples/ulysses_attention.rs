@@ -264,6 +264,10 @@ fn main() -> ExitCode {
             }
         };
     }
+    // Each group logs its backend choice and the reason once (RUST_LOG overrides).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("parallel_state=info,warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).without_time().init();
     match run_rank(&a) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),

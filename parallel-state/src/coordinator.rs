@@ -621,7 +621,7 @@ impl GroupCoordinator {
 
     fn broadcast_bytes(&self, bytes: Option<&[u8]>, src: usize) -> Result<Vec<u8>> {
         if let (Some(mq), 0) = (&self.mq, src) {
-            return mq.broadcast(bytes);
+            return mq.broadcast(bytes).map_err(|e| self.ctx(e));
         }
         let mut len = Tensor::from_vec1(vec![bytes.map_or(0, |b| b.len()) as i64]);
         self.with_host(|c| c.broadcast(&mut len, src))?;

@@ -41,8 +41,12 @@ fn run(scenario: &str, nproc: usize, env: &[(&str, &str)]) {
 #[ignore = "entry point of the processes the other tests launch"]
 fn worker_entry() {
     let scenario = std::env::var("PS_SCENARIO").expect("PS_SCENARIO is set by the launching test");
-    let ps = ParallelState::init_from_env(InitOptions { timeout: Duration::from_secs(60), ..Default::default() })
-        .expect("init");
+    let ps = ParallelState::init_from_env(InitOptions {
+        timeout: Duration::from_secs(60),
+        use_message_queue_broadcaster: scenario == "mq",
+        ..Default::default()
+    })
+    .expect("init");
     match scenario.as_str() {
         "a2a" => a2a(&ps),
         "a2a_uneven" => a2a_uneven(&ps),
@@ -54,6 +58,7 @@ fn worker_entry() {
         "block" => block(&ps),
         "errors" => errors(&ps),
         "layout8" => layout8(&ps),
+        "mq" => mq(&ps),
         other => panic!("unknown scenario {other}"),
     }
     println!("PS_OK {scenario} rank {}", ps.rank());
@@ -339,6 +344,21 @@ fn errors(ps: &ParallelState) {
     }
 }
 
+fn mq(ps: &ParallelState) {
+    let g = ps.world_group();
+    assert!(g.uses_message_queue(), "world group on one host should use the message queue");
+    let r = g.rank_in_group();
+    // Sizes from tiny to larger than the 1 MiB ring; every value checked.
+    for (i, n) in [0usize, 1, 200, 4096, 3 << 20, 17].into_iter().enumerate() {
+        let payload: Vec<u8> = (0..n).map(|k| (k * 31 + i) as u8).collect();
+        let got: Vec<u8> = g.broadcast_object((r == 0).then_some(&payload), 0).unwrap();
+        assert_eq!(got, payload, "message {i} of {n} bytes");
+    }
+    // Another source falls back to the collective path.
+    let v: String = g.broadcast_object((r == 1).then_some(&"from one".to_string()), 1).unwrap();
+    assert_eq!(v, "from one");
+}
+
 // ------------------------------------------------ transformer block (FastVideo's SP check)
 
 fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
@@ -492,6 +512,10 @@ fn concurrent_groups_no_cross_talk() {
 #[test]
 fn layout_w8_tp2_sp4_and_ulysses_ring() {
     run("layout8", 8, &[]);
+}
+#[test]
+fn broadcast_object_through_message_queue() {
+    run("mq", 4, &[]);
 }
 #[test]
 fn transformer_block_sharded_matches_single_rank() {

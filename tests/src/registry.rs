@@ -58,14 +58,21 @@ pub fn make_communicator(
         }
         "tcp" => {
             let opts = comm_cpu::TcpOptions::with_timeout(timeout);
-            Ok(Box::new(comm_cpu::TcpCommunicator::new(store, rank, world, opts)?))
+            Ok(Box::new(comm_cpu::TcpCommunicator::new(
+                store, rank, world, opts,
+            )?))
         }
         "shm" => {
             let opts = comm_shm::ShmOptions {
                 timeout,
                 ..Default::default()
             };
-            Ok(Box::new(comm_shm::ShmCommunicator::new(store.as_ref(), rank, world, opts)?))
+            Ok(Box::new(comm_shm::ShmCommunicator::new(
+                store.as_ref(),
+                rank,
+                world,
+                opts,
+            )?))
         }
         "nccl" => Err(CommError::unavailable(
             "nccl",

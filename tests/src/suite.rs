@@ -203,8 +203,12 @@ impl Suite<'_> {
     fn large(&mut self, log: &mut dyn FnMut(&str)) -> Result<(), Failure> {
         let w = self.world;
         let f = DType::F32;
-        self.section("large all_reduce sum", log, |s| s.all_reduce(f, ReduceOp::Sum, LARGE))?;
-        self.section("large all_reduce max", log, |s| s.all_reduce(f, ReduceOp::Max, LARGE))?;
+        self.section("large all_reduce sum", log, |s| {
+            s.all_reduce(f, ReduceOp::Sum, LARGE)
+        })?;
+        self.section("large all_reduce max", log, |s| {
+            s.all_reduce(f, ReduceOp::Max, LARGE)
+        })?;
         self.section("large all_gather", log, |s| s.all_gather(f, LARGE / w + 1))?;
         self.section("large reduce_scatter", log, |s| {
             s.reduce_scatter(f, ReduceOp::Sum, LARGE / w + 1)
@@ -221,7 +225,10 @@ impl Suite<'_> {
     }
 
     fn comm_err(&self, what: &str, e: comm_core::CommError) -> Failure {
-        format!("rank {}: {what}: the backend returned an error: {e}", self.rank)
+        format!(
+            "rank {}: {what}: the backend returned an error: {e}",
+            self.rank
+        )
     }
 
     fn mismatch(&self, what: &str, m: crate::data::Mismatch) -> Failure {
@@ -236,7 +243,9 @@ impl Suite<'_> {
                 st.set(&key(self.rank), b"1")
                     .map_err(|e| format!("rank {}: store set before barrier: {e}", self.rank))?;
             }
-            self.comm.barrier().map_err(|e| self.comm_err("barrier", e))?;
+            self.comm
+                .barrier()
+                .map_err(|e| self.comm_err("barrier", e))?;
             if let Some(st) = self.store {
                 for r in 0..self.world {
                     let got = st
@@ -258,12 +267,18 @@ impl Suite<'_> {
     fn all_reduce(&mut self, dtype: DType, op: ReduceOp, n: usize) -> Result<(), Failure> {
         let (salt, rank, world) = (self.next_salt(), self.rank, self.world);
         let what = format!("all_reduce {dtype} {op} n={n} world={world}");
-        let mut t = filled(dtype, n, |i| value(dtype, Pattern::Reduce(op), salt, rank, i));
+        let mut t = filled(dtype, n, |i| {
+            value(dtype, Pattern::Reduce(op), salt, rank, i)
+        });
         self.comm
             .all_reduce(&mut t, op)
             .map_err(|e| self.comm_err(&what, e))?;
-        compare(&t, |i| reduced(dtype, op, salt, world, i), |e| tolerance(dtype, op, e))
-            .map_err(|m| self.mismatch(&what, m))?;
+        compare(
+            &t,
+            |i| reduced(dtype, op, salt, world, i),
+            |e| tolerance(dtype, op, e),
+        )
+        .map_err(|m| self.mismatch(&what, m))?;
         self.passed()
     }
 
@@ -294,8 +309,12 @@ impl Suite<'_> {
         self.comm
             .all_gather(&input, &mut out)
             .map_err(|e| self.comm_err(&what, e))?;
-        compare(&out, |i| value(dtype, Pattern::Unique, salt, i / n, i % n), |_| 0.0)
-            .map_err(|m| self.mismatch(&what, m))?;
+        compare(
+            &out,
+            |i| value(dtype, Pattern::Unique, salt, i / n, i % n),
+            |_| 0.0,
+        )
+        .map_err(|m| self.mismatch(&what, m))?;
         self.passed()
     }
 
@@ -306,8 +325,12 @@ impl Suite<'_> {
         self.comm
             .broadcast(&mut t, root)
             .map_err(|e| self.comm_err(&what, e))?;
-        compare(&t, |i| value(dtype, Pattern::Unique, salt, root, i), |_| 0.0)
-            .map_err(|m| self.mismatch(&what, m))?;
+        compare(
+            &t,
+            |i| value(dtype, Pattern::Unique, salt, root, i),
+            |_| 0.0,
+        )
+        .map_err(|m| self.mismatch(&what, m))?;
         self.passed()
     }
 
@@ -320,8 +343,12 @@ impl Suite<'_> {
             self.comm
                 .gather(&input, Some(&mut out), root)
                 .map_err(|e| self.comm_err(&what, e))?;
-            compare(&out, |i| value(dtype, Pattern::Unique, salt, i / n, i % n), |_| 0.0)
-                .map_err(|m| self.mismatch(&what, m))?;
+            compare(
+                &out,
+                |i| value(dtype, Pattern::Unique, salt, i / n, i % n),
+                |_| 0.0,
+            )
+            .map_err(|m| self.mismatch(&what, m))?;
         } else {
             self.comm
                 .gather(&input, None, root)
@@ -333,7 +360,9 @@ impl Suite<'_> {
     fn all_to_all(&mut self, dtype: DType, b: usize) -> Result<(), Failure> {
         let (salt, rank, world) = (self.next_salt(), self.rank, self.world);
         let what = format!("all_to_all {dtype} block={b} world={world}");
-        let input = filled(dtype, world * b, |i| value(dtype, Pattern::Unique, salt, rank, i));
+        let input = filled(dtype, world * b, |i| {
+            value(dtype, Pattern::Unique, salt, rank, i)
+        });
         let mut out = filled(dtype, world * b, |_| sentinel(dtype));
         self.comm
             .all_to_all(&input, &mut out)
@@ -360,14 +389,26 @@ impl Suite<'_> {
         let out = filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, rank, i));
         let mut inp = filled(dtype, n, |_| sentinel(dtype));
         if rank % 2 == 0 {
-            self.comm.send(&out, next).map_err(|e| self.comm_err(&what, e))?;
-            self.comm.recv(&mut inp, prev).map_err(|e| self.comm_err(&what, e))?;
+            self.comm
+                .send(&out, next)
+                .map_err(|e| self.comm_err(&what, e))?;
+            self.comm
+                .recv(&mut inp, prev)
+                .map_err(|e| self.comm_err(&what, e))?;
         } else {
-            self.comm.recv(&mut inp, prev).map_err(|e| self.comm_err(&what, e))?;
-            self.comm.send(&out, next).map_err(|e| self.comm_err(&what, e))?;
+            self.comm
+                .recv(&mut inp, prev)
+                .map_err(|e| self.comm_err(&what, e))?;
+            self.comm
+                .send(&out, next)
+                .map_err(|e| self.comm_err(&what, e))?;
         }
-        compare(&inp, |i| value(dtype, Pattern::Unique, salt, prev, i), |_| 0.0)
-            .map_err(|m| self.mismatch(&what, m))?;
+        compare(
+            &inp,
+            |i| value(dtype, Pattern::Unique, salt, prev, i),
+            |_| 0.0,
+        )
+        .map_err(|m| self.mismatch(&what, m))?;
         self.passed()
     }
 
@@ -385,13 +426,17 @@ impl Suite<'_> {
                 if rank == src {
                     for (salt, n) in [(s1, n1), (s2, n2)] {
                         let t = filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, src, i));
-                        self.comm.send(&t, dst).map_err(|e| self.comm_err(&what, e))?;
+                        self.comm
+                            .send(&t, dst)
+                            .map_err(|e| self.comm_err(&what, e))?;
                     }
                     self.passed()?;
                 } else if rank == dst {
                     for (salt, n) in [(s1, n1), (s2, n2)] {
                         let mut t = filled(dtype, n, |_| sentinel(dtype));
-                        self.comm.recv(&mut t, src).map_err(|e| self.comm_err(&what, e))?;
+                        self.comm
+                            .recv(&mut t, src)
+                            .map_err(|e| self.comm_err(&what, e))?;
                         compare(&t, |i| value(dtype, Pattern::Unique, salt, src, i), |_| 0.0)
                             .map_err(|m| self.mismatch(&what, m))?;
                     }

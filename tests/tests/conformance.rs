@@ -21,7 +21,11 @@ const LARGE_TIMEOUT: Duration = Duration::from_secs(240);
 
 fn conformance(backend: &str, world: usize, mode: &str) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let timeout = if mode == "large" { LARGE_TIMEOUT } else { BASIC_TIMEOUT };
+    let timeout = if mode == "large" {
+        LARGE_TIMEOUT
+    } else {
+        BASIC_TIMEOUT
+    };
     let cfg = LaunchConfig::new(env!("CARGO_BIN_EXE_conformance_worker"), world)
         .args(["--backend", backend, "--mode", mode])
         // Per-operation deadline inside the ranks: a lost peer or a hang is

@@ -25,7 +25,10 @@ use comm_core::{DType, DeviceCommunicator, ReduceOp};
 const CHILD_ENV: &str = "COMM_PERF_CHILD";
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "comm-perf", about = "nccl-tests-style benchmark of the collective backends")]
+#[command(
+    name = "comm-perf",
+    about = "nccl-tests-style benchmark of the collective backends"
+)]
 struct Args {
     /// Backend: single, tcp, shm (nccl when built).
     #[arg(long, default_value = "tcp")]
@@ -147,8 +150,14 @@ fn rank_main(args: &Args) -> Result<(), String> {
 
     let job = tests::rendezvous::join(op_timeout).map_err(|e| format!("rendezvous: {e}"))?;
     let (rank, world) = (job.rank, job.world);
-    let mut comm = tests::registry::make_communicator(&args.backend, job.store.clone(), rank, world, op_timeout)
-        .map_err(|e| format!("creating the {} communicator: {e}", args.backend))?;
+    let mut comm = tests::registry::make_communicator(
+        &args.backend,
+        job.store.clone(),
+        rank,
+        world,
+        op_timeout,
+    )
+    .map_err(|e| format!("creating the {} communicator: {e}", args.backend))?;
     let lead = rank == 0;
 
     if lead {
@@ -186,7 +195,13 @@ fn rank_main(args: &Args) -> Result<(), String> {
         all_rows.extend(rows);
     }
     if lead {
-        if all_rows.iter().map(|r| r.op.as_str()).collect::<std::collections::BTreeSet<_>>().len() > 1 {
+        if all_rows
+            .iter()
+            .map(|r| r.op.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            > 1
+        {
             println!("#\n# all ops:\n{}", summary(&all_rows));
         }
         if let Some(path) = &args.json {
