@@ -54,7 +54,11 @@ impl Group {
                 while let Ok(Some(cmd)) = rx.recv() {
                     let n = cmd.bytes / 4;
                     if bufs.as_ref().map(|b| b.0) != Some(n) {
-                        bufs = Some((n, Tensor::zeros([n], DType::F32), Tensor::zeros([n], DType::F32)));
+                        bufs = Some((
+                            n,
+                            Tensor::zeros([n], DType::F32),
+                            Tensor::zeros([n], DType::F32),
+                        ));
                     }
                     let (_, a, b) = bufs.as_mut().unwrap();
                     c.barrier().unwrap();
@@ -69,7 +73,11 @@ impl Group {
                 }
             }));
         }
-        Group { cmds, done, threads }
+        Group {
+            cmds,
+            done,
+            threads,
+        }
     }
 
     /// Runs `iters` operations on every rank; the slowest rank's time.
@@ -77,7 +85,10 @@ impl Group {
         for c in &self.cmds {
             c.send(Some(Cmd { op, bytes, iters })).unwrap();
         }
-        (0..self.cmds.len()).map(|_| self.done.recv().unwrap()).max().unwrap()
+        (0..self.cmds.len())
+            .map(|_| self.done.recv().unwrap())
+            .max()
+            .unwrap()
     }
 }
 
@@ -97,7 +108,9 @@ fn bench(c: &mut Criterion) {
         let g = Group::new(world);
         for (op, name) in [(Op::AllReduce, "all_reduce"), (Op::AllToAll, "all_to_all")] {
             let mut grp = c.benchmark_group(format!("tcp_{name}_w{world}"));
-            grp.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+            grp.sample_size(10)
+                .warm_up_time(Duration::from_millis(500))
+                .measurement_time(Duration::from_secs(2));
             for bytes in [4usize << 10, 1 << 20, 16 << 20] {
                 grp.throughput(Throughput::Bytes(bytes as u64));
                 grp.bench_with_input(BenchmarkId::from_parameter(bytes), &bytes, |b, &bytes| {

@@ -205,9 +205,28 @@ struct Buffers {
     output: Tensor,
 }
 
+/// Moves a host tensor to where the communicator wants it.
+pub type Place<'a> = &'a dyn Fn(Tensor) -> Result<Tensor>;
+
 /// Input and output tensors of `op` for a message of `count` elements (as
-/// defined by [`Op::count_for`]), input filled with the check pattern.
-fn buffers(cfg: &PerfConfig, count: usize, rank: usize, world: usize, salt: u64) -> Buffers {
+/// defined by [`Op::count_for`]), input filled with the check pattern, then
+/// placed by `place`.
+fn buffers(
+    cfg: &PerfConfig,
+    count: usize,
+    rank: usize,
+    world: usize,
+    salt: u64,
+    place: Place<'_>,
+) -> Result<Buffers> {
+    let b = host_buffers(cfg, count, rank, world, salt);
+    Ok(Buffers {
+        input: place(b.input)?,
+        output: place(b.output)?,
+    })
+}
+
+fn host_buffers(cfg: &PerfConfig, count: usize, rank: usize, world: usize, salt: u64) -> Buffers {
     let d = cfg.dtype;
     let uniq = |r: usize| move |i: usize| value(d, Pattern::Unique, salt, r, i);
     let red = |r: usize| move |i: usize| value(d, Pattern::Reduce(cfg.redop), salt, r, i);
@@ -329,9 +348,20 @@ fn group_f64(comm: &mut dyn DeviceCommunicator, v: f64, op: ReduceOp) -> Result<
     Ok(t.as_slice::<f64>()?[0])
 }
 
-/// Measures one size. Every rank must call it with the same arguments; every
-/// rank gets the same row.
+/// Measures one size with host tensors. Every rank must call it with the
+/// same arguments; every rank gets the same row.
 pub fn measure(comm: &mut dyn DeviceCommunicator, cfg: &PerfConfig, bytes: u64) -> Result<Row> {
+    measure_on(comm, cfg, bytes, &Ok)
+}
+
+/// [`measure`] with the buffers placed by `place` (e.g. on a CUDA device).
+/// Device results are copied to the host only for `--check`.
+pub fn measure_on(
+    comm: &mut dyn DeviceCommunicator,
+    cfg: &PerfConfig,
+    bytes: u64,
+    place: Place<'_>,
+) -> Result<Row> {
     let (rank, world) = (comm.rank(), comm.world_size());
     if cfg.op == Op::Broadcast && cfg.root >= world {
         return Err(CommError::invalid(format!(
@@ -342,7 +372,7 @@ pub fn measure(comm: &mut dyn DeviceCommunicator, cfg: &PerfConfig, bytes: u64) 
     let count = cfg.op.count_for(bytes, cfg.dtype, world);
     let size = (count * cfg.dtype.size()) as u64;
     let salt = 0xC0FFEE ^ bytes;
-    let mut b = buffers(cfg, count, rank, world, salt);
+    let mut b = buffers(cfg, count, rank, world, salt, place)?;
 
     let wrong = if cfg.check {
         run_once(comm, cfg, &mut b)?;

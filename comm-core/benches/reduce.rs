@@ -9,11 +9,7 @@ use comm_core::reduce::reduce_into;
 use comm_core::{bf16, f16, DType, HostBuffer, ReduceOp};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-const SIZES: [(usize, &str); 3] = [
-    (64 << 10, "64KiB"),
-    (1 << 20, "1MiB"),
-    (16 << 20, "16MiB"),
-];
+const SIZES: [(usize, &str); 3] = [(64 << 10, "64KiB"), (1 << 20, "1MiB"), (16 << 20, "16MiB")];
 
 const KERNELS: [(DType, ReduceOp); 5] = [
     (DType::F32, ReduceOp::Sum),

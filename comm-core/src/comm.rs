@@ -135,7 +135,11 @@ pub mod check {
         if output.numel() != world * input.numel() {
             return Err(CommError::shape(
                 op,
-                format!("output of {} elements ({world} x {})", world * input.numel(), input.numel()),
+                format!(
+                    "output of {} elements ({world} x {})",
+                    world * input.numel(),
+                    input.numel()
+                ),
                 format!("{} elements", output.numel()),
             ));
         }
@@ -239,7 +243,8 @@ impl DeviceCommunicator for SingleRankCommunicator {
     }
     fn gather(&mut self, input: &Tensor, output: Option<&mut Tensor>, root: usize) -> Result<()> {
         check::root("gather", root, 1)?;
-        let out = output.ok_or_else(|| CommError::invalid("gather: the root must pass an output"))?;
+        let out =
+            output.ok_or_else(|| CommError::invalid("gather: the root must pass an output"))?;
         check::gathered("gather", input, out, 1)?;
         out.copy_from(input)
     }

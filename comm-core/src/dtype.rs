@@ -184,9 +184,10 @@ pub enum ReduceOp {
     Sum,
     /// Element-wise product (integers wrap).
     Prod,
-    /// Element-wise minimum (NaN propagates for floats).
+    /// Element-wise minimum. Floats follow IEEE `minNum` (like C's `fmin`):
+    /// a NaN operand yields the other operand; only NaN vs NaN gives NaN.
     Min,
-    /// Element-wise maximum (NaN propagates for floats).
+    /// Element-wise maximum; NaN as for [`ReduceOp::Min`] (`maxNum`, like `fmax`).
     Max,
     /// Mean over contributors; see the type docs for integers.
     Avg,
@@ -281,7 +282,9 @@ impl std::str::FromStr for Device {
                 .and_then(|n| n.parse().ok())
                 .map(Device::Cuda)
                 .ok_or_else(|| {
-                    CommError::invalid(format!("unknown device `{s}`; expected cpu, cuda or cuda:N"))
+                    CommError::invalid(format!(
+                        "unknown device `{s}`; expected cpu, cuda or cuda:N"
+                    ))
                 }),
         }
     }

@@ -240,8 +240,7 @@ pub fn cat<T: Borrow<Tensor>>(tensors: &[T], dim: isize) -> Result<Tensor> {
             });
         }
         let same_rest = t.ndim() == first.ndim()
-            && t
-                .shape()
+            && t.shape()
                 .iter()
                 .zip(first.shape())
                 .enumerate()

@@ -69,7 +69,11 @@ fn f32_to_bf16(f: f32) -> u16 {
     let x = f.to_bits();
     let nan = (x >> 16) | 0x0040;
     let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
-    (if x & 0x7FFF_FFFF > 0x7F80_0000 { nan } else { rounded }) as u16
+    (if x & 0x7FFF_FFFF > 0x7F80_0000 {
+        nan
+    } else {
+        rounded
+    }) as u16
 }
 
 #[inline(always)]
@@ -124,28 +128,38 @@ fn f32_to_f16(f: f32) -> u16 {
     (r | sign) as u16
 }
 
-/// `dst = narrow(widen(dst) op widen(src))` in one fused pass, 16 lanes at a
-/// time through fixed-size arrays (which LLVM turns into vector code), then
-/// the tail element by element.
+/// `dst = narrow(widen(dst) op widen(src))` in one fused pass.
 macro_rules! half_apply {
-    ($dst:expr, $src:expr, $wide:ident, $narrow:ident, |$a:ident, $b:ident| $e:expr) => {{
-        let f = |$a: f32, $b: f32| $e;
-        let mut d16 = $dst.chunks_exact_mut(16);
-        for (d, s) in (&mut d16).zip($src.chunks_exact(16)) {
-            let (mut x, mut y) = ([0f32; 16], [0f32; 16]);
-            for i in 0..16 {
-                x[i] = $wide(d[i]);
-                y[i] = $wide(s[i]);
-            }
-            for i in 0..16 {
-                d[i] = $narrow(f(x[i], y[i]));
-            }
+    ($dst:expr, $src:expr, $wide:ident, $narrow:ident, |$a:ident, $b:ident| $e:expr) => {
+        for (d, s) in $dst.iter_mut().zip($src.iter()) {
+            let $a = $wide(*d);
+            let $b = $wide(*s);
+            *d = $narrow($e);
         }
-        let n = $src.len() / 16 * 16;
-        for (d, s) in d16.into_remainder().iter_mut().zip(&$src[n..]) {
-            *d = $narrow(f($wide(*d), $wide(*s)));
-        }
-    }};
+    };
+}
+
+/// `f32::min` written as selects: inside the runtime-dispatched kernels LLVM
+/// otherwise lowers `minnum` to a `fminf` call per element.
+#[inline(always)]
+fn min_sel(a: f32, b: f32) -> f32 {
+    let m = if b < a { b } else { a };
+    if a.is_nan() {
+        b
+    } else {
+        m
+    }
+}
+
+/// `f32::max` as selects; see [`min_sel`].
+#[inline(always)]
+fn max_sel(a: f32, b: f32) -> f32 {
+    let m = if b > a { b } else { a };
+    if a.is_nan() {
+        b
+    } else {
+        m
+    }
 }
 
 macro_rules! reduce_half {
@@ -157,8 +171,8 @@ macro_rules! reduce_half {
                     half_apply!(dst, src, $wide, $narrow, |a, b| a + b)
                 }
                 ReduceOp::Prod => half_apply!(dst, src, $wide, $narrow, |a, b| a * b),
-                ReduceOp::Min => half_apply!(dst, src, $wide, $narrow, |a, b| a.min(b)),
-                ReduceOp::Max => half_apply!(dst, src, $wide, $narrow, |a, b| a.max(b)),
+                ReduceOp::Min => half_apply!(dst, src, $wide, $narrow, |a, b| min_sel(a, b)),
+                ReduceOp::Max => half_apply!(dst, src, $wide, $narrow, |a, b| max_sel(a, b)),
             }
         }
     };
@@ -170,7 +184,10 @@ fn check_lens(dst: &[u8], src: &[u8], dtype: DType) -> Result<()> {
     if dst.len() != src.len() || dst.len() % dtype.size() != 0 {
         return Err(CommError::shape(
             "reduce_into",
-            format!("two buffers of equal length, a multiple of {} bytes", dtype.size()),
+            format!(
+                "two buffers of equal length, a multiple of {} bytes",
+                dtype.size()
+            ),
             format!("{} and {} bytes", dst.len(), src.len()),
         ));
     }
@@ -245,8 +262,14 @@ mod f16c {
             // 8 f32 (32 bytes); all loads and stores are the unaligned forms.
             // The caller runs this only on CPUs with AVX2 and F16C.
             unsafe {
-                _mm256_storeu_ps(a.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().cast())));
-                _mm256_storeu_ps(b.as_mut_ptr(), _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast())));
+                _mm256_storeu_ps(
+                    a.as_mut_ptr(),
+                    _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().cast())),
+                );
+                _mm256_storeu_ps(
+                    b.as_mut_ptr(),
+                    _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast())),
+                );
             }
             for (x, y) in a.iter_mut().zip(b) {
                 *x = f(*x, y);
@@ -270,8 +293,8 @@ mod f16c {
         match op {
             ReduceOp::Sum | ReduceOp::Avg => apply(dst, src, |a, b| a + b),
             ReduceOp::Prod => apply(dst, src, |a, b| a * b),
-            ReduceOp::Min => apply(dst, src, f32::min),
-            ReduceOp::Max => apply(dst, src, f32::max),
+            ReduceOp::Min => apply(dst, src, super::min_sel),
+            ReduceOp::Max => apply(dst, src, super::max_sel),
         }
     }
 }
@@ -302,13 +325,23 @@ fn reduce_typed(dst: &mut [u8], src: &[u8], dtype: DType, op: ReduceOp) -> Resul
 
 /// `dst = a op b` without first copying `a` into `dst` (saves one pass in
 /// one-shot reductions).
-pub fn reduce_pair_into(dst: &mut [u8], a: &[u8], b: &[u8], dtype: DType, op: ReduceOp) -> Result<()> {
+pub fn reduce_pair_into(
+    dst: &mut [u8],
+    a: &[u8],
+    b: &[u8],
+    dtype: DType,
+    op: ReduceOp,
+) -> Result<()> {
     check_lens(dst, a, dtype)?;
     check_lens(dst, b, dtype)?;
     // Block-wise copy + reduce keeps the working set in L1 while staying one
     // logical pass over memory.
     const BLOCK: usize = 16 * 1024;
-    for ((d, a), b) in dst.chunks_mut(BLOCK).zip(a.chunks(BLOCK)).zip(b.chunks(BLOCK)) {
+    for ((d, a), b) in dst
+        .chunks_mut(BLOCK)
+        .zip(a.chunks(BLOCK))
+        .zip(b.chunks(BLOCK))
+    {
         d.copy_from_slice(a);
         reduce_into(d, b, dtype, op)?;
     }
@@ -322,15 +355,21 @@ pub fn finish_avg(buf: &mut [u8], dtype: DType, count: usize) -> Result<()> {
         return Err(CommError::invalid("finish_avg with count 0"));
     }
     if buf.len() % dtype.size() != 0 {
-        return Err(CommError::invalid("finish_avg: buffer is not whole elements"));
+        return Err(CommError::invalid(
+            "finish_avg: buffer is not whole elements",
+        ));
     }
     if buf.is_empty() {
         return Ok(());
     }
     let c = count;
     match dtype {
-        DType::F32 => cast_mut::<f32>(buf)?.iter_mut().for_each(|x| *x /= c as f32),
-        DType::F64 => cast_mut::<f64>(buf)?.iter_mut().for_each(|x| *x /= c as f64),
+        DType::F32 => cast_mut::<f32>(buf)?
+            .iter_mut()
+            .for_each(|x| *x /= c as f32),
+        DType::F64 => cast_mut::<f64>(buf)?
+            .iter_mut()
+            .for_each(|x| *x /= c as f64),
         DType::F16 => cast_mut::<u16>(buf)?
             .iter_mut()
             .for_each(|x| *x = f32_to_f16(f16_to_f32(*x) / c as f32)),

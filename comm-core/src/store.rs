@@ -86,7 +86,9 @@ impl Deadline {
         let start = Instant::now();
         Deadline {
             start,
-            end: start.checked_add(timeout).unwrap_or(start + Duration::from_secs(86_400 * 365)),
+            end: start
+                .checked_add(timeout)
+                .unwrap_or(start + Duration::from_secs(86_400 * 365)),
         }
     }
     /// True once the deadline has passed.
@@ -106,7 +108,11 @@ impl Deadline {
         self.end
     }
     /// `Err(Timeout)` naming `operation` and `missing` once expired, `Ok` before.
-    pub fn check(&self, operation: impl FnOnce() -> String, missing: impl FnOnce() -> Vec<String>) -> Result<()> {
+    pub fn check(
+        &self,
+        operation: impl FnOnce() -> String,
+        missing: impl FnOnce() -> Vec<String>,
+    ) -> Result<()> {
         if self.expired() {
             Err(CommError::Timeout {
                 operation: operation(),

@@ -69,7 +69,9 @@ impl HostBuffer {
 
 impl fmt::Debug for HostBuffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HostBuffer").field("len", &self.len).finish()
+        f.debug_struct("HostBuffer")
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -152,6 +154,9 @@ fn numel_of(shape: &[usize]) -> Result<usize> {
 
 impl Tensor {
     /// A zero-filled host tensor.
+    ///
+    /// Panics if the shape's byte size overflows `usize` (as `vec!` does);
+    /// use [`Tensor::try_zeros`] for shapes that come from outside.
     pub fn zeros(shape: impl Into<Vec<usize>>, dtype: DType) -> Tensor {
         let shape = shape.into();
         let n: usize = shape.iter().product();
@@ -160,6 +165,17 @@ impl Tensor {
             shape,
             dtype,
         }
+    }
+
+    /// A zero-filled host tensor, or an error when the shape's byte size
+    /// overflows (shapes received from peers go through here).
+    pub fn try_zeros(shape: impl Into<Vec<usize>>, dtype: DType) -> Result<Tensor> {
+        let shape = shape.into();
+        let n = numel_of(&shape)?;
+        n.checked_mul(dtype.size())
+            .filter(|b| *b <= isize::MAX as usize)
+            .ok_or_else(|| CommError::invalid(format!("a {dtype} tensor of shape {shape:?} is too large to allocate")))?;
+        Ok(Tensor::zeros(shape, dtype))
     }
 
     /// A host tensor from typed data; `data.len()` must equal the shape's product.
@@ -214,7 +230,11 @@ impl Tensor {
     }
 
     /// Wraps a host buffer.
-    pub fn from_host_buffer(buf: HostBuffer, shape: impl Into<Vec<usize>>, dtype: DType) -> Result<Tensor> {
+    pub fn from_host_buffer(
+        buf: HostBuffer,
+        shape: impl Into<Vec<usize>>,
+        dtype: DType,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let n = numel_of(&shape)?;
         if n * dtype.size() != buf.len() {
@@ -257,7 +277,7 @@ impl Tensor {
     /// CUDA device, `like` supplies the allocator (any tensor on that device).
     pub fn zeros_on(meta: &TensorMetadata, like: Option<&Tensor>) -> Result<Tensor> {
         match meta.device {
-            Device::Cpu => Ok(Tensor::zeros(meta.shape.clone(), meta.dtype)),
+            Device::Cpu => Tensor::try_zeros(meta.shape.clone(), meta.dtype),
             Device::Cuda(_) => {
                 let like = like.and_then(|t| t.device_storage()).ok_or_else(|| {
                     CommError::unavailable(

@@ -311,7 +311,10 @@ fn permute_typical_attention_layouts() {
     for dt in DType::ALL {
         let t = rand_tensor(&[2, 33, 3, 5], dt, 42);
         for perm in [[0, 2, 1, 3], [3, 2, 1, 0], [1, 0, 3, 2], [0, 1, 3, 2]] {
-            assert_same(&layout::permute(&t, &perm).unwrap(), &ref_permute(&t, &perm));
+            assert_same(
+                &layout::permute(&t, &perm).unwrap(),
+                &ref_permute(&t, &perm),
+            );
         }
     }
 }
@@ -321,7 +324,10 @@ fn zero_dim_and_identity() {
     let t = Tensor::from_vec(vec![7i64], Vec::<usize>::new()).unwrap();
     assert_same(&layout::permute(&t, &[]).unwrap(), &t);
     let t = rand_tensor(&[1, 1, 1], DType::F32, 3);
-    assert_same(&layout::permute(&t, &[2, 0, 1]).unwrap(), &ref_permute(&t, &[2, 0, 1]));
+    assert_same(
+        &layout::permute(&t, &[2, 0, 1]).unwrap(),
+        &ref_permute(&t, &[2, 0, 1]),
+    );
     let t = rand_tensor(&[0, 3], DType::F32, 3);
     assert_eq!(layout::permute(&t, &[1, 0]).unwrap().shape(), &[3, 0]);
 }
@@ -425,7 +431,13 @@ fn cat_errors() {
 #[test]
 fn permute_errors() {
     let t = rand_tensor(&[2, 3, 4], DType::F16, 1);
-    for perm in [&[0, 1][..], &[0, 1, 1], &[0, 1, 3], &[0, 1, 2, 3], &[2, 2, 2]] {
+    for perm in [
+        &[0, 1][..],
+        &[0, 1, 1],
+        &[0, 1, 3],
+        &[0, 1, 2, 3],
+        &[2, 2, 2],
+    ] {
         let e = layout::permute(&t, perm).unwrap_err();
         assert!(matches!(e, CommError::InvalidArgument(_)), "{e}");
         assert!(e.to_string().contains("not a permutation"), "{e}");
@@ -476,8 +488,8 @@ impl DeviceStorage for FakeDevice {
 
 #[test]
 fn device_tensors_are_refused() {
-    let dev = Tensor::from_device_storage(Box::new(FakeDevice(vec![0; 24])), [2, 3], DType::F32)
-        .unwrap();
+    let dev =
+        Tensor::from_device_storage(Box::new(FakeDevice(vec![0; 24])), [2, 3], DType::F32).unwrap();
     let host = rand_tensor(&[2, 3], DType::F32, 1);
     let checks = [
         is_invalid(layout::narrow(&dev, 0, 0, 1)),

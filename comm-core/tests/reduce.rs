@@ -159,12 +159,18 @@ fn assert_all_same<T: Ref>(got: &[T], want: &[T], ctx: &str) {
 
 /// Lengths around the kernels' block sizes (16/32 elements, 256 for halves,
 /// 16 KiB in `reduce_pair_into`), odd ones and 0.
-const LENGTHS: [usize; 16] = [0, 1, 2, 3, 7, 15, 16, 17, 31, 33, 63, 255, 256, 257, 1000, 4099];
+const LENGTHS: [usize; 16] = [
+    0, 1, 2, 3, 7, 15, 16, 17, 31, 33, 63, 255, 256, 257, 1000, 4099,
+];
 
 fn check_reduce_into<T: Ref>(op: ReduceOp, n: usize, seed: u64) {
     let a = random_vec::<T>(n, seed);
     let b = random_vec::<T>(n, seed ^ 0xABCD);
-    let want: Vec<T> = a.iter().zip(&b).map(|(&x, &y)| T::apply(x, y, op)).collect();
+    let want: Vec<T> = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| T::apply(x, y, op))
+        .collect();
     let mut dst = a.clone();
     reduce_into(
         bytemuck::cast_slice_mut(&mut dst),
@@ -180,7 +186,11 @@ fn check_pair<T: Ref>(op: ReduceOp, n: usize, seed: u64) {
     let a = random_vec::<T>(n, seed);
     let b = random_vec::<T>(n, seed ^ 0x1234);
     let (a0, b0) = (a.clone(), b.clone());
-    let want: Vec<T> = a.iter().zip(&b).map(|(&x, &y)| T::apply(x, y, op)).collect();
+    let want: Vec<T> = a
+        .iter()
+        .zip(&b)
+        .map(|(&x, &y)| T::apply(x, y, op))
+        .collect();
     // Start from garbage: the result must not depend on dst's old contents.
     let mut dst = random_vec::<T>(n, seed ^ 0x5555);
     reduce_pair_into(
@@ -191,7 +201,11 @@ fn check_pair<T: Ref>(op: ReduceOp, n: usize, seed: u64) {
         op,
     )
     .unwrap();
-    assert_all_same(&dst, &want, &format!("reduce_pair_into {} {op} n={n}", T::DTYPE));
+    assert_all_same(
+        &dst,
+        &want,
+        &format!("reduce_pair_into {} {op} n={n}", T::DTYPE),
+    );
     assert_eq!(a, a0);
     assert_eq!(b, b0);
 }
@@ -202,7 +216,11 @@ fn check_avg<T: Ref>(n: usize, seed: u64) {
         let want: Vec<T> = x.iter().map(|&v| T::avg(v, count)).collect();
         let mut buf = x.clone();
         finish_avg(bytemuck::cast_slice_mut(&mut buf), T::DTYPE, count).unwrap();
-        assert_all_same(&buf, &want, &format!("finish_avg {} count={count} n={n}", T::DTYPE));
+        assert_all_same(
+            &buf,
+            &want,
+            &format!("finish_avg {} count={count} n={n}", T::DTYPE),
+        );
     }
 }
 
@@ -338,7 +356,10 @@ fn half_accumulates_in_f32_per_step() {
     )
     .unwrap();
     assert_eq!(a[0], f16::from_f32(2048.0));
-    assert_eq!(a[1], f16::from_f32(f16::from_f32(0.1).to_f32() + f16::from_f32(0.2).to_f32()));
+    assert_eq!(
+        a[1],
+        f16::from_f32(f16::from_f32(0.1).to_f32() + f16::from_f32(0.2).to_f32())
+    );
     // bf16 max keeps the value exactly.
     let mut x = vec![bf16::from_f32(-3.5), bf16::from_f32(1e30)];
     let y = vec![bf16::from_f32(-4.0), bf16::from_f32(-1e30)];

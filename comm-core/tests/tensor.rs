@@ -82,7 +82,10 @@ fn zeros_every_dtype() {
 fn typed_constructors() {
     let t = Tensor::from_vec(vec![1.5f32, -2.0, 3.0, 4.0, 5.0, 6.0], [3, 2]).unwrap();
     assert_eq!(t.dtype(), DType::F32);
-    assert_eq!(t.as_slice::<f32>().unwrap(), &[1.5, -2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_eq!(
+        t.as_slice::<f32>().unwrap(),
+        &[1.5, -2.0, 3.0, 4.0, 5.0, 6.0]
+    );
     let s = Tensor::from_slice(&[1u8, 2, 3], [3]).unwrap();
     assert_eq!(s.to_vec::<u8>().unwrap(), [1, 2, 3]);
     let v = Tensor::from_vec1(vec![bf16::from_f32(1.0), bf16::from_f32(2.0)]);
@@ -91,8 +94,8 @@ fn typed_constructors() {
     assert_eq!(h.dtype(), DType::F16);
     let b = Tensor::from_bytes(&7i64.to_ne_bytes(), [1], DType::I64).unwrap();
     assert_eq!(b.to_vec::<i64>().unwrap(), [7]);
-    let hb = Tensor::from_host_buffer(HostBuffer::from_bytes(&[1, 2, 3, 4]), [2], DType::BF16)
-        .unwrap();
+    let hb =
+        Tensor::from_host_buffer(HostBuffer::from_bytes(&[1, 2, 3, 4]), [2], DType::BF16).unwrap();
     assert_eq!(hb.as_bytes().unwrap(), &[1, 2, 3, 4]);
     let i = Tensor::from_vec(vec![1i32, 2, 3, 4], [2, 2]).unwrap();
     assert_eq!(i.dtype(), DType::I32);
@@ -100,11 +103,16 @@ fn typed_constructors() {
 
 #[test]
 fn constructor_errors() {
-    let shape_err = |r: comm_core::Result<Tensor>| matches!(r, Err(CommError::ShapeMismatch { .. }));
+    let shape_err =
+        |r: comm_core::Result<Tensor>| matches!(r, Err(CommError::ShapeMismatch { .. }));
     assert!(shape_err(Tensor::from_vec(vec![1.0f32; 5], [2, 3])));
     assert!(shape_err(Tensor::from_slice(&[1i8; 7], [2, 3])));
     assert!(shape_err(Tensor::from_bytes(&[0; 10], [3], DType::F32)));
-    assert!(shape_err(Tensor::from_host_buffer(HostBuffer::zeroed(3), [2], DType::F16)));
+    assert!(shape_err(Tensor::from_host_buffer(
+        HostBuffer::zeroed(3),
+        [2],
+        DType::F16
+    )));
     let dev = Box::new(FakeDevice(vec![0; 12]));
     assert!(shape_err(Tensor::from_device_storage(dev, [4], DType::F32)));
     // A shape whose element count overflows is an error, not a panic.
@@ -113,7 +121,9 @@ fn constructor_errors() {
         Err(CommError::InvalidArgument(_))
     ));
     assert!(Tensor::from_bytes(&[], [usize::MAX, 2, 2], DType::U8).is_err());
-    let msg = Tensor::from_vec(vec![1.0f32; 5], [2, 3]).unwrap_err().to_string();
+    let msg = Tensor::from_vec(vec![1.0f32; 5], [2, 3])
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains('6') && msg.contains('5'), "{msg}");
 }
 
@@ -142,7 +152,7 @@ fn host_storage_is_64_byte_aligned() {
         assert!(c.as_bytes().iter().all(|&x| x == 3));
     }
     // Unaligned source data is copied into aligned storage.
-    let raw = vec![0u8; 65];
+    let raw = [0u8; 65];
     let t = Tensor::from_bytes(&raw[1..], [16], DType::F32).unwrap();
     assert!(aligned(&t));
     assert_eq!(t.as_slice::<f32>().unwrap().len(), 16);
@@ -161,13 +171,21 @@ fn typed_views_and_dtype_mismatch() {
 
     let e = t.as_slice::<f32>().unwrap_err();
     match &e {
-        CommError::DTypeMismatch { expected, actual, .. } => {
+        CommError::DTypeMismatch {
+            expected, actual, ..
+        } => {
             assert_eq!((expected.as_str(), actual.as_str()), ("i32", "f32"));
         }
         other => panic!("expected DTypeMismatch, got {other}"),
     }
-    assert!(matches!(t.as_mut_slice::<f32>(), Err(CommError::DTypeMismatch { .. })));
-    assert!(matches!(t.to_vec::<i64>(), Err(CommError::DTypeMismatch { .. })));
+    assert!(matches!(
+        t.as_mut_slice::<f32>(),
+        Err(CommError::DTypeMismatch { .. })
+    ));
+    assert!(matches!(
+        t.to_vec::<i64>(),
+        Err(CommError::DTypeMismatch { .. })
+    ));
     let h = Tensor::zeros([2], DType::F16);
     assert!(h.as_slice::<bf16>().is_err());
     assert!(h.as_slice::<f16>().is_ok());
@@ -182,12 +200,19 @@ fn reshape_and_set_shape() {
     let e = r.reshape([5, 2]).unwrap_err();
     assert!(matches!(e, CommError::ShapeMismatch { .. }), "{e}");
     let t = Tensor::zeros([6], DType::U8);
-    assert!(matches!(t.reshape([usize::MAX, 3]), Err(CommError::InvalidArgument(_))));
+    assert!(matches!(
+        t.reshape([usize::MAX, 3]),
+        Err(CommError::InvalidArgument(_))
+    ));
     let mut t = Tensor::zeros([6], DType::U8);
     t.set_shape([3, 2]).unwrap();
     assert_eq!(t.shape(), &[3, 2]);
     assert!(t.set_shape([7]).is_err());
-    assert_eq!(t.shape(), &[3, 2], "a failed set_shape leaves the shape alone");
+    assert_eq!(
+        t.shape(),
+        &[3, 2],
+        "a failed set_shape leaves the shape alone"
+    );
     t.set_shape(Vec::<usize>::new()).unwrap_err();
     let mut one = Tensor::zeros([1, 1], DType::U8);
     one.set_shape(Vec::<usize>::new()).unwrap();
@@ -239,7 +264,10 @@ fn device_storage_paths() {
     assert!(dev.device_storage_mut().is_some());
     // Host-only views refuse with a hint.
     let e = dev.as_bytes().unwrap_err();
-    assert!(matches!(e, CommError::InvalidArgument(_)) && e.to_string().contains("to_host"), "{e}");
+    assert!(
+        matches!(e, CommError::InvalidArgument(_)) && e.to_string().contains("to_host"),
+        "{e}"
+    );
     assert!(dev.as_bytes_mut().is_err());
     assert!(dev.as_slice::<f32>().is_err());
     // Copies through the host work.
@@ -283,7 +311,10 @@ fn single_rank_identity() {
     c.set_timeout(Duration::from_millis(1234));
     assert_eq!(c.timeout(), Duration::from_millis(1234));
     assert_eq!(SingleRankCommunicator::default().device(), Device::Cpu);
-    assert_eq!(SingleRankCommunicator::on(Device::Cuda(2)).device(), Device::Cuda(2));
+    assert_eq!(
+        SingleRankCommunicator::on(Device::Cuda(2)).device(),
+        Device::Cuda(2)
+    );
     check_single_rank(&mut c);
     // Host staging around a host communicator changes nothing for host tensors.
     let mut s = HostStaged::new(SingleRankCommunicator::new());
@@ -336,8 +367,14 @@ fn check_single_rank<C: DeviceCommunicator>(c: &mut C) {
     // Errors.
     let mut wrong_n = Tensor::zeros([5], DType::I32);
     let mut wrong_t = Tensor::zeros([6], DType::F32);
-    assert!(matches!(c.all_gather(&input, &mut wrong_n), Err(CommError::ShapeMismatch { .. })));
-    assert!(matches!(c.all_gather(&input, &mut wrong_t), Err(CommError::DTypeMismatch { .. })));
+    assert!(matches!(
+        c.all_gather(&input, &mut wrong_n),
+        Err(CommError::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        c.all_gather(&input, &mut wrong_t),
+        Err(CommError::DTypeMismatch { .. })
+    ));
     assert!(matches!(
         c.reduce_scatter(&input, &mut wrong_n, ReduceOp::Sum),
         Err(CommError::ShapeMismatch { .. })
@@ -346,13 +383,31 @@ fn check_single_rank<C: DeviceCommunicator>(c: &mut C) {
         c.reduce_scatter(&input, &mut wrong_t, ReduceOp::Max),
         Err(CommError::DTypeMismatch { .. })
     ));
-    assert!(matches!(c.all_to_all(&input, &mut wrong_n), Err(CommError::ShapeMismatch { .. })));
-    assert!(matches!(c.all_to_all(&input, &mut wrong_t), Err(CommError::DTypeMismatch { .. })));
-    assert!(matches!(c.gather(&input, Some(&mut wrong_n), 0), Err(CommError::ShapeMismatch { .. })));
-    assert!(matches!(c.gather(&input, None, 0), Err(CommError::InvalidArgument(_))));
-    assert!(matches!(c.gather(&input, None, 1), Err(CommError::InvalidArgument(_))));
+    assert!(matches!(
+        c.all_to_all(&input, &mut wrong_n),
+        Err(CommError::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        c.all_to_all(&input, &mut wrong_t),
+        Err(CommError::DTypeMismatch { .. })
+    ));
+    assert!(matches!(
+        c.gather(&input, Some(&mut wrong_n), 0),
+        Err(CommError::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        c.gather(&input, None, 0),
+        Err(CommError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        c.gather(&input, None, 1),
+        Err(CommError::InvalidArgument(_))
+    ));
     let mut t = input.try_clone().unwrap();
-    assert!(matches!(c.broadcast(&mut t, 1), Err(CommError::InvalidArgument(_))));
+    assert!(matches!(
+        c.broadcast(&mut t, 1),
+        Err(CommError::InvalidArgument(_))
+    ));
     // Point to point: no peer exists in a group of one.
     for peer in [0, 1, 5] {
         let e = c.send(&input, peer).unwrap_err();
@@ -405,7 +460,10 @@ fn host_staged_moves_device_tensors_through_host() {
     assert_eq!(out.to_vec::<i64>().unwrap(), [8, 9, 10, 11]);
     // Errors still come from the inner communicator.
     let mut bad = device_tensor(&[0i64; 3], &[3]);
-    assert!(matches!(s.all_gather(&dev, &mut bad), Err(CommError::ShapeMismatch { .. })));
+    assert!(matches!(
+        s.all_gather(&dev, &mut bad),
+        Err(CommError::ShapeMismatch { .. })
+    ));
     assert!(s.send(&dev, 0).is_err());
     assert!(s.recv(&mut dev, 0).is_err());
 }
@@ -419,14 +477,20 @@ fn dtype_names_round_trip() {
         assert_eq!(dt.to_string().parse::<DType>().unwrap(), dt);
         assert_eq!(DType::from_str(&dt.name().to_uppercase()).unwrap(), dt);
         assert_eq!(DType::from_code(dt.code()).unwrap(), dt);
-        assert_eq!(dt.is_float(), dt.name().starts_with('f') || dt.name() == "bf16");
+        assert_eq!(
+            dt.is_float(),
+            dt.name().starts_with('f') || dt.name() == "bf16"
+        );
     }
     let sizes: Vec<usize> = DType::ALL.iter().map(|d| d.size()).collect();
     assert_eq!(sizes, [4, 8, 2, 2, 1, 1, 4, 8]);
     let codes: std::collections::HashSet<u8> = DType::ALL.iter().map(|d| d.code()).collect();
     assert_eq!(codes.len(), DType::ALL.len());
     for bad in ["", "float32", "f8", "i16", " f32"] {
-        assert!(matches!(DType::from_str(bad), Err(CommError::InvalidArgument(_))), "{bad}");
+        assert!(
+            matches!(DType::from_str(bad), Err(CommError::InvalidArgument(_))),
+            "{bad}"
+        );
     }
     assert!(matches!(DType::from_code(200), Err(CommError::Protocol(_))));
     assert_eq!(
@@ -460,13 +524,21 @@ fn reduce_op_names_round_trip() {
 
 #[test]
 fn device_names_round_trip() {
-    for d in [Device::Cpu, Device::Cuda(0), Device::Cuda(1), Device::Cuda(17)] {
+    for d in [
+        Device::Cpu,
+        Device::Cuda(0),
+        Device::Cuda(1),
+        Device::Cuda(17),
+    ] {
         assert_eq!(d.to_string().parse::<Device>().unwrap(), d);
         assert_eq!(d.is_cuda(), d != Device::Cpu);
     }
     assert_eq!(Device::from_str("cuda").unwrap(), Device::Cuda(0));
     assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
     for bad in ["", "gpu", "cuda:", "cuda:x", "cuda:-1", "cpu:0"] {
-        assert!(matches!(Device::from_str(bad), Err(CommError::InvalidArgument(_))), "{bad}");
+        assert!(
+            matches!(Device::from_str(bad), Err(CommError::InvalidArgument(_))),
+            "{bad}"
+        );
     }
 }

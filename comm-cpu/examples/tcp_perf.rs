@@ -16,7 +16,10 @@ fn main() {
     let store: Arc<dyn Store> = Arc::new(dist_utils::HashStore::new());
     let bar = Arc::new(Barrier::new(world));
     println!("# tcp {op} world {world} (ranks as threads)");
-    println!("{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}", "bytes", "count", "type", "redop", "time_us", "algbw", "busbw");
+    println!(
+        "{:>12} {:>12} {:>6} {:>6} {:>10} {:>8} {:>8}",
+        "bytes", "count", "type", "redop", "time_us", "algbw", "busbw"
+    );
     let hs: Vec<_> = (0..world)
         .map(|rank| {
             let (store, bar, op) = (store.clone(), bar.clone(), op.clone());
@@ -27,7 +30,11 @@ fn main() {
                 let mut bytes = 8usize;
                 while bytes <= max {
                     let n = (bytes / 4).max(world);
-                    let n = if op == "all_to_all" { n / world * world } else { n };
+                    let n = if op == "all_to_all" {
+                        n / world * world
+                    } else {
+                        n
+                    };
                     let mut a = Tensor::zeros([n], DType::F32);
                     let mut b = Tensor::zeros([n], DType::F32);
                     let iters = ((200 << 20) / bytes).clamp(5, 2000);
@@ -54,7 +61,12 @@ fn main() {
                         } else {
                             2.0 * (world - 1) as f64 / world as f64
                         };
-                        println!("{nb:>12} {n:>12} {:>6} {:>6} {us:>10.1} {alg:>8.3} {:>8.3}", "f32", if op == "all_to_all" { "none" } else { "sum" }, alg * f);
+                        println!(
+                            "{nb:>12} {n:>12} {:>6} {:>6} {us:>10.1} {alg:>8.3} {:>8.3}",
+                            "f32",
+                            if op == "all_to_all" { "none" } else { "sum" },
+                            alg * f
+                        );
                     }
                     bytes *= 2;
                 }

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use comm_core::reduce::{finish_avg, reduce_into, reduce_pair_into};
-use comm_core::{check, CommError, DType, Deadline, Device, DeviceCommunicator, HostBuffer, ReduceOp, Result, Store, Tensor};
+use comm_core::{
+    check, CommError, DType, Deadline, Device, DeviceCommunicator, HostBuffer, ReduceOp, Result,
+    Store, Tensor,
+};
 
 use crate::mesh::{Kind, Mesh, RecvOp, SendOp};
 use crate::setup::connect_mesh;
@@ -66,7 +69,13 @@ fn prev_pow2(w: usize) -> usize {
 
 /// `mine = lower op higher`, where `theirs` came from `peer`: the same bytes
 /// on both members of the pair whatever the op's edge cases.
-fn combine_ordered(mine: &mut [u8], theirs: &mut [u8], i_am_lower: bool, dt: DType, op: ReduceOp) -> Result<()> {
+fn combine_ordered(
+    mine: &mut [u8],
+    theirs: &mut [u8],
+    i_am_lower: bool,
+    dt: DType,
+    op: ReduceOp,
+) -> Result<()> {
     if i_am_lower {
         reduce_into(mine, theirs, dt, op)
     } else {
@@ -81,7 +90,12 @@ impl TcpCommunicator {
     /// listener, publishes its address and (rank 0) a random group secret in
     /// `store`, and connects to every other member, all within
     /// `opts.connect_timeout`.
-    pub fn new(store: Arc<dyn Store>, rank: usize, world_size: usize, opts: TcpOptions) -> Result<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        rank: usize,
+        world_size: usize,
+        opts: TcpOptions,
+    ) -> Result<Self> {
         if world_size == 0 || rank >= world_size {
             return Err(CommError::invalid(format!(
                 "TcpCommunicator: rank {rank} is out of range for a group of {world_size}"
@@ -150,7 +164,13 @@ impl TcpCommunicator {
     /// (so two members exchanging large buffers cannot deadlock). Uses the
     /// point-to-point channel: it pairs with [`DeviceCommunicator::send`] /
     /// [`DeviceCommunicator::recv`] on the peers.
-    pub fn send_recv(&mut self, send: &Tensor, dst: usize, recv: &mut Tensor, src: usize) -> Result<()> {
+    pub fn send_recv(
+        &mut self,
+        send: &Tensor,
+        dst: usize,
+        recv: &mut Tensor,
+        src: usize,
+    ) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
         check::peer("send", dst, r, w)?;
         check::peer("recv", src, r, w)?;
@@ -164,13 +184,25 @@ impl TcpCommunicator {
             let rb = recv.as_bytes_mut()?;
             let mut sends = [SendOp::new(dst, sb)];
             let mut recvs = [RecvOp::new(src, rb)];
-            self.mesh
-                .exchange(Kind::P2p, &|| name.clone(), &mut sends, &mut recvs, &deadline, usize::MAX, |_, _, _| Ok(()))
+            self.mesh.exchange(
+                Kind::P2p,
+                &|| name.clone(),
+                &mut sends,
+                &mut recvs,
+                &deadline,
+                usize::MAX,
+                |_, _, _| Ok(()),
+            )
         };
         res.map_err(|e| self.fail(e))
     }
 
-    fn p2p(&mut self, what: &str, send: Option<(&[u8], usize)>, recv: Option<(&mut [u8], usize)>) -> Result<()> {
+    fn p2p(
+        &mut self,
+        what: &str,
+        send: Option<(&[u8], usize)>,
+        recv: Option<(&mut [u8], usize)>,
+    ) -> Result<()> {
         let deadline = Deadline::after(self.opts.timeout);
         let name = self.name(what);
         let mut sends: Vec<SendOp> = Vec::new();
@@ -188,13 +220,25 @@ impl TcpCommunicator {
             }
             _ => unreachable!("p2p is called with exactly one direction"),
         };
-        let res = self
-            .mesh
-            .exchange(Kind::P2p, &|| name.clone(), sends, recvs, &deadline, usize::MAX, |_, _, _| Ok(()));
+        let res = self.mesh.exchange(
+            Kind::P2p,
+            &|| name.clone(),
+            sends,
+            recvs,
+            &deadline,
+            usize::MAX,
+            |_, _, _| Ok(()),
+        );
         res.map_err(|e| self.fail(e))
     }
 
-    fn all_reduce_small(&mut self, buf: &mut [u8], dt: DType, op: ReduceOp, deadline: &Deadline) -> Result<()> {
+    fn all_reduce_small(
+        &mut self,
+        buf: &mut [u8],
+        dt: DType,
+        op: ReduceOp,
+        deadline: &Deadline,
+    ) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
         let n = buf.len();
         ensure(&mut self.scratch, n);
@@ -211,12 +255,26 @@ impl TcpCommunicator {
         // Fold: in the first 2*rem ranks, even ranks hand their data to the next odd one.
         let newrank = if r < 2 * rem {
             if r % 2 == 0 {
-                self.mesh
-                    .exchange(k, name, &mut [SendOp::new(r + 1, buf)], &mut [], deadline, usize::MAX, nop)?;
+                self.mesh.exchange(
+                    k,
+                    name,
+                    &mut [SendOp::new(r + 1, buf)],
+                    &mut [],
+                    deadline,
+                    usize::MAX,
+                    nop,
+                )?;
                 None
             } else {
-                self.mesh
-                    .exchange(k, name, &mut [], &mut [RecvOp::new(r - 1, scratch)], deadline, usize::MAX, nop)?;
+                self.mesh.exchange(
+                    k,
+                    name,
+                    &mut [],
+                    &mut [RecvOp::new(r - 1, scratch)],
+                    deadline,
+                    usize::MAX,
+                    nop,
+                )?;
                 combine_ordered(buf, scratch, false, dt, op)?;
                 Some(r / 2)
             }
@@ -244,11 +302,25 @@ impl TcpCommunicator {
         // Unfold: odd ranks return the result to their even neighbour.
         if r < 2 * rem {
             if r % 2 == 0 {
-                self.mesh
-                    .exchange(k, name, &mut [], &mut [RecvOp::new(r + 1, buf)], deadline, usize::MAX, nop)?;
+                self.mesh.exchange(
+                    k,
+                    name,
+                    &mut [],
+                    &mut [RecvOp::new(r + 1, buf)],
+                    deadline,
+                    usize::MAX,
+                    nop,
+                )?;
             } else {
-                self.mesh
-                    .exchange(k, name, &mut [SendOp::new(r - 1, buf)], &mut [], deadline, usize::MAX, nop)?;
+                self.mesh.exchange(
+                    k,
+                    name,
+                    &mut [SendOp::new(r - 1, buf)],
+                    &mut [],
+                    deadline,
+                    usize::MAX,
+                    nop,
+                )?;
             }
         }
         if op == ReduceOp::Avg {
@@ -257,48 +329,96 @@ impl TcpCommunicator {
         Ok(())
     }
 
-    /// Ring reduce-scatter over `buf` in place: afterwards this member's block
-    /// `(rank + 1) % world` holds the full reduction. Blocks follow [`block`].
-    fn ring_reduce_scatter_inplace(
+    /// Ring all-reduce of `buf` in place, as one pipelined exchange: the
+    /// reduce-scatter steps (each block's partial travels right, reduced
+    /// into the receiver's own data in [`TcpOptions::segment`] pieces as it
+    /// streams in) followed by the all-gather steps. Every send after the
+    /// first is gated on the receive it forwards, so a segment leaves as soon
+    /// as it has been reduced (or has arrived), across step boundaries and
+    /// from the reduce-scatter straight into the all-gather: no step waits
+    /// for the slowest member to finish the previous one.
+    ///
+    /// After step `s` of the reduce-scatter, block `r - s - 1` holds the
+    /// partial of `s + 2` members; the last one, block `r + 1`, is complete
+    /// (and averaged here for Avg) and starts the all-gather.
+    fn all_reduce_ring(
         &mut self,
-        kind: Kind,
-        name: &dyn Fn() -> String,
         buf: &mut [u8],
         dt: DType,
         op: ReduceOp,
         deadline: &Deadline,
     ) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
+        let name = self.name("all_reduce");
+        let name = &|| name.clone();
         let es = dt.size();
         let n = buf.len() / es;
         let right = (r + 1) % w;
         let left = (r + w - 1) % w;
-        ensure(&mut self.scratch, block(n, w, 0).1 * es);
         let seg = (self.opts.segment / es).max(1) * es;
+        ensure(&mut self.scratch, seg);
         let base = buf.as_mut_ptr();
         let sp = self.scratch.as_bytes_mut().as_mut_ptr();
-        for s in 0..w - 1 {
-            let sb = (r + w - s) % w;
-            let rb = (r + 2 * w - s - 1) % w;
-            let (s0, sc) = block(n, w, sb);
-            let (r0, rc) = block(n, w, rb);
-            // Blocks `sb` and `rb` are disjoint ranges of `buf`; the send only
-            // reads block `sb`, the receive only writes the scratch buffer, and
-            // the callback only writes block `rb`.
-            let mut sends = [SendOp::raw(right, base.wrapping_add(s0 * es), sc * es)];
-            let mut recvs = [RecvOp::raw(left, sp, rc * es)];
-            let dst0 = base.wrapping_add(r0 * es);
-            self.mesh.exchange(kind, name, &mut sends, &mut recvs, deadline, seg, |_, off, bytes| {
-                // SAFETY: see above: `off + bytes.len() <= rc * es`, inside block `rb`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(dst0.add(off), bytes.len()) };
-                reduce_into(dst, bytes, dt, op)
-            })?;
+        let at = |b: usize| {
+            let (o, c) = block(n, w, b);
+            (base.wrapping_add(o * es), c * es)
+        };
+        let steps = w - 1;
+        let mut sends: Vec<SendOp> = Vec::with_capacity(2 * steps);
+        let mut recvs: Vec<RecvOp> = Vec::with_capacity(2 * steps);
+        // Send k forwards what receive k - 1 produced (the same block).
+        let send = |sends: &mut Vec<SendOp>, b: usize| {
+            let (p, len) = at(b);
+            let op = SendOp::raw(right, p, len);
+            let k = sends.len();
+            sends.push(if k == 0 { op } else { op.gated(k - 1) });
+        };
+        // Reduce-scatter step s: send block r - s, reduce block r - s - 1.
+        for s in 0..steps {
+            send(&mut sends, (r + w - s) % w);
+            let (_, len) = at((r + 2 * w - s - 1) % w);
+            recvs.push(RecvOp::streaming(left, sp, seg, len, es));
         }
-        Ok(())
+        // All-gather step s: send block r + 1 - s, receive block r - s.
+        for s in 0..steps {
+            send(&mut sends, (r + 1 + w - s) % w);
+            let (p, len) = at((r + w - s) % w);
+            recvs.push(RecvOp::raw(left, p, len));
+        }
+        // Aliasing: the reduce-scatter receive of step s writes block
+        // r - s - 1 only through the callback, and that block is read only by
+        // send s + 1, gated on it. The all-gather receive of step s overwrites
+        // block r - s, which send s (this member's partial of that block) read
+        // earlier: the complete block cannot arrive before every member's
+        // partial of it was sent, and sent bytes are never read again.
+        self.mesh.exchange(
+            Kind::AllReduce,
+            name,
+            &mut sends,
+            &mut recvs,
+            deadline,
+            seg,
+            |i, off, bytes| {
+                if i >= steps {
+                    return Ok(());
+                }
+                let (p, len) = at((r + 2 * w - i - 1) % w);
+                debug_assert!(off + bytes.len() <= len);
+                // SAFETY: `off + bytes.len() <= len`, inside block r - i - 1,
+                // which nothing else touches while this piece is reduced (above).
+                let dst = unsafe { std::slice::from_raw_parts_mut(p.add(off), bytes.len()) };
+                reduce_into(dst, bytes, dt, op)?;
+                if i == steps - 1 && op == ReduceOp::Avg {
+                    finish_avg(dst, dt, w)?;
+                }
+                Ok(())
+            },
+        )
     }
 
     /// Ring all-gather over `buf` in place, where this member holds block
-    /// `(rank + shift) % world` and the others arrive.
+    /// `(rank + shift) % world` and the others arrive; one pipelined exchange
+    /// whose sends forward each segment as soon as it has arrived.
     fn ring_all_gather_inplace(
         &mut self,
         kind: Kind,
@@ -313,65 +433,84 @@ impl TcpCommunicator {
         let right = (r + 1) % w;
         let left = (r + w - 1) % w;
         let base = buf.as_mut_ptr();
+        let seg = self.opts.segment.max(1);
+        let mut sends: Vec<SendOp> = Vec::with_capacity(w - 1);
+        let mut recvs: Vec<RecvOp> = Vec::with_capacity(w - 1);
         for s in 0..w - 1 {
             let sb = (r + shift + w - s) % w;
             let rb = (r + shift + 2 * w - s - 1) % w;
             let (s0, sc) = block(n, w, sb);
             let (r0, rc) = block(n, w, rb);
-            // Blocks `sb` and `rb` are disjoint ranges of `buf`: one is only
-            // read (send), the other only written (receive).
-            let mut sends = [SendOp::raw(right, base.wrapping_add(s0 * es), sc * es)];
-            let mut recvs = [RecvOp::raw(left, base.wrapping_add(r0 * es), rc * es)];
-            self.mesh
-                .exchange(kind, name, &mut sends, &mut recvs, deadline, usize::MAX, |_, _, _| Ok(()))?;
+            // All blocks are disjoint ranges of `buf`; block `rb` is written by
+            // receive s and read by send s + 1, gated on that receive.
+            let send = SendOp::raw(right, base.wrapping_add(s0 * es), sc * es);
+            sends.push(if s == 0 { send } else { send.gated(s - 1) });
+            recvs.push(RecvOp::raw(left, base.wrapping_add(r0 * es), rc * es));
         }
-        Ok(())
+        self.mesh.exchange(
+            kind,
+            name,
+            &mut sends,
+            &mut recvs,
+            deadline,
+            seg,
+            |_, _, _| Ok(()),
+        )
     }
 
-    fn all_reduce_ring(&mut self, buf: &mut [u8], dt: DType, op: ReduceOp, deadline: &Deadline) -> Result<()> {
-        let (r, w) = (self.mesh.rank, self.mesh.world);
-        let name = self.name("all_reduce");
-        let name = &|| name.clone();
-        self.ring_reduce_scatter_inplace(Kind::AllReduce, name, buf, dt, op, deadline)?;
-        let es = dt.size();
-        if op == ReduceOp::Avg {
-            let (o, c) = block(buf.len() / es, w, (r + 1) % w);
-            finish_avg(&mut buf[o * es..(o + c) * es], dt, w)?;
-        }
-        self.ring_all_gather_inplace(Kind::AllReduce, name, buf, es, 1, deadline)
-    }
-
-    fn reduce_scatter_ring(&mut self, input: &[u8], output: &mut [u8], dt: DType, op: ReduceOp, deadline: &Deadline) -> Result<()> {
+    fn reduce_scatter_ring(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dt: DType,
+        op: ReduceOp,
+        deadline: &Deadline,
+    ) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
         let m = output.len();
         let right = (r + 1) % w;
         let left = (r + w - 1) % w;
         let es = dt.size();
         let seg = (self.opts.segment / es).max(1) * es;
-        ensure(&mut self.scratch, m);
+        ensure(&mut self.scratch, seg);
         ensure(&mut self.acc[0], m);
         ensure(&mut self.acc[1], m);
         let name = self.name("reduce_scatter");
         let name = &|| name.clone();
         let sp = self.scratch.as_bytes_mut().as_mut_ptr();
-        let accp = [self.acc[0].as_bytes_mut().as_mut_ptr(), self.acc[1].as_bytes_mut().as_mut_ptr()];
+        let accp = [
+            self.acc[0].as_bytes_mut().as_mut_ptr(),
+            self.acc[1].as_bytes_mut().as_mut_ptr(),
+        ];
         let outp = output.as_mut_ptr();
         // Step s sends the partial of block (r - s - 1) and builds that of
         // block (r - s - 2) = own input op incoming; the last step's is block r.
         for s in 0..w - 1 {
             let sb = (r + 2 * w - s - 1) % w;
             let rb = (r + 2 * w - s - 2) % w;
-            let send_ptr: *const u8 = if s == 0 { input[sb * m..].as_ptr() } else { accp[(s - 1) % 2] };
+            let send_ptr: *const u8 = if s == 0 {
+                input[sb * m..].as_ptr()
+            } else {
+                accp[(s - 1) % 2]
+            };
             let dst0: *mut u8 = if s == w - 2 { outp } else { accp[s % 2] };
             let own = &input[rb * m..(rb + 1) * m];
             let mut sends = [SendOp::raw(right, send_ptr, m)];
-            let mut recvs = [RecvOp::raw(left, sp, m)];
-            self.mesh.exchange(Kind::ReduceScatter, name, &mut sends, &mut recvs, deadline, seg, |_, off, bytes| {
-                // SAFETY: `dst0` is `output` or the accumulator not being sent in
-                // this step, `m` bytes long; `off + bytes.len() <= m`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(dst0.add(off), bytes.len()) };
-                reduce_pair_into(dst, &own[off..off + bytes.len()], bytes, dt, op)
-            })?;
+            let mut recvs = [RecvOp::streaming(left, sp, seg, m, es)];
+            self.mesh.exchange(
+                Kind::ReduceScatter,
+                name,
+                &mut sends,
+                &mut recvs,
+                deadline,
+                seg,
+                |_, off, bytes| {
+                    // SAFETY: `dst0` is `output` or the accumulator not being sent in
+                    // this step, `m` bytes long; `off + bytes.len() <= m`.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(dst0.add(off), bytes.len()) };
+                    reduce_pair_into(dst, &own[off..off + bytes.len()], bytes, dt, op)
+                },
+            )?;
         }
         if op == ReduceOp::Avg {
             finish_avg(output, dt, w)?;
@@ -411,8 +550,15 @@ impl TcpCommunicator {
             mask >>= 1;
         }
         if !sends.is_empty() {
-            self.mesh
-                .exchange(Kind::Broadcast, name, &mut sends, &mut [], deadline, usize::MAX, nop)?;
+            self.mesh.exchange(
+                Kind::Broadcast,
+                name,
+                &mut sends,
+                &mut [],
+                deadline,
+                usize::MAX,
+                nop,
+            )?;
         }
         Ok(())
     }
@@ -429,11 +575,25 @@ impl TcpCommunicator {
         let p = buf.as_mut_ptr();
         let len = buf.len();
         if vr == 0 {
-            self.mesh
-                .exchange(Kind::Broadcast, name, &mut [SendOp::raw(next, p, len)], &mut [], deadline, seg, nop)
+            self.mesh.exchange(
+                Kind::Broadcast,
+                name,
+                &mut [SendOp::raw(next, p, len)],
+                &mut [],
+                deadline,
+                seg,
+                nop,
+            )
         } else if vr == w - 1 {
-            self.mesh
-                .exchange(Kind::Broadcast, name, &mut [], &mut [RecvOp::raw(prev, p, len)], deadline, seg, nop)
+            self.mesh.exchange(
+                Kind::Broadcast,
+                name,
+                &mut [],
+                &mut [RecvOp::raw(prev, p, len)],
+                deadline,
+                seg,
+                nop,
+            )
         } else {
             // Forward each piece as soon as it has arrived: the send reads only
             // bytes the receive has completed (gate).
@@ -511,7 +671,8 @@ impl DeviceCommunicator for TcpCommunicator {
         let name = self.name("all_gather");
         // Blocks of `n` bytes: treat the output as `w * n` one-byte elements
         // split evenly, which `block` does exactly.
-        let res = self.ring_all_gather_inplace(Kind::AllGather, &|| name.clone(), out, 1, 0, &deadline);
+        let res =
+            self.ring_all_gather_inplace(Kind::AllGather, &|| name.clone(), out, 1, 0, &deadline);
         res.map_err(|e| self.fail(e))
     }
 
@@ -533,7 +694,8 @@ impl DeviceCommunicator for TcpCommunicator {
             return Ok(());
         }
         let deadline = Deadline::after(self.opts.timeout);
-        let res = self.reduce_scatter_ring(input.as_bytes()?, output.as_bytes_mut()?, dt, op, &deadline);
+        let res =
+            self.reduce_scatter_ring(input.as_bytes()?, output.as_bytes_mut()?, dt, op, &deadline);
         res.map_err(|e| self.fail(e))
     }
 
@@ -564,7 +726,8 @@ impl DeviceCommunicator for TcpCommunicator {
         let name = self.name("gather");
         let nop = |_: usize, _: usize, _: &[u8]| Ok(());
         if r == root {
-            let out = output.ok_or_else(|| CommError::invalid("gather: the root must pass an output"))?;
+            let out =
+                output.ok_or_else(|| CommError::invalid("gather: the root must pass an output"))?;
             check::gathered("gather", input, out, w)?;
             self.host("gather", out)?;
             self.usable("gather")?;
@@ -579,9 +742,15 @@ impl DeviceCommunicator for TcpCommunicator {
                 .filter(|(i, _)| *i != r)
                 .map(|(i, c)| RecvOp::new(i, c))
                 .collect();
-            let res = self
-                .mesh
-                .exchange(Kind::Gather, &|| name.clone(), &mut [], &mut recvs, &deadline, usize::MAX, nop);
+            let res = self.mesh.exchange(
+                Kind::Gather,
+                &|| name.clone(),
+                &mut [],
+                &mut recvs,
+                &deadline,
+                usize::MAX,
+                nop,
+            );
             res.map_err(|e| self.fail(e))
         } else {
             self.usable("gather")?;
@@ -632,9 +801,15 @@ impl DeviceCommunicator for TcpCommunicator {
                 RecvOp::raw(from, obp.wrapping_add(from * m), m)
             })
             .collect();
-        let res = self
-            .mesh
-            .exchange(Kind::AllToAll, &|| name.clone(), &mut sends, &mut recvs, &deadline, usize::MAX, |_, _, _| Ok(()));
+        let res = self.mesh.exchange(
+            Kind::AllToAll,
+            &|| name.clone(),
+            &mut sends,
+            &mut recvs,
+            &deadline,
+            usize::MAX,
+            |_, _, _| Ok(()),
+        );
         res.map_err(|e| self.fail(e))
     }
 

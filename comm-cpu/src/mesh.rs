@@ -17,6 +17,9 @@ use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendFlags};
 
 pub(crate) const HDR: usize = 16;
+
+/// Callback given each arrived payload piece: (receive index, offset, bytes).
+type OnRecv<'a> = dyn FnMut(usize, usize, &[u8]) -> Result<()> + 'a;
 const MAGIC: [u8; 2] = [0xD7, 0x5C];
 
 /// Which operation a message belongs to.
@@ -136,9 +139,37 @@ pub(crate) struct RecvOp {
     hdr: [u8; HDR],
     /// Bytes read, header included.
     done: usize,
+    /// Streaming: `ptr` is a reusable buffer of `cap` bytes, each read lands
+    /// at its start and is handed to the callback at once.
+    cap: Option<usize>,
+    /// Streaming: pieces handed on are whole multiples of `unit` bytes (one
+    /// element); `carry` bytes of a split element wait at the buffer start.
+    unit: usize,
+    carry: usize,
 }
 
 impl RecvOp {
+    /// A receive of `len` bytes from `peer` that is never stored whole: each
+    /// piece is read into the `cap`-byte buffer at `ptr` (kept hot in cache)
+    /// and given to the exchange's callback before the next read.
+    pub(crate) fn streaming(
+        peer: usize,
+        ptr: *mut u8,
+        cap: usize,
+        len: usize,
+        unit: usize,
+    ) -> Self {
+        RecvOp {
+            peer,
+            ptr,
+            len,
+            hdr: [0; HDR],
+            done: 0,
+            cap: Some(cap.max(2 * unit)),
+            unit,
+            carry: 0,
+        }
+    }
     /// A receive into `buf` from `peer`.
     pub(crate) fn new(peer: usize, buf: &mut [u8]) -> Self {
         RecvOp {
@@ -147,6 +178,9 @@ impl RecvOp {
             len: buf.len(),
             hdr: [0; HDR],
             done: 0,
+            cap: None,
+            unit: 1,
+            carry: 0,
         }
     }
     /// A receive of `len` bytes into `ptr`. The caller keeps them writable
@@ -158,6 +192,9 @@ impl RecvOp {
             len,
             hdr: [0; HDR],
             done: 0,
+            cap: None,
+            unit: 1,
+            carry: 0,
         }
     }
     fn payload_done(&self) -> usize {
@@ -178,23 +215,40 @@ pub(crate) struct Mesh {
     pub(crate) busy_poll: Duration,
     /// Kept so the poll loop allocates nothing per call.
     pollset: Vec<(usize, PollFlags)>,
+    /// Per peer, per pass of the poll loop: an earlier receive (bit 0) or
+    /// send (bit 1) with that peer is unfinished, so later ones wait.
+    busy: Vec<u8>,
 }
+
+const RECV_BUSY: u8 = 1;
+const SEND_BUSY: u8 = 2;
 
 fn is_lost(e: Errno) -> bool {
     matches!(
         e,
-        Errno::CONNRESET | Errno::PIPE | Errno::CONNABORTED | Errno::NOTCONN | Errno::TIMEDOUT | Errno::HOSTUNREACH
+        Errno::CONNRESET
+            | Errno::PIPE
+            | Errno::CONNABORTED
+            | Errno::NOTCONN
+            | Errno::TIMEDOUT
+            | Errno::HOSTUNREACH
     )
 }
 
 impl Mesh {
-    pub(crate) fn new(rank: usize, world: usize, peers: Vec<Option<Peer>>, busy_poll: Duration) -> Self {
+    pub(crate) fn new(
+        rank: usize,
+        world: usize,
+        peers: Vec<Option<Peer>>,
+        busy_poll: Duration,
+    ) -> Self {
         Mesh {
             rank,
             world,
             peers,
             busy_poll,
             pollset: Vec::with_capacity(world),
+            busy: vec![0; world],
         }
     }
 
@@ -222,6 +276,11 @@ impl Mesh {
     /// `on_recv(i, off, bytes)` is called as payload of receive `i` arrives,
     /// with each newly arrived range exactly once, in order (ranges are
     /// multiples of `grain` bytes except the last one of each message).
+    ///
+    /// Several sends to (receives from) one peer go on the stream in the
+    /// order of the slice: each starts once the ones before it are complete.
+    /// With gates this pipelines a chain of dependent messages (a whole ring
+    /// algorithm) through one call.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn exchange(
         &mut self,
@@ -253,20 +312,72 @@ impl Mesh {
         };
         let grain = grain.max(1);
         let mut last_progress = Instant::now();
+        let mut busy = std::mem::take(&mut self.busy);
+        busy.resize(self.world, 0);
+        let res = self.exchange_loop(
+            kind,
+            op,
+            sends,
+            recvs,
+            deadline,
+            grain,
+            &mut on_recv,
+            reported,
+            &mut busy,
+            &mut last_progress,
+        );
+        self.busy = busy;
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exchange_loop(
+        &mut self,
+        kind: Kind,
+        op: &dyn Fn() -> String,
+        sends: &mut [SendOp],
+        recvs: &mut [RecvOp],
+        deadline: &Deadline,
+        grain: usize,
+        on_recv: &mut OnRecv<'_>,
+        reported: &mut [usize],
+        busy: &mut [u8],
+        last_progress: &mut Instant,
+    ) -> Result<()> {
         loop {
             let mut progress = false;
             let mut pending = false;
+            busy.fill(0);
             // Receives first: draining the kernel buffers lets peers send on.
             for (i, r) in recvs.iter_mut().enumerate() {
                 if r.finished() {
                     continue;
                 }
-                if self.try_recv(kind, r, op)? {
+                if busy[r.peer] & RECV_BUSY != 0 {
+                    pending = true;
+                    continue;
+                }
+                if self.try_recv(kind, r, i, op, on_recv)? {
                     progress = true;
+                }
+                if !r.finished() {
+                    busy[r.peer] |= RECV_BUSY;
+                }
+                if r.cap.is_some() {
+                    // The `carry` bytes of a split element were not handed on yet.
+                    reported[i] = r.payload_done() - r.carry;
+                    if !r.finished() {
+                        pending = true;
+                    }
+                    continue;
                 }
                 let avail = r.payload_done();
                 let rep = reported[i];
-                let upto = if r.finished() { avail } else { avail - avail % grain };
+                let upto = if r.finished() {
+                    avail
+                } else {
+                    avail - avail % grain
+                };
                 if upto > rep {
                     // SAFETY: bytes `rep..upto` of the receive buffer were written
                     // by the kernel and are never written again in this exchange;
@@ -283,6 +394,10 @@ impl Mesh {
                 if s.done == HDR + s.len {
                     continue;
                 }
+                if busy[s.peer] & SEND_BUSY != 0 {
+                    pending = true;
+                    continue;
+                }
                 let limit = match s.gate {
                     Some(g) => HDR + reported[g].min(s.len),
                     None => HDR + s.len,
@@ -291,6 +406,7 @@ impl Mesh {
                     progress = true;
                 }
                 if s.done < HDR + s.len {
+                    busy[s.peer] |= SEND_BUSY;
                     pending = true;
                 }
             }
@@ -299,31 +415,40 @@ impl Mesh {
             }
             let now = Instant::now();
             if progress {
-                last_progress = now;
+                *last_progress = now;
                 continue;
             }
             if now >= deadline.instant() {
                 let mut missing: Vec<String> = recvs
                     .iter()
                     .filter(|r| !r.finished())
-                    .map(|r| format!("rank {} (receive {}/{} bytes)", r.peer, r.payload_done(), r.len))
+                    .map(|r| {
+                        format!(
+                            "rank {} (receive {}/{} bytes)",
+                            r.peer,
+                            r.payload_done(),
+                            r.len
+                        )
+                    })
                     .collect();
-                missing.extend(
-                    sends
-                        .iter()
-                        .filter(|s| s.done < HDR + s.len)
-                        .map(|s| format!("rank {} (send {}/{} bytes)", s.peer, s.done.saturating_sub(HDR), s.len)),
-                );
+                missing.extend(sends.iter().filter(|s| s.done < HDR + s.len).map(|s| {
+                    format!(
+                        "rank {} (send {}/{} bytes)",
+                        s.peer,
+                        s.done.saturating_sub(HDR),
+                        s.len
+                    )
+                }));
                 return Err(CommError::timeout(op(), deadline.elapsed(), missing));
             }
-            if now.duration_since(last_progress) < self.busy_poll {
+            if now.duration_since(*last_progress) < self.busy_poll {
                 // Yield rather than pure spinning: with more ranks than cores
                 // the peer we wait for may need this core.
                 std::thread::yield_now();
                 continue;
             }
             self.wait(sends, recvs, reported, deadline, op)?;
-            last_progress = Instant::now();
+            *last_progress = Instant::now();
         }
     }
 
@@ -347,24 +472,31 @@ impl Mesh {
         for r in recvs.iter().filter(|r| !r.finished()) {
             add(&mut self.pollset, r.peer, PollFlags::IN);
         }
-        for s in sends.iter().filter(|s| s.done < HDR + s.len) {
+        for (i, s) in sends.iter().enumerate() {
+            // Only the first unfinished send to each peer can progress.
+            if s.done == HDR + s.len
+                || sends[..i]
+                    .iter()
+                    .any(|t| t.peer == s.peer && t.done < HDR + t.len)
+            {
+                continue;
+            }
             let limit = match s.gate {
                 Some(g) => HDR + reported[g].min(s.len),
                 None => HDR + s.len,
             };
             // A gated send with nothing to forward waits on its receive only.
-            let f = if s.done < limit { PollFlags::OUT } else { PollFlags::empty() };
+            let f = if s.done < limit {
+                PollFlags::OUT
+            } else {
+                PollFlags::empty()
+            };
             add(&mut self.pollset, s.peer, f);
         }
         let mut fds: Vec<PollFd<'_>> = self
             .pollset
             .iter()
-            .map(|&(p, f)| {
-                PollFd::new(
-                    &self.peers[p].as_ref().expect("peer exists").sock,
-                    f,
-                )
-            })
+            .map(|&(p, f)| PollFd::new(&self.peers[p].as_ref().expect("peer exists").sock, f))
             .collect();
         let rem = deadline.remaining().min(Duration::from_secs(1));
         let ts = rustix::time::Timespec {
@@ -379,8 +511,14 @@ impl Mesh {
         // notice EOF themselves when they read.
         for (fd, &(p, f)) in fds.iter().zip(self.pollset.iter()) {
             let rev = fd.revents();
-            if !f.contains(PollFlags::IN) && rev.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR) {
-                return Err(CommError::peer_lost(p, op(), "the connection was closed while data was still to be sent to it"));
+            if !f.contains(PollFlags::IN)
+                && rev.intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+            {
+                return Err(CommError::peer_lost(
+                    p,
+                    op(),
+                    "the connection was closed while data was still to be sent to it",
+                ));
             }
         }
         Ok(())
@@ -406,7 +544,8 @@ impl Mesh {
             } else {
                 let off = s.done - HDR;
                 // SAFETY: as above; `off < limit - HDR <= len`.
-                let payload = unsafe { std::slice::from_raw_parts(s.ptr.add(off), limit - HDR - off) };
+                let payload =
+                    unsafe { std::slice::from_raw_parts(s.ptr.add(off), limit - HDR - off) };
                 rustix::net::send(&p.sock, payload, SendFlags::NOSIGNAL | SendFlags::DONTWAIT)
             };
             match res {
@@ -419,10 +558,17 @@ impl Mesh {
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR) => continue,
                 Err(e) if is_lost(e) => {
-                    return Err(CommError::peer_lost(peer, op(), format!("sending failed: {e}")));
+                    return Err(CommError::peer_lost(
+                        peer,
+                        op(),
+                        format!("sending failed: {e}"),
+                    ));
                 }
                 Err(e) => {
-                    return Err(CommError::io(format!("sending to rank {peer} in {}", op()), e.into()));
+                    return Err(CommError::io(
+                        format!("sending to rank {peer} in {}", op()),
+                        e.into(),
+                    ));
                 }
             }
         }
@@ -430,13 +576,35 @@ impl Mesh {
     }
 
     /// Non-blocking read into `r`; checks the header once complete.
-    fn try_recv(&mut self, kind: Kind, r: &mut RecvOp, op: &dyn Fn() -> String) -> Result<bool> {
+    fn try_recv(
+        &mut self,
+        kind: Kind,
+        r: &mut RecvOp,
+        idx: usize,
+        op: &dyn Fn() -> String,
+        on_recv: &mut OnRecv<'_>,
+    ) -> Result<bool> {
         let peer = r.peer;
         let world = self.world;
         let p = self.peer(peer);
         let mut any = false;
         while !r.finished() {
-            let res = if r.done < HDR {
+            let res = if let Some(cap) = r.cap {
+                let want = (cap - r.carry).min(r.len - r.payload_done());
+                // SAFETY: a streaming receive owns `ptr..ptr+cap` for the whole
+                // exchange; every piece but the `carry` bytes before this range
+                // was handed on before this read.
+                let piece = unsafe { std::slice::from_raw_parts_mut(r.ptr.add(r.carry), want) };
+                if r.done < HDR {
+                    let mut iov = [
+                        IoSliceMut::new(&mut r.hdr[r.done..]),
+                        IoSliceMut::new(piece),
+                    ];
+                    rustix::io::readv(&p.sock, &mut iov)
+                } else {
+                    rustix::io::read(&p.sock, piece)
+                }
+            } else if r.done < HDR {
                 // SAFETY: `ptr..ptr+len` is writable and unaliased for the whole
                 // exchange (RecvOp contract).
                 let payload = unsafe { std::slice::from_raw_parts_mut(r.ptr, r.len) };
@@ -446,7 +614,8 @@ impl Mesh {
             } else {
                 let off = r.done - HDR;
                 // SAFETY: as above; `off < len`.
-                let payload = unsafe { std::slice::from_raw_parts_mut(r.ptr.add(off), r.len - off) };
+                let payload =
+                    unsafe { std::slice::from_raw_parts_mut(r.ptr.add(off), r.len - off) };
                 rustix::io::read(&p.sock, payload)
             };
             match res {
@@ -469,14 +638,34 @@ impl Mesh {
                         check_header(&r.hdr, kind, p.recv_seq, r.len, peer, world, op)?;
                         p.recv_seq = p.recv_seq.wrapping_add(1);
                     }
+                    if r.cap.is_some() && r.done > HDR {
+                        let first = was.max(HDR);
+                        let avail = r.carry + (r.done - first);
+                        let hand = avail - avail % r.unit;
+                        // SAFETY: the streaming buffer holds `carry` earlier bytes
+                        // followed by the `r.done - first` bytes just read.
+                        let buf = unsafe { std::slice::from_raw_parts_mut(r.ptr, avail) };
+                        if hand > 0 {
+                            on_recv(idx, first - HDR - r.carry, &buf[..hand])?;
+                        }
+                        buf.copy_within(hand..avail, 0);
+                        r.carry = avail - hand;
+                    }
                 }
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR) => continue,
                 Err(e) if is_lost(e) => {
-                    return Err(CommError::peer_lost(peer, op(), format!("receiving failed: {e}")));
+                    return Err(CommError::peer_lost(
+                        peer,
+                        op(),
+                        format!("receiving failed: {e}"),
+                    ));
                 }
                 Err(e) => {
-                    return Err(CommError::io(format!("receiving from rank {peer} in {}", op()), e.into()));
+                    return Err(CommError::io(
+                        format!("receiving from rank {peer} in {}", op()),
+                        e.into(),
+                    ));
                 }
             }
         }
@@ -502,14 +691,24 @@ fn check_header(
     let got_seq = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
     let got_len = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
     if h[2] == Kind::Abort as u8 {
-        return Err(match got_seq.checked_sub(1).map(|r| r as usize).filter(|&r| r < world) {
-            Some(lost) => CommError::peer_lost(
-                lost,
-                op(),
-                format!("rank {peer} aborted after losing rank {lost}"),
-            ),
-            None => CommError::peer_lost(peer, op(), "that rank aborted after a timeout or local error"),
-        });
+        return Err(
+            match got_seq
+                .checked_sub(1)
+                .map(|r| r as usize)
+                .filter(|&r| r < world)
+            {
+                Some(lost) => CommError::peer_lost(
+                    lost,
+                    op(),
+                    format!("rank {peer} aborted after losing rank {lost}"),
+                ),
+                None => CommError::peer_lost(
+                    peer,
+                    op(),
+                    "that rank aborted after a timeout or local error",
+                ),
+            },
+        );
     }
     if h[2] != kind as u8 {
         return Err(CommError::Protocol(format!(

@@ -13,12 +13,39 @@ pub const SOCKET_IFNAME_ENV: &str = "DIST_SOCKET_IFNAME";
 /// Takes precedence over [`SOCKET_IFNAME_ENV`].
 pub const SOCKET_ADDR_ENV: &str = "DIST_SOCKET_ADDR";
 
+/// Environment variables overriding the tuning defaults of [`TcpOptions`]
+/// (for benchmarking without recompiling): `DIST_TCP_SEGMENT` (bytes),
+/// `DIST_TCP_SOCKET_BUFFER` (bytes, 0 = kernel autotuning),
+/// `DIST_TCP_BUSY_POLL_US`, `DIST_TCP_SMALL_ALL_REDUCE` (bytes) and
+/// `DIST_TCP_SMALL_BROADCAST` (bytes). Sizes take K/M suffixes.
+pub const TUNING_ENV: [&str; 5] = [
+    "DIST_TCP_SEGMENT",
+    "DIST_TCP_SOCKET_BUFFER",
+    "DIST_TCP_BUSY_POLL_US",
+    "DIST_TCP_SMALL_ALL_REDUCE",
+    "DIST_TCP_SMALL_BROADCAST",
+];
+
+/// A size from the environment: digits with an optional K/M/G suffix.
+fn env_size(name: &str) -> Option<usize> {
+    let v = std::env::var(name).ok()?;
+    let v = v.trim().to_ascii_uppercase();
+    let (num, mult) = match v.chars().last()? {
+        'K' => (&v[..v.len() - 1], 1usize << 10),
+        'M' => (&v[..v.len() - 1], 1 << 20),
+        'G' => (&v[..v.len() - 1], 1 << 30),
+        _ => (&v[..], 1),
+    };
+    num.parse::<usize>().ok()?.checked_mul(mult)
+}
+
 /// Options of a [`crate::TcpCommunicator`].
 ///
 /// `TcpOptions::default()` reads [`SOCKET_ADDR_ENV`] and [`SOCKET_IFNAME_ENV`]
 /// (an unset environment gives `127.0.0.1`, which only works on one host; set
 /// one of them, or [`TcpOptions::addr`] / [`TcpOptions::interface`], for
-/// multi-host groups) and [`comm_core::TIMEOUT_ENV`] for the deadline.
+/// multi-host groups), [`comm_core::TIMEOUT_ENV`] for the deadline and the
+/// tuning overrides of [`TUNING_ENV`].
 #[derive(Debug, Clone)]
 pub struct TcpOptions {
     /// IP address to bind and advertise. Wins over `interface`.
@@ -61,6 +88,7 @@ impl Default for TcpOptions {
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty());
         let timeout = comm_core::default_timeout();
+        let [seg, sockbuf, busy, small_ar, small_bc] = TUNING_ENV;
         TcpOptions {
             addr,
             interface,
@@ -68,11 +96,11 @@ impl Default for TcpOptions {
             group_name: "tcp".into(),
             timeout,
             connect_timeout: timeout,
-            socket_buffer: 4 << 20,
-            busy_poll: Duration::from_micros(50),
-            small_all_reduce: 64 << 10,
-            small_broadcast: 64 << 10,
-            segment: 256 << 10,
+            socket_buffer: env_size(sockbuf).unwrap_or(4 << 20),
+            busy_poll: Duration::from_micros(env_size(busy).unwrap_or(50) as u64),
+            small_all_reduce: env_size(small_ar).unwrap_or(64 << 10),
+            small_broadcast: env_size(small_bc).unwrap_or(64 << 10),
+            segment: env_size(seg).filter(|&s| s > 0).unwrap_or(256 << 10),
         }
     }
 }

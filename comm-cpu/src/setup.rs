@@ -26,8 +26,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// FNV-1a of the group name: the group identity carried by handshakes.
 fn group_hash(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 fn random_secret() -> Result<[u8; SECRET_LEN]> {
@@ -89,9 +90,12 @@ pub(crate) fn connect_mesh(
         .map_err(|e| CommError::io("creating the listening socket", e))?;
     let _ = lsock.set_reuse_address(true);
     tune(&lsock, opts)?;
-    lsock
-        .bind(&SockAddr::from(bind))
-        .map_err(|e| CommError::io(format!("binding {bind} (see DIST_SOCKET_ADDR / DIST_SOCKET_IFNAME)"), e))?;
+    lsock.bind(&SockAddr::from(bind)).map_err(|e| {
+        CommError::io(
+            format!("binding {bind} (see DIST_SOCKET_ADDR / DIST_SOCKET_IFNAME)"),
+            e,
+        )
+    })?;
     lsock
         .listen(world.max(16) as i32 * 2)
         .map_err(|e| CommError::io(format!("listening on {bind}"), e))?;
@@ -104,7 +108,10 @@ pub(crate) fn connect_mesh(
     if rank == 0 {
         store.set(&secret_key, &random_secret()?)?;
     }
-    store.set(&format!("{g}/addr/{rank}"), local_addr.to_string().as_bytes())?;
+    store.set(
+        &format!("{g}/addr/{rank}"),
+        local_addr.to_string().as_bytes(),
+    )?;
     let secret = store.get(&secret_key, deadline.remaining())?;
     if secret.len() != SECRET_LEN {
         return Err(CommError::Protocol(format!(
@@ -123,16 +130,22 @@ pub(crate) fn connect_mesh(
         let addr: SocketAddr = std::str::from_utf8(&raw)
             .ok()
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| CommError::Protocol(format!("store key `{key}` does not hold a socket address")))?;
+            .ok_or_else(|| {
+                CommError::Protocol(format!("store key `{key}` does not hold a socket address"))
+            })?;
         let stream = connect_one(addr, opts, &deadline, to)?;
         let mut stream = stream;
         stream
             .set_write_timeout(Some(deadline.remaining().max(Duration::from_millis(1))))
-            .and_then(|_| stream.set_read_timeout(Some(deadline.remaining().max(Duration::from_millis(1)))))
+            .and_then(|_| {
+                stream.set_read_timeout(Some(deadline.remaining().max(Duration::from_millis(1))))
+            })
             .map_err(|e| CommError::io("setting handshake timeouts", e))?;
         stream
             .write_all(&hello(&secret, gh, world, rank, to))
-            .map_err(|e| CommError::io(format!("sending the handshake to rank {to} at {addr}"), e))?;
+            .map_err(|e| {
+                CommError::io(format!("sending the handshake to rank {to} at {addr}"), e)
+            })?;
         let mut ack = [REFUSED];
         match stream.read_exact(&mut ack) {
             Ok(()) if ack[0] == ACCEPTED => {}
@@ -220,13 +233,21 @@ pub(crate) fn connect_mesh(
     Ok(Connected { peers, local_addr })
 }
 
-fn connect_one(addr: SocketAddr, opts: &TcpOptions, deadline: &Deadline, to: usize) -> Result<TcpStream> {
+fn connect_one(
+    addr: SocketAddr,
+    opts: &TcpOptions,
+    deadline: &Deadline,
+    to: usize,
+) -> Result<TcpStream> {
     let mut last_err = None;
     while !deadline.expired() {
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
             .map_err(|e| CommError::io("creating a socket", e))?;
         tune(&sock, opts)?;
-        match sock.connect_timeout(&SockAddr::from(addr), deadline.remaining().max(Duration::from_millis(1))) {
+        match sock.connect_timeout(
+            &SockAddr::from(addr),
+            deadline.remaining().max(Duration::from_millis(1)),
+        ) {
             Ok(()) => return Ok(sock.into()),
             Err(e) => {
                 last_err = Some(e);
@@ -237,7 +258,9 @@ fn connect_one(addr: SocketAddr, opts: &TcpOptions, deadline: &Deadline, to: usi
     Err(CommError::timeout(
         format!(
             "tcp set-up: connecting to rank {to} at {addr}{}",
-            last_err.map(|e| format!(" (last error: {e})")).unwrap_or_default()
+            last_err
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
         ),
         deadline.elapsed(),
         [format!("rank {to}")],
@@ -254,7 +277,10 @@ fn accept_hello(
     deadline: &Deadline,
 ) -> std::result::Result<usize, ()> {
     stream.set_nonblocking(false).map_err(|_| ())?;
-    let t = deadline.remaining().min(HELLO_TIMEOUT).max(Duration::from_millis(1));
+    let t = deadline
+        .remaining()
+        .min(HELLO_TIMEOUT)
+        .max(Duration::from_millis(1));
     stream.set_read_timeout(Some(t)).map_err(|_| ())?;
     stream.set_write_timeout(Some(t)).map_err(|_| ())?;
     let mut h = [0u8; HELLO_LEN];

@@ -7,7 +7,13 @@ mod common;
 use comm_core::{bf16, f16, DType, DeviceCommunicator, Element, ReduceOp, Tensor};
 use comm_cpu::TcpCommunicator;
 
-const OPS: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Min, ReduceOp::Max, ReduceOp::Avg];
+const OPS: [ReduceOp; 5] = [
+    ReduceOp::Sum,
+    ReduceOp::Prod,
+    ReduceOp::Min,
+    ReduceOp::Max,
+    ReduceOp::Avg,
+];
 
 /// Element counts tried for `dt`: 0, 1, 7, 1000 and a large size (not a
 /// multiple of the world size) above every small-message threshold: about
@@ -50,7 +56,9 @@ fn expected(op: ReduceOp, w: usize, i: usize, dt: DType) -> f64 {
 /// `n` elements starting at element `first`: the data is periodic (period 66),
 /// so the expectation is computed once per period and repeated.
 fn expect_reduced<T: Element>(op: ReduceOp, w: usize, first: usize, n: usize) -> Vec<T> {
-    let period: Vec<T> = (0..66).map(|i| T::from_f64(expected(op, w, first + i, T::DTYPE))).collect();
+    let period: Vec<T> = (0..66)
+        .map(|i| T::from_f64(expected(op, w, first + i, T::DTYPE)))
+        .collect();
     (0..n).map(|i| period[i % 66]).collect()
 }
 
@@ -60,7 +68,10 @@ fn check_reduced<T: Element>(what: &str, op: ReduceOp, w: usize, first: usize, t
     if op == ReduceOp::Avg && T::DTYPE.is_float() {
         for (i, (g, e)) in got.iter().zip(&want).enumerate().step_by(7) {
             let (g, e) = (g.to_f64(), e.to_f64());
-            assert!((g - e).abs() <= e.abs() * 1e-2 + 1e-6, "{what} {op:?}: [{i}] = {g}, want {e}");
+            assert!(
+                (g - e).abs() <= e.abs() * 1e-2 + 1e-6,
+                "{what} {op:?}: [{i}] = {g}, want {e}"
+            );
         }
     } else if got != &want[..] {
         let i = got.iter().zip(&want).position(|(g, e)| g != e).unwrap();
@@ -73,7 +84,11 @@ fn tensor<T: Element>(n: usize, f: impl Fn(usize) -> f64) -> Tensor {
 }
 
 fn values<T: Element>(t: &Tensor) -> Vec<f64> {
-    t.as_slice::<T>().unwrap().iter().map(|v| v.to_f64()).collect()
+    t.as_slice::<T>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_f64())
+        .collect()
 }
 
 fn check_all<T: Element>(c: &mut TcpCommunicator) {
@@ -100,7 +115,9 @@ fn check_all<T: Element>(c: &mut TcpCommunicator) {
         let input = tensor::<T>(n, |i| stamp(r, i));
         let mut out = Tensor::zeros([w * n], dt);
         c.all_gather(&input, &mut out).unwrap();
-        let want: Vec<f64> = (0..w).flat_map(|rr| (0..n).map(move |i| stamp(rr, i))).collect();
+        let want: Vec<f64> = (0..w)
+            .flat_map(|rr| (0..n).map(move |i| stamp(rr, i)))
+            .collect();
         assert_eq!(values::<T>(&out), want, "{}", ctx("all_gather"));
         for root in 0..w {
             if r == root {
@@ -124,7 +141,9 @@ fn check_all<T: Element>(c: &mut TcpCommunicator) {
         let input = tensor::<T>(w * m, |x| cell(r, x / m.max(1), x % m.max(1)));
         let mut out = Tensor::zeros([w * m], dt);
         c.all_to_all(&input, &mut out).unwrap();
-        let want: Vec<f64> = (0..w * m).map(|x| cell(x / m.max(1), r, x % m.max(1))).collect();
+        let want: Vec<f64> = (0..w * m)
+            .map(|x| cell(x / m.max(1), r, x % m.max(1)))
+            .collect();
         assert_eq!(values::<T>(&out), want, "{}", ctx("all_to_all"));
         // send/recv around the ring.
         if w > 1 {
@@ -192,12 +211,16 @@ fn all_reduce_results_are_bit_identical_across_ranks() {
             let mut out = Vec::new();
             for n in [5usize, 3000, 300_000] {
                 for op in [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Avg] {
-                    let v: Vec<f32> = (0..n).map(|i| ((i * 31 + r * 17) % 97) as f32 * 0.0137 + 0.5).collect();
+                    let v: Vec<f32> = (0..n)
+                        .map(|i| ((i * 31 + r * 17) % 97) as f32 * 0.0137 + 0.5)
+                        .collect();
                     let mut t = Tensor::from_vec1(v);
                     c.all_reduce(&mut t, op).unwrap();
                     out.push(t.as_bytes().unwrap().to_vec());
                 }
-                let v: Vec<bf16> = (0..n).map(|i| bf16::from_f32(((i + r) % 89) as f32 * 0.37)).collect();
+                let v: Vec<bf16> = (0..n)
+                    .map(|i| bf16::from_f32(((i + r) % 89) as f32 * 0.37))
+                    .collect();
                 let mut t = Tensor::from_vec1(v);
                 c.all_reduce(&mut t, ReduceOp::Sum).unwrap();
                 out.push(t.as_bytes().unwrap().to_vec());
@@ -205,7 +228,10 @@ fn all_reduce_results_are_bit_identical_across_ranks() {
             out
         });
         for r in 1..world {
-            assert!(res[r] == res[0], "world {world}: rank {r} differs from rank 0");
+            assert!(
+                res[r] == res[0],
+                "world {world}: rank {r} differs from rank 0"
+            );
         }
     }
 }

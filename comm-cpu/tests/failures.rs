@@ -27,7 +27,9 @@ fn exchange_256_mib_each_way() {
         let el = t.elapsed();
         let pkey = 0x9E37_79B9_7F4A_7C15u64.wrapping_mul(peer as u64 + 1);
         let got = recv.as_slice::<i64>().unwrap();
-        let bad = (0..N).step_by(4093).find(|&i| got[i] as u64 != (i as u64 ^ pkey));
+        let bad = (0..N)
+            .step_by(4093)
+            .find(|&i| got[i] as u64 != (i as u64 ^ pkey));
         assert_eq!(bad, None, "rank {r}: wrong word");
         assert_eq!(got[N - 1] as u64, (N as u64 - 1) ^ pkey);
         el
@@ -36,7 +38,10 @@ fn exchange_256_mib_each_way() {
 }
 
 fn expect_error_within(err: &CommError, t: Duration, limit: Duration) {
-    assert!(t <= limit, "error `{err}` came after {t:?}, later than {limit:?}");
+    assert!(
+        t <= limit,
+        "error `{err}` came after {t:?}, later than {limit:?}"
+    );
 }
 
 /// A member drops its communicator while the others are inside an
@@ -117,7 +122,8 @@ fn stranger_with_wrong_secret_is_refused() {
         t.to_vec::<i32>().unwrap()
     });
     // The stranger: speaks the handshake format with a wrong secret.
-    let addr = String::from_utf8(store.get("tcp/addr/0", Duration::from_secs(10)).unwrap()).unwrap();
+    let addr =
+        String::from_utf8(store.get("tcp/addr/0", Duration::from_secs(10)).unwrap()).unwrap();
     let mut s = TcpStream::connect(&addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut hello = Vec::new();
@@ -151,17 +157,41 @@ fn bad_arguments_are_errors() {
     common::run(2, common::opts(10.0), |r, mut c| {
         let f = Tensor::zeros([4], DType::F32);
         let mut i = Tensor::zeros([8], DType::I32);
-        assert!(matches!(c.all_gather(&f, &mut i), Err(CommError::DTypeMismatch { .. })));
+        assert!(matches!(
+            c.all_gather(&f, &mut i),
+            Err(CommError::DTypeMismatch { .. })
+        ));
         let mut f7 = Tensor::zeros([7], DType::F32);
-        assert!(matches!(c.all_gather(&f, &mut f7), Err(CommError::ShapeMismatch { .. })));
-        assert!(matches!(c.reduce_scatter(&f7, &mut Tensor::zeros([3], DType::F32), ReduceOp::Sum), Err(CommError::ShapeMismatch { .. })));
-        assert!(matches!(c.all_to_all(&f7, &mut Tensor::zeros([7], DType::F32)), Err(CommError::ShapeMismatch { .. })));
+        assert!(matches!(
+            c.all_gather(&f, &mut f7),
+            Err(CommError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            c.reduce_scatter(&f7, &mut Tensor::zeros([3], DType::F32), ReduceOp::Sum),
+            Err(CommError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            c.all_to_all(&f7, &mut Tensor::zeros([7], DType::F32)),
+            Err(CommError::ShapeMismatch { .. })
+        ));
         assert!(matches!(c.send(&f, r), Err(CommError::InvalidArgument(_))));
-        assert!(matches!(c.recv(&mut f7, 2), Err(CommError::InvalidArgument(_))));
-        assert!(matches!(c.broadcast(&mut f7, 2), Err(CommError::InvalidArgument(_))));
-        assert!(matches!(c.gather(&f, None, 5), Err(CommError::InvalidArgument(_))));
+        assert!(matches!(
+            c.recv(&mut f7, 2),
+            Err(CommError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            c.broadcast(&mut f7, 2),
+            Err(CommError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            c.gather(&f, None, 5),
+            Err(CommError::InvalidArgument(_))
+        ));
         if r == 0 {
-            assert!(matches!(c.gather(&f, None, 0), Err(CommError::InvalidArgument(_))));
+            assert!(matches!(
+                c.gather(&f, None, 0),
+                Err(CommError::InvalidArgument(_))
+            ));
         }
         // None of those broke the communicator.
         let mut t = Tensor::from_vec1(vec![1.0f32; 3]);

@@ -17,7 +17,18 @@ use comm_core::{DType, DeviceCommunicator, ReduceOp, Store, Tensor};
 use comm_shm::{MessageQueue, MqOptions, ShmCommunicator, ShmOptions};
 use dist_utils::HashStore;
 
-const SIZES: [usize; 10] = [8, 64, 512, 4096, 65536, 262_144, 1 << 20, 4 << 20, 16 << 20, 64 << 20];
+const SIZES: [usize; 10] = [
+    8,
+    64,
+    512,
+    4096,
+    65536,
+    262_144,
+    1 << 20,
+    4 << 20,
+    16 << 20,
+    64 << 20,
+];
 const OPS: [&str; 4] = ["all_reduce", "all_gather", "all_to_all", "broadcast"];
 
 fn iters_for(bytes: usize) -> usize {
@@ -28,7 +39,9 @@ fn iters_for(bytes: usize) -> usize {
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 fn main() {
@@ -44,11 +57,19 @@ fn main() {
     if let Some(v) = arg(&args, "--ws-kib") {
         opts.workspace_bytes = v.parse::<usize>().unwrap() << 10;
     }
+    if let Some(v) = arg(&args, "--spin") {
+        opts.spin = Some(comm_shm::SpinPolicy {
+            spin_iters: v.parse().unwrap(),
+            ..Default::default()
+        });
+    }
     if let Some(v) = arg(&args, "--one-shot-kib") {
         opts.one_shot_max_bytes = v.parse::<usize>().unwrap() << 10;
     }
     let store: Arc<dyn Store> = Arc::new(HashStore::new());
-    println!("# comm-shm world {world} (ranks are threads)\n# op bytes time_us algbw_GBps busbw_GBps");
+    println!(
+        "# comm-shm world {world} (ranks are threads)\n# op bytes time_us algbw_GBps busbw_GBps"
+    );
     std::thread::scope(|s| {
         for r in 0..world {
             let store = store.clone();
@@ -56,7 +77,11 @@ fn main() {
             let opts = opts.clone();
             s.spawn(move || {
                 let mut c = ShmCommunicator::new(&*store, r, world, opts).unwrap();
-                let mut a = Tensor::from_vec1((0..(64 << 20) / 4).map(|i| (i % 7) as f32).collect::<Vec<f32>>());
+                let mut a = Tensor::from_vec1(
+                    (0..(64 << 20) / 4)
+                        .map(|i| (i % 7) as f32)
+                        .collect::<Vec<f32>>(),
+                );
                 let mut b = Tensor::zeros([(64 << 20) / 4], DType::F32);
                 for op in OPS {
                     if only.as_deref().is_some_and(|o| o != op) {
@@ -70,9 +95,14 @@ fn main() {
                                 continue;
                             }
                         }
-                        let mut x = Tensor::from_slice(&a.as_slice::<f32>().unwrap()[..n], [n]).unwrap();
+                        let mut x =
+                            Tensor::from_slice(&a.as_slice::<f32>().unwrap()[..n], [n]).unwrap();
                         let mut y = Tensor::zeros([n], DType::F32);
-                        let mut xs = Tensor::from_slice(&a.as_slice::<f32>().unwrap()[..n / world], [n / world]).unwrap();
+                        let mut xs = Tensor::from_slice(
+                            &a.as_slice::<f32>().unwrap()[..n / world],
+                            [n / world],
+                        )
+                        .unwrap();
                         let it = iters_for(bytes);
                         let warm = it / 10 + 2;
                         let mut t0 = Instant::now();
@@ -127,26 +157,42 @@ fn verify(c: &mut ShmCommunicator, op: &str, n: usize, r: usize, w: usize) -> bo
         "all_reduce" => {
             let mut t = x;
             c.all_reduce(&mut t, ReduceOp::Sum).unwrap();
-            t.as_slice::<f32>().unwrap().iter().enumerate().all(|(i, v)| *v == (0..w).map(|q| val(q, i)).sum::<f32>())
+            t.as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .all(|(i, v)| *v == (0..w).map(|q| val(q, i)).sum::<f32>())
         }
         "broadcast" => {
             let mut t = x;
             c.broadcast(&mut t, 0).unwrap();
-            t.as_slice::<f32>().unwrap().iter().enumerate().all(|(i, v)| *v == val(0, i))
+            t.as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .all(|(i, v)| *v == val(0, i))
         }
         "all_gather" => {
             let m = n / w;
             let xs = Tensor::from_vec1((0..m).map(|i| val(r, i)).collect::<Vec<f32>>());
             let mut y = Tensor::zeros([m * w], DType::F32);
             c.all_gather(&xs, &mut y).unwrap();
-            y.as_slice::<f32>().unwrap().iter().enumerate().all(|(j, v)| *v == val(j / m, j % m))
+            y.as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .all(|(j, v)| *v == val(j / m, j % m))
         }
         _ => {
             let mut y = Tensor::zeros([n], DType::F32);
             c.all_to_all(&x, &mut y).unwrap();
             let m = n / w;
             // block q of my output = block r of rank q's input
-            y.as_slice::<f32>().unwrap().iter().enumerate().all(|(j, v)| *v == val(j / m, r * m + j % m))
+            y.as_slice::<f32>()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .all(|(j, v)| *v == val(j / m, r * m + j % m))
         }
     }
 }
@@ -158,13 +204,18 @@ fn mq_latency(readers: usize) {
     let store: Arc<dyn Store> = Arc::new(HashStore::new());
     let iters = 20_000;
     let ranks: Vec<usize> = (1..=readers).collect();
-    let o = MqOptions { timeout: Duration::from_secs(60), ..Default::default() };
+    let o = MqOptions {
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
     std::thread::scope(|s| {
         for &r in &ranks {
             let (store, o) = (store.clone(), o.clone());
             s.spawn(move || {
                 let mut q = MessageQueue::open_reader(&*store, "fwd", r, o.clone()).unwrap();
-                let mut back = MessageQueue::create_writer(&*store, &format!("back{r}"), r, &[0], 1 << 16, o).unwrap();
+                let mut back =
+                    MessageQueue::create_writer(&*store, &format!("back{r}"), r, &[0], 1 << 16, o)
+                        .unwrap();
                 let mut buf = Vec::with_capacity(1024);
                 for _ in 0..iters {
                     q.dequeue_into(&mut buf, Duration::from_secs(60)).unwrap();
@@ -172,9 +223,12 @@ fn mq_latency(readers: usize) {
                 }
             });
         }
-        let mut q = MessageQueue::create_writer(&*store, "fwd", 0, &ranks, 1 << 20, o.clone()).unwrap();
-        let mut backs: Vec<MessageQueue> =
-            ranks.iter().map(|r| MessageQueue::open_reader(&*store, &format!("back{r}"), 0, o.clone()).unwrap()).collect();
+        let mut q =
+            MessageQueue::create_writer(&*store, "fwd", 0, &ranks, 1 << 20, o.clone()).unwrap();
+        let mut backs: Vec<MessageQueue> = ranks
+            .iter()
+            .map(|r| MessageQueue::open_reader(&*store, &format!("back{r}"), 0, o.clone()).unwrap())
+            .collect();
         let msg = vec![7u8; 1024];
         let mut buf = Vec::with_capacity(64);
         let warm = 1000;
@@ -189,6 +243,10 @@ fn mq_latency(readers: usize) {
             }
         }
         let rtt = t0.elapsed().as_secs_f64() / (iters - warm) as f64;
-        println!("mq 1KiB readers={readers} one_way_us={:.2} (rtt {:.2} us)", rtt * 1e6 / 2.0, rtt * 1e6);
+        println!(
+            "mq 1KiB readers={readers} one_way_us={:.2} (rtt {:.2} us)",
+            rtt * 1e6 / 2.0,
+            rtt * 1e6
+        );
     });
 }

@@ -32,7 +32,9 @@
 use std::time::Duration;
 
 use comm_core::reduce::{finish_avg, reduce_into, reduce_pair_into};
-use comm_core::{check, CommError, DType, Deadline, Device, DeviceCommunicator, ReduceOp, Result, Store, Tensor};
+use comm_core::{
+    check, CommError, DType, Deadline, Device, DeviceCommunicator, ReduceOp, Result, Store, Tensor,
+};
 
 use crate::segment::{default_job_id, Segment, SetupSpec, SpinPolicy, WaitFail, Watch, ABORTED};
 
@@ -112,9 +114,19 @@ fn meta(op: Op, dt: DType, rop: Option<ReduceOp>, root: usize, bytes: usize) -> 
 }
 
 fn describe(m: u64) -> String {
-    let op = OP_NAMES.get(((m >> 56) & 0x7f) as usize).copied().unwrap_or("?");
-    let dt = DType::from_code(((m >> 52) & 15) as u8).map(|d| d.name()).unwrap_or("?");
-    format!("{op}(dtype {dt}, op code {}, root {}, {} bytes)", (m >> 48) & 15, (m >> 40) & 0xff, m & ((1 << 40) - 1))
+    let op = OP_NAMES
+        .get(((m >> 56) & 0x7f) as usize)
+        .copied()
+        .unwrap_or("?");
+    let dt = DType::from_code(((m >> 52) & 15) as u8)
+        .map(|d| d.name())
+        .unwrap_or("?");
+    format!(
+        "{op}(dtype {dt}, op code {}, root {}, {} bytes)",
+        (m >> 48) & 15,
+        (m >> 40) & 0xff,
+        m & ((1 << 40) - 1)
+    )
 }
 
 /// A [`DeviceCommunicator`] for host tensors whose members share one host,
@@ -161,7 +173,9 @@ impl ShmCommunicator {
     /// `world` and sizes in `opts`.
     pub fn new(store: &dyn Store, rank: usize, world: usize, opts: ShmOptions) -> Result<Self> {
         if world == 0 || rank >= world {
-            return Err(CommError::invalid(format!("shm communicator: rank {rank} is out of range for world {world}")));
+            return Err(CommError::invalid(format!(
+                "shm communicator: rank {rank} is out of range for world {world}"
+            )));
         }
         let ws = align_up(opts.workspace_bytes.max(64 * world).max(4096), 4096);
         let p2p = align_up(opts.p2p_bytes.max(4096), 4096);
@@ -231,7 +245,11 @@ impl ShmCommunicator {
     #[inline]
     fn buf(&self, r: usize, parity: u32) -> *mut u8 {
         // SAFETY: 2 * world buffers of ws bytes lie at the start of the payload.
-        unsafe { self.seg().payload().add((2 * r + parity as usize) * self.ws) }
+        unsafe {
+            self.seg()
+                .payload()
+                .add((2 * r + parity as usize) * self.ws)
+        }
     }
 
     #[inline]
@@ -248,7 +266,10 @@ impl ShmCommunicator {
     }
 
     fn fail(&self, f: WaitFail, op: &str, dl: &Deadline, missing: Vec<String>) -> CommError {
-        let what = format!("{op} on shm group `{}` (rank {} of {})", self.group, self.rank, self.world);
+        let what = format!(
+            "{op} on shm group `{}` (rank {} of {})",
+            self.group, self.rank, self.world
+        );
         match f {
             WaitFail::Timeout => CommError::timeout(what, dl.elapsed(), missing),
             WaitFail::Aborted(_) => CommError::Aborted(format!("{what}: the group was aborted")),
@@ -315,7 +336,8 @@ impl ShmCommunicator {
 
     fn wait_arrive(&self, p: usize, k: u32, m: u64, op: &str, dl: &Deadline) -> Result<()> {
         self.wait_flags(std::iter::once(p), |q| 3 * q, k, op, dl)?;
-        let theirs = self.seg().flag(3 * p).aux[(k & 1) as usize].load(std::sync::atomic::Ordering::Relaxed);
+        let theirs =
+            self.seg().flag(3 * p).aux[(k & 1) as usize].load(std::sync::atomic::Ordering::Relaxed);
         if theirs != m {
             return Err(CommError::Protocol(format!(
                 "shm group `{}`: rank {} called {} while rank {p} called {}; every member must make \
@@ -329,7 +351,13 @@ impl ShmCommunicator {
         Ok(())
     }
 
-    fn all_reduce_bytes(&mut self, bytes: &mut [u8], dt: DType, op: ReduceOp, dl: &Deadline) -> Result<()> {
+    fn all_reduce_bytes(
+        &mut self,
+        bytes: &mut [u8],
+        dt: DType,
+        op: ReduceOp,
+        dl: &Deadline,
+    ) -> Result<()> {
         let (w, me, es) = (self.world, self.rank, dt.size());
         let n = bytes.len();
         let one_shot = n <= self.one_shot_max;
@@ -372,7 +400,9 @@ impl ShmCommunicator {
                 let (a, b) = range(me);
                 if b > a {
                     // SAFETY: as above; slice `me` of every buffer is read only here.
-                    let src = |p: usize| unsafe { std::slice::from_raw_parts(self.buf(p, par).add(a), b - a) };
+                    let src = |p: usize| unsafe {
+                        std::slice::from_raw_parts(self.buf(p, par).add(a), b - a)
+                    };
                     let d = &mut dst[a..b];
                     reduce_pair_into(d, src(0), src(1), dt, op)?;
                     for p in 2..w {
@@ -388,7 +418,11 @@ impl ShmCommunicator {
                     if b > a {
                         self.wait_flags(std::iter::once(p), |q| 3 * q + 1, k, name, dl)?;
                         // SAFETY: published by p's `reduced` for step k.
-                        copy(dst[a..b].as_mut_ptr(), unsafe { self.buf(p, par).add(a) }, b - a);
+                        copy(
+                            dst[a..b].as_mut_ptr(),
+                            unsafe { self.buf(p, par).add(a) },
+                            b - a,
+                        );
                     }
                 }
             }
@@ -399,7 +433,14 @@ impl ShmCommunicator {
     }
 
     /// reduce_scatter and all_to_all share the "publish W blocks" layout.
-    fn blocks_exchange(&mut self, input: &[u8], out: &mut [u8], dt: DType, op: Option<ReduceOp>, dl: &Deadline) -> Result<()> {
+    fn blocks_exchange(
+        &mut self,
+        input: &[u8],
+        out: &mut [u8],
+        dt: DType,
+        op: Option<ReduceOp>,
+        dl: &Deadline,
+    ) -> Result<()> {
         let (w, me, es) = (self.world, self.rank, dt.size());
         // reduce_scatter: out is one block; all_to_all: out is w blocks.
         let mblk = input.len() / w;
@@ -419,14 +460,19 @@ impl ShmCommunicator {
             let mine = self.buf(me, par);
             for q in self.others() {
                 // SAFETY: sub-block q of my buffer lies within ws bytes.
-                copy(unsafe { mine.add(q * cb) }, input[q * mblk + off..].as_ptr(), c);
+                copy(
+                    unsafe { mine.add(q * cb) },
+                    input[q * mblk + off..].as_ptr(),
+                    c,
+                );
             }
             self.arrive(k, m);
-            // SAFETY: sub-block `me` of p's buffer was published for step k.
             let src = |p: usize| -> &[u8] {
                 if p == me {
                     &input[me * mblk + off..me * mblk + off + c]
                 } else {
+                    // SAFETY: sub-block `me` of p's buffer was published for
+                    // step k and is not rewritten before my done reaches k.
                     unsafe { std::slice::from_raw_parts(self.buf(p, par).add(me * cb), c) }
                 }
             };
@@ -583,7 +629,8 @@ impl DeviceCommunicator for ShmCommunicator {
         let n = inp.len();
         let me = self.rank;
         let mut out = if me == root {
-            let o = output.ok_or_else(|| CommError::invalid("gather: the root must pass an output"))?;
+            let o =
+                output.ok_or_else(|| CommError::invalid("gather: the root must pass an output"))?;
             check::device("gather", o, Device::Cpu)?;
             check::gathered("gather", input, o, self.world)?;
             let out = o.as_bytes_mut()?;
@@ -655,7 +702,11 @@ impl DeviceCommunicator for ShmCommunicator {
             let a = acked;
             self.wait_flags(std::iter::once(dst), |_| a, c.wrapping_sub(1), "send", &dl)?;
             let (lo, hi) = (i * self.p2p, ((i + 1) * self.p2p).min(n));
-            copy(self.slot(self.rank, dst, c & 1), bytes[lo..].as_ptr(), hi - lo);
+            copy(
+                self.slot(self.rank, dst, c & 1),
+                bytes[lo..].as_ptr(),
+                hi - lo,
+            );
             let f = self.seg().flag(sent);
             f.aux[(c & 1) as usize].store(n as u64, std::sync::atomic::Ordering::Relaxed);
             f.publish(c.wrapping_add(1));
@@ -677,8 +728,15 @@ impl DeviceCommunicator for ShmCommunicator {
         let chunks = n.div_ceil(self.p2p).max(1);
         for i in 0..chunks {
             let c = self.rx[src];
-            self.wait_flags(std::iter::once(src), |_| sent, c.wrapping_add(1), "recv", &dl)?;
-            let total = self.seg().flag(sent).aux[(c & 1) as usize].load(std::sync::atomic::Ordering::Relaxed);
+            self.wait_flags(
+                std::iter::once(src),
+                |_| sent,
+                c.wrapping_add(1),
+                "recv",
+                &dl,
+            )?;
+            let total = self.seg().flag(sent).aux[(c & 1) as usize]
+                .load(std::sync::atomic::Ordering::Relaxed);
             if total != n as u64 {
                 return Err(CommError::shape(
                     "recv",
@@ -687,7 +745,11 @@ impl DeviceCommunicator for ShmCommunicator {
                 ));
             }
             let (lo, hi) = (i * self.p2p, ((i + 1) * self.p2p).min(n));
-            copy(bytes[lo..].as_mut_ptr(), self.slot(src, self.rank, c & 1), hi - lo);
+            copy(
+                bytes[lo..].as_mut_ptr(),
+                self.slot(src, self.rank, c & 1),
+                hi - lo,
+            );
             self.seg().flag(acked).publish(c.wrapping_add(1));
             self.rx[src] = c.wrapping_add(1);
         }

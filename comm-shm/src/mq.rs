@@ -20,7 +20,9 @@ use std::time::Duration;
 use comm_core::{CommError, Deadline, Result, Store};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::segment::{default_job_id, Segment, SetupSpec, SpinPolicy, WaitFail, Watch, ABORTED, CLOSED};
+use crate::segment::{
+    default_job_id, Segment, SetupSpec, SpinPolicy, WaitFail, Watch, ABORTED, CLOSED,
+};
 
 const KIND_MQ: u32 = 0x4d51_5545; // "MQUE"
 
@@ -103,38 +105,79 @@ impl MessageQueue {
         opts: MqOptions,
     ) -> Result<Self> {
         if ring_bytes < 64 {
-            return Err(CommError::invalid(format!("message queue `{}`: ring of {ring_bytes} bytes is too small (min 64)", opts.name)));
+            return Err(CommError::invalid(format!(
+                "message queue `{}`: ring of {ring_bytes} bytes is too small (min 64)",
+                opts.name
+            )));
         }
         let instance = store.add(&format!("{key}/instance/{writer_rank}"), 1)?;
         let desc = format!(
             "{ring_bytes};{writer_rank};{}",
-            reader_ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",")
+            reader_ranks
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         );
         store.set(&format!("{key}/{instance}/desc"), desc.as_bytes())?;
-        Self::establish(store, key, instance, Role::Writer, ring_bytes, writer_rank, reader_ranks.to_vec(), opts)
+        Self::establish(
+            store,
+            key,
+            instance,
+            Role::Writer,
+            ring_bytes,
+            writer_rank,
+            reader_ranks.to_vec(),
+            opts,
+        )
     }
 
     /// Opens the queue at `key` as reader `reader_rank` (which must be in the
     /// writer's reader list).
-    pub fn open_reader(store: &dyn Store, key: &str, reader_rank: usize, opts: MqOptions) -> Result<Self> {
+    pub fn open_reader(
+        store: &dyn Store,
+        key: &str,
+        reader_rank: usize,
+        opts: MqOptions,
+    ) -> Result<Self> {
         let instance = store.add(&format!("{key}/instance/{reader_rank}"), 1)?;
         let raw = store.get(&format!("{key}/{instance}/desc"), opts.timeout)?;
-        let bad = || CommError::Protocol(format!("message queue `{}`: malformed descriptor at `{key}`", opts.name));
+        let bad = || {
+            CommError::Protocol(format!(
+                "message queue `{}`: malformed descriptor at `{key}`",
+                opts.name
+            ))
+        };
         let s = String::from_utf8(raw).map_err(|_| bad())?;
         let mut it = s.split(';');
         let ring: usize = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
         let writer: usize = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
         let readers: Vec<usize> = match it.next() {
             Some("") | None => vec![],
-            Some(l) => l.split(',').map(|v| v.parse().map_err(|_| bad())).collect::<Result<_>>()?,
+            Some(l) => l
+                .split(',')
+                .map(|v| v.parse().map_err(|_| bad()))
+                .collect::<Result<_>>()?,
         };
-        let idx = readers.iter().position(|&r| r == reader_rank).ok_or_else(|| {
-            CommError::invalid(format!(
-                "message queue `{}`: rank {reader_rank} is not among its readers {readers:?}",
-                opts.name
-            ))
-        })?;
-        Self::establish(store, key, instance, Role::Reader(idx), ring, writer, readers, opts)
+        let idx = readers
+            .iter()
+            .position(|&r| r == reader_rank)
+            .ok_or_else(|| {
+                CommError::invalid(format!(
+                    "message queue `{}`: rank {reader_rank} is not among its readers {readers:?}",
+                    opts.name
+                ))
+            })?;
+        Self::establish(
+            store,
+            key,
+            instance,
+            Role::Reader(idx),
+            ring,
+            writer,
+            readers,
+            opts,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -216,8 +259,14 @@ impl MessageQueue {
 
     fn what(&self, op: &str) -> String {
         match self.role {
-            Role::Writer => format!("{op} on message queue `{}` (writer rank {})", self.name, self.writer_rank),
-            Role::Reader(i) => format!("{op} on message queue `{}` (reader rank {})", self.name, self.reader_ranks[i]),
+            Role::Writer => format!(
+                "{op} on message queue `{}` (writer rank {})",
+                self.name, self.writer_rank
+            ),
+            Role::Reader(i) => format!(
+                "{op} on message queue `{}` (reader rank {})",
+                self.name, self.reader_ranks[i]
+            ),
         }
     }
 
@@ -233,9 +282,13 @@ impl MessageQueue {
         let what = self.what(op);
         match f {
             WaitFail::Timeout => CommError::timeout(what, dl.elapsed(), missing),
-            WaitFail::Aborted(CLOSED) => CommError::Aborted(format!("{what}: the writer shut the queue down")),
+            WaitFail::Aborted(CLOSED) => {
+                CommError::Aborted(format!("{what}: the writer shut the queue down"))
+            }
             WaitFail::Aborted(_) => CommError::Aborted(format!("{what}: the queue was aborted")),
-            WaitFail::Lost { member, detail } => CommError::peer_lost(self.member_rank(member), what, detail),
+            WaitFail::Lost { member, detail } => {
+                CommError::peer_lost(self.member_rank(member), what, detail)
+            }
         }
     }
 
@@ -251,7 +304,11 @@ impl MessageQueue {
         // (every reader's cursor is past pos + len - ring); offsets are in range.
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.ring_ptr().add(off), first);
-            std::ptr::copy_nonoverlapping(src.as_ptr().add(first), self.ring_ptr(), src.len() - first);
+            std::ptr::copy_nonoverlapping(
+                src.as_ptr().add(first),
+                self.ring_ptr(),
+                src.len() - first,
+            );
         }
     }
 
@@ -262,7 +319,11 @@ impl MessageQueue {
         // rewritten until this reader's cursor passes it.
         unsafe {
             std::ptr::copy_nonoverlapping(self.ring_ptr().add(off), dst.as_mut_ptr(), first);
-            std::ptr::copy_nonoverlapping(self.ring_ptr(), dst.as_mut_ptr().add(first), dst.len() - first);
+            std::ptr::copy_nonoverlapping(
+                self.ring_ptr(),
+                dst.as_mut_ptr().add(first),
+                dst.len() - first,
+            );
         }
     }
 
@@ -310,14 +371,27 @@ impl MessageQueue {
     }
 
     fn wait_space(&mut self, dl: &Deadline) -> Result<()> {
-        let Some((i, _)) = self.min_reader() else { return Ok(()) };
+        let Some((i, _)) = self.min_reader() else {
+            return Ok(());
+        };
         let f = self.seg.flag(1 + i);
         let (pos, ring) = (self.pos, self.ring);
-        if let Err(e) = self.seg.wait(f, || f.aux[0].load(Acquire) + ring > pos, Watch::One(1 + i), dl) {
+        if let Err(e) = self.seg.wait(
+            f,
+            || f.aux[0].load(Acquire) + ring > pos,
+            Watch::One(1 + i),
+            dl,
+        ) {
             let lagging = (0..self.reader_ranks.len())
                 .filter_map(|j| {
                     let p = self.seg.flag(1 + j).aux[0].load(Acquire);
-                    (pos - p >= ring).then(|| format!("reader rank {} ({} bytes behind)", self.reader_ranks[j], pos - p))
+                    (pos - p >= ring).then(|| {
+                        format!(
+                            "reader rank {} ({} bytes behind)",
+                            self.reader_ranks[j],
+                            pos - p
+                        )
+                    })
                 })
                 .collect();
             return Err(self.fail(e, "enqueue", dl, lagging));
@@ -329,7 +403,10 @@ impl MessageQueue {
     fn wait_data(&mut self, dl: &Deadline) -> Result<()> {
         let f = self.seg.flag(0);
         let pos = self.pos;
-        if let Err(e) = self.seg.wait(f, || f.aux[0].load(Acquire) > pos, Watch::One(0), dl) {
+        if let Err(e) = self
+            .seg
+            .wait(f, || f.aux[0].load(Acquire) > pos, Watch::One(0), dl)
+        {
             let writer = vec![format!("writer rank {}", self.writer_rank)];
             return Err(self.fail(e, "dequeue", dl, writer));
         }
@@ -365,11 +442,17 @@ impl MessageQueue {
     }
 
     fn need(&self, role: Role, op: &str) -> Result<()> {
-        let ok = matches!((self.role, role), (Role::Writer, Role::Writer) | (Role::Reader(_), Role::Reader(_)));
+        let ok = matches!(
+            (self.role, role),
+            (Role::Writer, Role::Writer) | (Role::Reader(_), Role::Reader(_))
+        );
         if ok {
             Ok(())
         } else {
-            Err(CommError::invalid(format!("{}: not allowed on this end of the queue", self.what(op))))
+            Err(CommError::invalid(format!(
+                "{}: not allowed on this end of the queue",
+                self.what(op)
+            )))
         }
     }
 
@@ -385,7 +468,12 @@ impl MessageQueue {
         self.need(Role::Writer, "enqueue")?;
         let code = self.seg.abort_code();
         if code != 0 {
-            return Err(self.fail(WaitFail::Aborted(code), "enqueue", &Deadline::after(timeout), vec![]));
+            return Err(self.fail(
+                WaitFail::Aborted(code),
+                "enqueue",
+                &Deadline::after(timeout),
+                vec![],
+            ));
         }
         let dl = Deadline::after(timeout);
         self.write_stream(&(data.len() as u64).to_le_bytes(), &dl)?;
@@ -418,8 +506,9 @@ impl MessageQueue {
 
     /// Writer: serialises `value` with postcard and enqueues it.
     pub fn enqueue_obj<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
-        let bytes = postcard::to_allocvec(value)
-            .map_err(|e| CommError::Codec(format!("{}: encoding: {e}", self.what("enqueue_obj"))))?;
+        let bytes = postcard::to_allocvec(value).map_err(|e| {
+            CommError::Codec(format!("{}: encoding: {e}", self.what("enqueue_obj")))
+        })?;
         self.enqueue(&bytes)
     }
 

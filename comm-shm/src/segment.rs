@@ -127,7 +127,9 @@ struct Member {
 /// How a waiter burns (or does not burn) CPU while it waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SpinPolicy {
-    /// Busy-poll iterations (with a `spin_loop` hint each) before yielding.
+    /// Maximum busy-poll iterations (with a `spin_loop` hint each) before
+    /// yielding. The actual budget adapts between 16 and this: it doubles
+    /// after a wait the spin satisfied and halves after one that was not.
     pub spin_iters: u32,
     /// How long to poll with `sched_yield` between checks before sleeping.
     /// Oversubscribed groups (more ranks than cores) progress through this.
@@ -148,14 +150,18 @@ impl Default for SpinPolicy {
 }
 
 impl SpinPolicy {
-    /// The policy for `members` processes on this host: a long spin (about
-    /// 100 us) when every member can have a core, a tiny one when the group
-    /// is oversubscribed, so that the member holding the CPU is the one with
-    /// work to do.
+    /// The policy for `members` processes on this host: up to 4000 spins
+    /// (tens of microseconds) when every member can have a core, up to 64
+    /// when the group is oversubscribed; the adaptive budget then shrinks
+    /// the spin whenever waits are long, so the member holding the CPU is
+    /// the one with work to do.
     pub fn for_members(members: usize) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let spin_iters = if members <= cores { 4000 } else { 32 };
-        SpinPolicy { spin_iters, ..Self::default() }
+        let spin_iters = if members <= cores { 4000 } else { 64 };
+        SpinPolicy {
+            spin_iters,
+            ..Self::default()
+        }
     }
 }
 
@@ -208,6 +214,11 @@ pub struct Segment {
     payload_len: usize,
     my_pid: u32,
     policy: SpinPolicy,
+    /// Adaptive spin budget (`16..=policy.spin_iters`): doubled after a wait
+    /// that the spin satisfied, halved after one that had to yield or sleep,
+    /// so that a loaded or oversubscribed host stops burning the CPU that
+    /// the awaited member needs.
+    spin_budget: AtomicU32,
 }
 
 // SAFETY: `base` points into `map`, which lives as long as the Segment; all
@@ -236,7 +247,13 @@ pub fn default_job_id() -> String {
 fn sanitize_job(job: &str) -> String {
     let s: String = job
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(32)
         .collect();
     if s.is_empty() {
@@ -295,7 +312,10 @@ pub fn check_free_space(bytes: usize) -> Result<()> {
     if avail < bytes as u64 {
         return Err(CommError::unavailable(
             "shm",
-            format!("{SHM_DIR} has only {avail} bytes free, but {}", grow_hint(bytes)),
+            format!(
+                "{SHM_DIR} has only {avail} bytes free, but {}",
+                grow_hint(bytes)
+            ),
         ));
     }
     Ok(())
@@ -319,8 +339,18 @@ fn map_fd(fd: rustix::fd::OwnedFd, len: usize, name: &str) -> Result<memmap2::Mm
     // SAFETY: the file is a shared-memory object of at least `len` bytes that
     // only members of this job map; concurrent access goes through atomics
     // and the owners' acquire/release protocols.
-    unsafe { memmap2::MmapOptions::new().len(len).populate().map_mut(&file) }
-        .map_err(|e| CommError::io(format!("mapping shared-memory segment {name} ({len} bytes)"), e))
+    unsafe {
+        memmap2::MmapOptions::new()
+            .len(len)
+            .populate()
+            .map_mut(&file)
+    }
+    .map_err(|e| {
+        CommError::io(
+            format!("mapping shared-memory segment {name} ({len} bytes)"),
+            e,
+        )
+    })
 }
 
 /// Returns `Some(detail)` if process `pid` is gone (no such process, or a zombie).
@@ -346,31 +376,52 @@ impl Segment {
     pub(crate) fn establish(spec: &SetupSpec<'_>) -> Result<Segment> {
         let dl = Deadline::after(spec.timeout);
         if spec.members > 4096 {
-            return Err(CommError::invalid(format!("{}: too many members ({})", spec.what, spec.members)));
+            return Err(CommError::invalid(format!(
+                "{}: too many members ({})",
+                spec.what, spec.members
+            )));
         }
-        let seg = if spec.member == 0 { Self::create(spec, &dl)? } else { Self::attach(spec, &dl)? };
+        let seg = if spec.member == 0 {
+            Self::create(spec, &dl)?
+        } else {
+            Self::attach(spec, &dl)?
+        };
         Ok(seg)
     }
 
     fn create(spec: &SetupSpec<'_>, dl: &Deadline) -> Result<Segment> {
-        let (ctrl_off, payload_off, total) = layout(spec.members, spec.ctrl_flags, spec.payload_bytes);
+        let (ctrl_off, payload_off, total) =
+            layout(spec.members, spec.ctrl_flags, spec.payload_bytes);
         check_free_space(total)?;
         let job = sanitize_job(spec.job_id);
-        let name = format!("/{NAME_PREFIX}{job}.{}.{:016x}", std::process::id(), random_u64());
+        let name = format!(
+            "/{NAME_PREFIX}{job}.{}.{:016x}",
+            std::process::id(),
+            random_u64()
+        );
         let fd = shm::open(
             name.as_str(),
             shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
             Mode::from_raw_mode(0o600),
         )
-        .map_err(|e| CommError::io(format!("creating shared-memory segment {name}"), errno_io(e)))?;
+        .map_err(|e| {
+            CommError::io(
+                format!("creating shared-memory segment {name}"),
+                errno_io(e),
+            )
+        })?;
         // From here on the name is always unlinked when this function returns.
         let _unlink = UnlinkOnDrop(name.clone());
-        rustix::fs::ftruncate(&fd, total as u64)
-            .map_err(|e| CommError::io(format!("sizing {name}: {}", grow_hint(total)), errno_io(e)))?;
+        rustix::fs::ftruncate(&fd, total as u64).map_err(|e| {
+            CommError::io(format!("sizing {name}: {}", grow_hint(total)), errno_io(e))
+        })?;
         match rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, total as u64) {
             Ok(()) | Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => {}
             Err(Errno::NOSPC) => {
-                return Err(CommError::unavailable("shm", format!("{SHM_DIR} is full: {}", grow_hint(total))))
+                return Err(CommError::unavailable(
+                    "shm",
+                    format!("{SHM_DIR} is full: {}", grow_hint(total)),
+                ))
             }
             Err(e) => return Err(CommError::io(format!("reserving {name}"), errno_io(e))),
         }
@@ -388,6 +439,7 @@ impl Segment {
             payload_len: total - payload_off,
             my_pid: std::process::id(),
             policy: spec.policy,
+            spin_budget: AtomicU32::new(spec.policy.spin_iters),
         };
         let m = seg.meta();
         m.total_len.store(total as u64, Relaxed);
@@ -411,8 +463,12 @@ impl Segment {
 
     fn attach(spec: &SetupSpec<'_>, dl: &Deadline) -> Result<Segment> {
         let raw = spec.store.get(&spec.key, dl.remaining())?;
-        let name = String::from_utf8(raw)
-            .map_err(|_| CommError::Protocol(format!("{}: store key `{}` holds no segment name", spec.what, spec.key)))?;
+        let name = String::from_utf8(raw).map_err(|_| {
+            CommError::Protocol(format!(
+                "{}: store key `{}` holds no segment name",
+                spec.what, spec.key
+            ))
+        })?;
         let fd = shm::open(name.as_str(), shm::OFlags::RDWR, Mode::empty()).map_err(|e| {
             if e == Errno::NOENT {
                 CommError::State(format!(
@@ -426,9 +482,11 @@ impl Segment {
             }
         })?;
         let _unlink_on_error = scopeguard_unlink(name.clone());
-        let st = rustix::fs::fstat(&fd).map_err(|e| CommError::io(format!("stat of {name}"), errno_io(e)))?;
+        let st = rustix::fs::fstat(&fd)
+            .map_err(|e| CommError::io(format!("stat of {name}"), errno_io(e)))?;
         let total = st.st_size as usize;
-        let (ctrl_off, payload_off, expect) = layout(spec.members, spec.ctrl_flags, spec.payload_bytes);
+        let (ctrl_off, payload_off, expect) =
+            layout(spec.members, spec.ctrl_flags, spec.payload_bytes);
         if total != expect {
             return Err(CommError::Protocol(format!(
                 "{}: segment {name} is {total} bytes but member {} expects {expect}; do all members \
@@ -450,6 +508,7 @@ impl Segment {
             payload_len: total - payload_off,
             my_pid: std::process::id(),
             policy: spec.policy,
+            spin_budget: AtomicU32::new(spec.policy.spin_iters),
         };
         let m = seg.meta();
         if m.magic.load(Acquire) != MAGIC
@@ -484,16 +543,27 @@ impl Segment {
         self.set_abort(ABORTED);
         let missing: Vec<String> = (0..spec.members)
             .filter(|&i| self.member(i).pid.load(Acquire) == 0)
-            .map(|i| spec.labels.get(i).cloned().unwrap_or_else(|| format!("member {i}")))
+            .map(|i| {
+                spec.labels
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("member {i}"))
+            })
             .collect();
         Err(match fail {
-            WaitFail::Timeout => CommError::timeout(format!("{} set-up (attach)", spec.what), dl.elapsed(), missing),
+            WaitFail::Timeout => CommError::timeout(
+                format!("{} set-up (attach)", spec.what),
+                dl.elapsed(),
+                missing,
+            ),
             WaitFail::Aborted(_) => CommError::Aborted(format!(
                 "{} set-up was abandoned by another member (still missing: {})",
                 spec.what,
                 missing.join(", ")
             )),
-            WaitFail::Lost { member, detail } => CommError::peer_lost(member, format!("{} set-up", spec.what), detail),
+            WaitFail::Lost { member, detail } => {
+                CommError::peer_lost(member, format!("{} set-up", spec.what), detail)
+            }
         })
     }
 
@@ -561,7 +631,10 @@ impl Segment {
 
     /// Sets the abort flag (first writer wins) and wakes every sleeper.
     pub(crate) fn set_abort(&self, code: u32) {
-        let _ = self.abort_flag().seq.compare_exchange(RUNNING, code, AcqRel, Acquire);
+        let _ = self
+            .abort_flag()
+            .seq
+            .compare_exchange(RUNNING, code, AcqRel, Acquire);
         self.wake_all();
     }
 
@@ -596,7 +669,10 @@ impl Segment {
     }
 
     fn check_watch(&self, watch: Watch) -> std::result::Result<(), WaitFail> {
-        let lost = |i: usize| self.member_lost(i).map(|detail| WaitFail::Lost { member: i, detail });
+        let lost = |i: usize| {
+            self.member_lost(i)
+                .map(|detail| WaitFail::Lost { member: i, detail })
+        };
         let r = match watch {
             Watch::One(i) => lost(i),
             Watch::Others => (0..self.n).find_map(lost),
@@ -614,12 +690,17 @@ impl Segment {
         dl: &Deadline,
     ) -> std::result::Result<(), WaitFail> {
         let p = self.policy;
-        for _ in 0..p.spin_iters {
+        let budget = self.spin_budget.load(Relaxed);
+        for _ in 0..budget {
             if cond() {
+                let grown = (budget.saturating_mul(2) + 16).min(p.spin_iters);
+                self.spin_budget.store(grown, Relaxed);
                 return Ok(());
             }
             spin_loop();
         }
+        self.spin_budget
+            .store((budget / 2).max(16.min(p.spin_iters)), Relaxed);
         let start = Instant::now();
         loop {
             if cond() {
@@ -637,7 +718,11 @@ impl Segment {
             }
             let code = self.abort_code();
             if code != RUNNING {
-                return if cond() { Ok(()) } else { Err(WaitFail::Aborted(code)) };
+                return if cond() {
+                    Ok(())
+                } else {
+                    Err(WaitFail::Aborted(code))
+                };
             }
             if last_check.map_or(true, |t| t.elapsed() >= p.sleep_slice) {
                 last_check = Some(Instant::now());
@@ -647,9 +732,16 @@ impl Segment {
                 }
             }
             if dl.expired() {
-                return if cond() { Ok(()) } else { Err(WaitFail::Timeout) };
+                return if cond() {
+                    Ok(())
+                } else {
+                    Err(WaitFail::Timeout)
+                };
             }
-            let slice = p.sleep_slice.min(dl.remaining()).max(Duration::from_micros(100));
+            let slice = p
+                .sleep_slice
+                .min(dl.remaining())
+                .max(Duration::from_micros(100));
             let ts = rustix::time::Timespec {
                 tv_sec: slice.as_secs() as _,
                 tv_nsec: slice.subsec_nanos() as _,

@@ -63,7 +63,9 @@ fn every_primitive_dtype_op_world_1_to_5() {
                             reference(&inputs, op).as_bytes().unwrap(),
                             "all_reduce {dt} {op} n={n} world={world} rank={me}"
                         );
-                        let big: Vec<Tensor> = (0..world).map(|r| input(dt, r, n * world, salt + 1)).collect();
+                        let big: Vec<Tensor> = (0..world)
+                            .map(|r| input(dt, r, n * world, salt + 1))
+                            .collect();
                         let mut out = Tensor::zeros([n], dt);
                         c.reduce_scatter(&big[me], &mut out, op).unwrap();
                         let full = reference(&big, op);
@@ -77,27 +79,54 @@ fn every_primitive_dtype_op_world_1_to_5() {
                     // all_gather
                     let mut out = Tensor::zeros([n * world], dt);
                     c.all_gather(&inputs[me], &mut out).unwrap();
-                    assert_eq!(out.as_bytes().unwrap(), concat(&inputs), "all_gather {dt} n={n} w={world}");
+                    assert_eq!(
+                        out.as_bytes().unwrap(),
+                        concat(&inputs),
+                        "all_gather {dt} n={n} w={world}"
+                    );
                     // broadcast and gather from every root
                     for root in 0..world {
-                        let mut t = if me == root { inputs[me].try_clone().unwrap() } else { Tensor::zeros([n], dt) };
+                        let mut t = if me == root {
+                            inputs[me].try_clone().unwrap()
+                        } else {
+                            Tensor::zeros([n], dt)
+                        };
                         c.broadcast(&mut t, root).unwrap();
-                        assert_eq!(t.as_bytes().unwrap(), inputs[root].as_bytes().unwrap(), "broadcast {dt} n={n} root={root}");
+                        assert_eq!(
+                            t.as_bytes().unwrap(),
+                            inputs[root].as_bytes().unwrap(),
+                            "broadcast {dt} n={n} root={root}"
+                        );
                         let mut out = Tensor::zeros([n * world], dt);
-                        c.gather(&inputs[me], if me == root { Some(&mut out) } else { None }, root).unwrap();
+                        c.gather(
+                            &inputs[me],
+                            if me == root { Some(&mut out) } else { None },
+                            root,
+                        )
+                        .unwrap();
                         if me == root {
-                            assert_eq!(out.as_bytes().unwrap(), concat(&inputs), "gather {dt} n={n} root={root}");
+                            assert_eq!(
+                                out.as_bytes().unwrap(),
+                                concat(&inputs),
+                                "gather {dt} n={n} root={root}"
+                            );
                         }
                     }
                     // all_to_all: block j of rank i's input goes to rank j
-                    let a2a: Vec<Tensor> = (0..world).map(|r| input(dt, r, n * world, salt + 2)).collect();
+                    let a2a: Vec<Tensor> = (0..world)
+                        .map(|r| input(dt, r, n * world, salt + 2))
+                        .collect();
                     let mut out = Tensor::zeros([n * world], dt);
                     c.all_to_all(&a2a[me], &mut out).unwrap();
                     let es = dt.size() * n;
                     let expect: Vec<u8> = (0..world)
                         .flat_map(|i| a2a[i].as_bytes().unwrap()[me * es..(me + 1) * es].to_vec())
                         .collect();
-                    assert_eq!(out.as_bytes().unwrap(), expect, "all_to_all {dt} n={n} w={world}");
+                    assert_eq!(
+                        out.as_bytes().unwrap(),
+                        expect,
+                        "all_to_all {dt} n={n} w={world}"
+                    );
                     // send / recv between every ordered pair, in a global order
                     for s in 0..world {
                         for d in 0..world {
@@ -119,7 +148,11 @@ fn every_primitive_dtype_op_world_1_to_5() {
             }
         });
     }
-    assert!(list_segments(&job).is_empty(), "leaked: {:?}", list_segments(&job));
+    assert!(
+        list_segments(&job).is_empty(),
+        "leaked: {:?}",
+        list_segments(&job)
+    );
 }
 
 #[test]
@@ -128,10 +161,16 @@ fn all_reduce_bit_identical_across_ranks_and_algorithms() {
     let job = job("bits");
     for world in [2, 3, 4, 5] {
         for one_shot_max in [0usize, 1 << 30] {
-            let o = ShmOptions { workspace_bytes: 64 << 10, one_shot_max_bytes: one_shot_max, ..opts(&job) };
+            let o = ShmOptions {
+                workspace_bytes: 64 << 10,
+                one_shot_max_bytes: one_shot_max,
+                ..opts(&job)
+            };
             let res = run_group(world, o, |me, c| {
                 let mut rng = Rng(1234 + me as u64);
-                let v: Vec<f32> = (0..50_001).map(|_| (rng.next() as f64 / u64::MAX as f64 * 2e4 - 1e4) as f32).collect();
+                let v: Vec<f32> = (0..50_001)
+                    .map(|_| (rng.next() as f64 / u64::MAX as f64 * 2e4 - 1e4) as f32)
+                    .collect();
                 let mut t = Tensor::from_vec1(v);
                 c.all_reduce(&mut t, ReduceOp::Sum).unwrap();
                 t.as_bytes().unwrap().to_vec()
@@ -144,11 +183,16 @@ fn all_reduce_bit_identical_across_ranks_and_algorithms() {
                 .map(|me| {
                     let mut rng = Rng(1234 + me as u64);
                     Tensor::from_vec1(
-                        (0..50_001).map(|_| (rng.next() as f64 / u64::MAX as f64 * 2e4 - 1e4) as f32).collect::<Vec<f32>>(),
+                        (0..50_001)
+                            .map(|_| (rng.next() as f64 / u64::MAX as f64 * 2e4 - 1e4) as f32)
+                            .collect::<Vec<f32>>(),
                     )
                 })
                 .collect();
-            assert_eq!(res[0], reference(&inputs, ReduceOp::Sum).as_bytes().unwrap());
+            assert_eq!(
+                res[0],
+                reference(&inputs, ReduceOp::Sum).as_bytes().unwrap()
+            );
         }
     }
 }
@@ -156,7 +200,11 @@ fn all_reduce_bit_identical_across_ranks_and_algorithms() {
 #[test]
 fn consecutive_large_ops_and_mixed_sequence() {
     let job = job("mix");
-    let o = ShmOptions { workspace_bytes: 8192, one_shot_max_bytes: 4096, ..opts(&job) };
+    let o = ShmOptions {
+        workspace_bytes: 8192,
+        one_shot_max_bytes: 4096,
+        ..opts(&job)
+    };
     run_group(3, o, |me, c| {
         for it in 0..50 {
             let n = 1 + (it * 997) % 20_000;
@@ -164,7 +212,11 @@ fn consecutive_large_ops_and_mixed_sequence() {
             let mut t = inputs[me].try_clone().unwrap();
             c.all_reduce(&mut t, ReduceOp::Sum).unwrap();
             assert_eq!(t, reference(&inputs, ReduceOp::Sum));
-            let mut b = if me == it % 3 { inputs[me].try_clone().unwrap() } else { Tensor::zeros([n], DType::F32) };
+            let mut b = if me == it % 3 {
+                inputs[me].try_clone().unwrap()
+            } else {
+                Tensor::zeros([n], DType::F32)
+            };
             c.broadcast(&mut b, it % 3).unwrap();
             assert_eq!(b, inputs[it % 3]);
         }
@@ -174,10 +226,17 @@ fn consecutive_large_ops_and_mixed_sequence() {
 #[test]
 fn mismatched_calls_are_a_protocol_error() {
     let job = job("mism");
-    let res = run_group(2, ShmOptions { timeout: Duration::from_secs(5), ..opts(&job) }, |me, c| {
-        let mut t = Tensor::from_vec1(vec![1f32; if me == 0 { 10 } else { 11 }]);
-        c.all_reduce(&mut t, ReduceOp::Sum)
-    });
+    let res = run_group(
+        2,
+        ShmOptions {
+            timeout: Duration::from_secs(5),
+            ..opts(&job)
+        },
+        |me, c| {
+            let mut t = Tensor::from_vec1(vec![1f32; if me == 0 { 10 } else { 11 }]);
+            c.all_reduce(&mut t, ReduceOp::Sum)
+        },
+    );
     for r in res {
         let e = r.unwrap_err();
         assert!(matches!(e, CommError::Protocol(_)), "{e}");
@@ -187,7 +246,10 @@ fn mismatched_calls_are_a_protocol_error() {
 #[test]
 fn missing_rank_times_out_naming_it() {
     let job = job("tmo");
-    let o = ShmOptions { timeout: Duration::from_millis(400), ..opts(&job) };
+    let o = ShmOptions {
+        timeout: Duration::from_millis(400),
+        ..opts(&job)
+    };
     let res = run_group(3, o, |me, c| {
         if me == 2 {
             // arrive late: after the others gave up
@@ -202,7 +264,9 @@ fn missing_rank_times_out_naming_it() {
     });
     for r in &res[..2] {
         match r {
-            Err(CommError::Timeout { missing, .. }) => assert_eq!(missing, &vec!["rank 2".to_string()]),
+            Err(CommError::Timeout { missing, .. }) => {
+                assert_eq!(missing, &vec!["rank 2".to_string()])
+            }
             other => panic!("expected timeout, got {other:?}"),
         }
     }
@@ -218,7 +282,10 @@ fn dropped_rank_is_peer_lost_and_abort_wakes_everyone() {
         c.barrier()
     });
     for r in [&res[0], &res[2]] {
-        assert!(matches!(r, Err(CommError::PeerLost { rank: 1, .. })), "{r:?}");
+        assert!(
+            matches!(r, Err(CommError::PeerLost { rank: 1, .. })),
+            "{r:?}"
+        );
     }
     let res = run_group(3, opts(&job), |me, c| {
         if me == 0 {
@@ -227,7 +294,11 @@ fn dropped_rank_is_peer_lost_and_abort_wakes_everyone() {
         }
         let t0 = Instant::now();
         let mut t = Tensor::from_vec1(vec![1f32; 4]);
-        let r = if me == 0 { Ok(()) } else { c.broadcast(&mut t, 0) };
+        let r = if me == 0 {
+            Ok(())
+        } else {
+            c.broadcast(&mut t, 0)
+        };
         (r, t0.elapsed())
     });
     for (r, el) in &res[1..] {
@@ -240,7 +311,10 @@ fn dropped_rank_is_peer_lost_and_abort_wakes_everyone() {
 fn member_that_never_attaches_times_out_and_nothing_leaks() {
     let job = job("noatt");
     let store = HashStore::new();
-    let o = ShmOptions { timeout: Duration::from_millis(300), ..opts(&job) };
+    let o = ShmOptions {
+        timeout: Duration::from_millis(300),
+        ..opts(&job)
+    };
     let e = ShmCommunicator::new(&store, 0, 3, o).unwrap_err();
     match e {
         CommError::Timeout { missing, .. } => assert_eq!(missing, ["rank 1", "rank 2"]),
@@ -266,16 +340,25 @@ fn errors_on_bad_arguments() {
         let t = Tensor::from_vec1(vec![1f32; 4]);
         assert!(c.send(&t, me).is_err());
         let mut out = Tensor::zeros([3], DType::F32);
-        assert!(matches!(c.all_gather(&t, &mut out), Err(CommError::ShapeMismatch { .. })));
+        assert!(matches!(
+            c.all_gather(&t, &mut out),
+            Err(CommError::ShapeMismatch { .. })
+        ));
         let mut out = Tensor::zeros([8], DType::I32);
-        assert!(matches!(c.all_gather(&t, &mut out), Err(CommError::DTypeMismatch { .. })));
+        assert!(matches!(
+            c.all_gather(&t, &mut out),
+            Err(CommError::DTypeMismatch { .. })
+        ));
         assert!(c.broadcast(&mut t.try_clone().unwrap(), 5).is_err());
         // a recv of the wrong size is reported, not silently truncated
         if me == 0 {
             c.send(&t, 1).unwrap();
         } else {
             let mut small = Tensor::zeros([2], DType::F32);
-            assert!(matches!(c.recv(&mut small, 0), Err(CommError::ShapeMismatch { .. })));
+            assert!(matches!(
+                c.recv(&mut small, 0),
+                Err(CommError::ShapeMismatch { .. })
+            ));
         }
     });
 }
@@ -291,7 +374,11 @@ fn idle_waiter_uses_little_cpu() {
             let cpu = thread_cpu() - before;
             let wall = t0.elapsed().as_secs_f64();
             eprintln!("idle barrier: {cpu:.4}s CPU over {wall:.2}s (waiting thread)");
-            assert!(cpu / wall < 0.01, "waiting used {:.1}% of a core", 100.0 * cpu / wall);
+            assert!(
+                cpu / wall < 0.01,
+                "waiting used {:.1}% of a core",
+                100.0 * cpu / wall
+            );
         } else {
             std::thread::sleep(Duration::from_secs(2));
             c.barrier().unwrap();

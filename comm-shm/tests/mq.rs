@@ -11,7 +11,11 @@ use common::*;
 use dist_utils::HashStore;
 
 fn opts(job: &str, timeout_ms: u64) -> MqOptions {
-    MqOptions { timeout: Duration::from_millis(timeout_ms), job_id: job.into(), ..MqOptions::default() }
+    MqOptions {
+        timeout: Duration::from_millis(timeout_ms),
+        job_id: job.into(),
+        ..MqOptions::default()
+    }
 }
 
 /// Runs the writer (rank `writer`) and readers on threads.
@@ -88,7 +92,10 @@ fn small_messages_take_little_space() {
             for _ in 0..19 {
                 w.enqueue(&[7u8; 200]).unwrap();
             }
-            assert!(matches!(w.enqueue(&[7u8; 200]), Err(CommError::Timeout { .. })));
+            assert!(matches!(
+                w.enqueue(&[7u8; 200]),
+                Err(CommError::Timeout { .. })
+            ));
         },
         |_, r| {
             std::thread::sleep(Duration::from_millis(600));
@@ -102,7 +109,9 @@ fn small_messages_take_little_space() {
 #[test]
 fn message_larger_than_ring() {
     let job = job("large");
-    let big: Vec<u8> = (0..(1usize << 20) + 17).map(|i| (i * 31 % 251) as u8).collect();
+    let big: Vec<u8> = (0..(1usize << 20) + 17)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
     let b2 = big.clone();
     run(
         1,
@@ -140,14 +149,19 @@ fn back_pressure_timeout_names_the_lagging_reader() {
         |rank, r| {
             if rank == 0 {
                 // a fast reader: drains until the writer is gone
-                while r.dequeue_into(&mut Vec::new(), Duration::from_secs(5)).is_ok() {}
+                while r
+                    .dequeue_into(&mut Vec::new(), Duration::from_secs(5))
+                    .is_ok()
+                {}
             } else {
                 std::thread::sleep(Duration::from_millis(1200));
             }
         },
     );
     match err {
-        CommError::Timeout { missing, operation, .. } => {
+        CommError::Timeout {
+            missing, operation, ..
+        } => {
             assert_eq!(missing.len(), 1, "{missing:?}");
             assert!(missing[0].starts_with("reader rank 5"), "{missing:?}");
             assert!(operation.contains("writer rank 3"), "{operation}");
@@ -188,7 +202,8 @@ fn objects_round_trip_and_wrong_end_is_an_error() {
         256,
         opts(&job, 5000),
         |w| {
-            w.enqueue_obj(&("hello".to_string(), vec![1u64, 2, 3], Some(-5i32))).unwrap();
+            w.enqueue_obj(&("hello".to_string(), vec![1u64, 2, 3], Some(-5i32)))
+                .unwrap();
             assert!(w.dequeue().is_err());
         },
         |_, r| {

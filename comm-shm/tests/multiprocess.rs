@@ -38,7 +38,9 @@ fn spawn(test: &str, role: &str, rank: usize, store: &Path, job: &str, seed: u64
 
 /// In a child: runs the role and exits with its code. In the parent: returns.
 fn child_dispatch() {
-    let Ok(role) = std::env::var(ROLE) else { return };
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
     let rank: usize = var("COMM_SHM_RANK").parse().unwrap();
     let store = FileStore::new(var("COMM_SHM_STORE"));
     let job = var("COMM_SHM_JOB");
@@ -84,11 +86,20 @@ fn maybe_sleep(rng: &mut Rng) {
 }
 
 fn stress_child(rank: usize, store: &FileStore, job: &str, seed: u64) -> i32 {
-    let n: u64 = std::env::var("COMM_SHM_MSGS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
-    let o = MqOptions { timeout: Duration::from_secs(60), job_id: job.into(), name: "stress".into(), ..Default::default() };
+    let n: u64 = std::env::var("COMM_SHM_MSGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let o = MqOptions {
+        timeout: Duration::from_secs(60),
+        job_id: job.into(),
+        name: "stress".into(),
+        ..Default::default()
+    };
     let mut rng = Rng(seed.wrapping_add(rank as u64 * 1000));
     if rank == WRITER {
-        let mut q = MessageQueue::create_writer(store, "stress", WRITER, &READERS, RING, o).unwrap();
+        let mut q =
+            MessageQueue::create_writer(store, "stress", WRITER, &READERS, RING, o).unwrap();
         for i in 0..n {
             maybe_sleep(&mut rng);
             if let Err(e) = q.enqueue(&stress_msg(seed, i)) {
@@ -98,7 +109,9 @@ fn stress_child(rank: usize, store: &FileStore, job: &str, seed: u64) -> i32 {
         }
         // Wait until every reader confirms, so the queue outlives their reads.
         for r in READERS {
-            store.get(&format!("stress/done/{r}"), Duration::from_secs(60)).unwrap();
+            store
+                .get(&format!("stress/done/{r}"), Duration::from_secs(60))
+                .unwrap();
         }
         0
     } else {
@@ -111,7 +124,11 @@ fn stress_child(rank: usize, store: &FileStore, job: &str, seed: u64) -> i32 {
             }
             let want = stress_msg(seed, i);
             if buf.len() != want.len() || checksum(&buf) != checksum(&want) {
-                eprintln!("reader {rank}: message {i} corrupt: {} bytes, expected {}", buf.len(), want.len());
+                eprintln!(
+                    "reader {rank}: message {i} corrupt: {} bytes, expected {}",
+                    buf.len(),
+                    want.len()
+                );
                 return 2;
             }
             maybe_sleep(&mut rng);
@@ -127,14 +144,32 @@ fn mq_stress_four_processes() {
     let seed: u64 = std::env::var("COMM_SHM_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     println!("mq stress seed: {seed} (set COMM_SHM_SEED to replay)");
     let dir = tempfile::tempdir().unwrap();
     let job = job("stress");
     let t0 = Instant::now();
-    let mut kids: Vec<Child> =
-        (0..4).map(|r| spawn("mq_stress_four_processes", "stress", r, dir.path(), &job, seed)).collect();
-    let codes: Vec<i32> = kids.iter_mut().map(|k| k.wait().unwrap().code().unwrap_or(-1)).collect();
+    let mut kids: Vec<Child> = (0..4)
+        .map(|r| {
+            spawn(
+                "mq_stress_four_processes",
+                "stress",
+                r,
+                dir.path(),
+                &job,
+                seed,
+            )
+        })
+        .collect();
+    let codes: Vec<i32> = kids
+        .iter_mut()
+        .map(|k| k.wait().unwrap().code().unwrap_or(-1))
+        .collect();
     println!("mq stress: {:?} in {:.2?}", codes, t0.elapsed());
     assert_eq!(codes, [0, 0, 0, 0], "seed {seed}");
     assert!(list_segments(&job).is_empty());
@@ -143,7 +178,11 @@ fn mq_stress_four_processes() {
 // ---------------------------------------------------------------- crash
 
 fn crash_child(rank: usize, store: &FileStore, job: &str) -> i32 {
-    let o = ShmOptions { timeout: Duration::from_secs(30), job_id: job.into(), ..Default::default() };
+    let o = ShmOptions {
+        timeout: Duration::from_secs(30),
+        job_id: job.into(),
+        ..Default::default()
+    };
     let mut c = ShmCommunicator::new(store, rank, 3, o).unwrap();
     let mut t = Tensor::from_vec1(vec![1f32; 64 << 10]);
     let mut i = 0u64;
@@ -178,9 +217,20 @@ fn sigkill_mid_collective_is_peer_lost_and_leaves_nothing() {
     let store = FileStore::new(dir.path());
     let job = job("crash");
     let mut kids: Vec<Child> = (0..3)
-        .map(|r| spawn("sigkill_mid_collective_is_peer_lost_and_leaves_nothing", "crash", r, dir.path(), &job, 0))
+        .map(|r| {
+            spawn(
+                "sigkill_mid_collective_is_peer_lost_and_leaves_nothing",
+                "crash",
+                r,
+                dir.path(),
+                &job,
+                0,
+            )
+        })
         .collect();
-    store.wait(&["ready/0", "ready/1", "ready/2"], Duration::from_secs(30)).unwrap();
+    store
+        .wait(&["ready/0", "ready/1", "ready/2"], Duration::from_secs(30))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(100));
     kids[1].kill().unwrap(); // SIGKILL
     let killed = Instant::now();
@@ -191,11 +241,19 @@ fn sigkill_mid_collective_is_peer_lost_and_leaves_nothing() {
     println!("survivors exited with {c0:?} {c2:?} {took:.2?} after the kill (deadline 30 s)");
     assert_eq!((c0, c2), (Some(42), Some(42)));
     assert!(took < Duration::from_secs(5));
-    assert!(list_segments(&job).is_empty(), "leaked {:?}", list_segments(&job));
+    assert!(
+        list_segments(&job).is_empty(),
+        "leaked {:?}",
+        list_segments(&job)
+    );
 }
 
 fn mq_crash_child(rank: usize, store: &FileStore, job: &str) -> i32 {
-    let o = MqOptions { timeout: Duration::from_secs(30), job_id: job.into(), ..Default::default() };
+    let o = MqOptions {
+        timeout: Duration::from_secs(30),
+        job_id: job.into(),
+        ..Default::default()
+    };
     if rank == 1 {
         let mut q = MessageQueue::create_writer(store, "mq", 1, &[0, 2], 4096, o).unwrap();
         q.enqueue(b"one").unwrap();
@@ -219,16 +277,30 @@ fn sigkill_of_queue_writer_is_peer_lost_for_readers() {
     let store = FileStore::new(dir.path());
     let job = job("mqcrash");
     let mut kids: Vec<Child> = (0..3)
-        .map(|r| spawn("sigkill_of_queue_writer_is_peer_lost_for_readers", "mqcrash", r, dir.path(), &job, 0))
+        .map(|r| {
+            spawn(
+                "sigkill_of_queue_writer_is_peer_lost_for_readers",
+                "mqcrash",
+                r,
+                dir.path(),
+                &job,
+                0,
+            )
+        })
         .collect();
-    store.wait(&["ready/0", "ready/2"], Duration::from_secs(30)).unwrap();
+    store
+        .wait(&["ready/0", "ready/2"], Duration::from_secs(30))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(200)); // readers are asleep in the futex by now
     kids[1].kill().unwrap();
     let killed = Instant::now();
     kids[1].wait().unwrap();
     let c0 = wait_exit(&mut kids[0], Duration::from_secs(10));
     let c2 = wait_exit(&mut kids[2], Duration::from_secs(10));
-    println!("readers exited with {c0:?} {c2:?} {:.2?} after the kill", killed.elapsed());
+    println!(
+        "readers exited with {c0:?} {c2:?} {:.2?} after the kill",
+        killed.elapsed()
+    );
     assert_eq!((c0, c2), (Some(42), Some(42)));
     assert!(killed.elapsed() < Duration::from_secs(5));
     assert!(list_segments(&job).is_empty());

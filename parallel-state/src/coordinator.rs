@@ -393,7 +393,7 @@ impl GroupCoordinator {
     /// Receives a host tensor of `shape` and `dtype` from group rank `src`
     /// (default: the previous rank).
     pub fn recv(&self, shape: &[usize], dtype: DType, src: Option<usize>) -> Result<Tensor> {
-        let mut t = Tensor::zeros(shape.to_vec(), dtype);
+        let mut t = Tensor::try_zeros(shape.to_vec(), dtype)?;
         self.recv_into(&mut t, src)?;
         Ok(t)
     }
@@ -629,7 +629,7 @@ impl GroupCoordinator {
         let n = usize::try_from(n).map_err(|_| CommError::Protocol(format!("negative object length {n}")))?;
         let mut buf = match bytes {
             Some(b) => Tensor::from_slice(b, [b.len()])?,
-            None => Tensor::zeros([n], DType::U8),
+            None => Tensor::try_zeros([n], DType::U8)?,
         };
         if n > 0 {
             self.with_host(|c| c.broadcast(&mut buf, src))?;
@@ -657,7 +657,7 @@ impl GroupCoordinator {
         self.with_host(|c| c.recv(&mut len, src))?;
         let n = len.to_vec::<i64>()?[0];
         let n = usize::try_from(n).map_err(|_| CommError::Protocol(format!("negative object length {n}")))?;
-        let mut t = Tensor::zeros([n], DType::U8);
+        let mut t = Tensor::try_zeros([n], DType::U8)?;
         if n > 0 {
             self.with_host(|c| c.recv(&mut t, src))?;
         }
@@ -770,7 +770,7 @@ impl GroupCoordinator {
     /// Allocates a zeroed tensor for incoming metadata on the right device.
     fn alloc(&self, meta: &comm_core::TensorMetadata) -> Result<Tensor> {
         match meta.device {
-            Device::Cpu => Ok(Tensor::zeros(meta.shape.clone(), meta.dtype)),
+            Device::Cpu => Tensor::try_zeros(meta.shape.clone(), meta.dtype),
             Device::Cuda(_) => crate::device::alloc_cuda(meta),
         }
     }

@@ -305,24 +305,3 @@ mod tests {
         assert_eq!(count_wrong(&nan, |_| 0.0, |_| 1.0), 1);
     }
 }
-#[cfg(test)]
-mod timing {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn time_data() {
-        let t0 = std::time::Instant::now();
-        let n = 65539;
-        for op in ReduceOp::ALL {
-            let t = filled(DType::F32, n, |i| {
-                value(DType::F32, Pattern::Reduce(op), 1, 0, i)
-            });
-            let _ = compare(
-                &t,
-                |i| reduced(DType::F32, op, 1, 5, i),
-                |e| tolerance(DType::F32, op, e),
-            );
-        }
-        eprintln!("5 ops x 65539 f32 w5: {:?}", t0.elapsed());
-    }
-}

@@ -6,9 +6,9 @@
 
 use std::time::Instant;
 
-use comm_core::{DType, DeviceCommunicator, ReduceOp, Store};
+use comm_core::{DType, DeviceCommunicator, ReduceOp, Store, Tensor};
 
-use crate::data::{compare, filled, reduced, tolerance, value, Pattern};
+use crate::data::{compare, reduced, tolerance, value, Pattern};
 
 /// Which part of the suite to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,16 +48,34 @@ pub const LARGE: usize = 16 * 1024 * 1024 + 3;
 /// What went wrong in one check.
 pub type Failure = String;
 
-/// Runs the suite on `comm`. `store` (the job's store), when given, lets the
-/// barrier check that every rank had arrived. Returns the number of checks
-/// that passed, or the first failure, described.
+/// Moves a freshly built host tensor to where the communicator wants it
+/// (identity for host backends, a copy to `cuda:N` for device runs).
+pub type Place<'a> = &'a dyn Fn(Tensor) -> comm_core::Result<Tensor>;
+
+/// Runs the suite on `comm` with host tensors. `store` (the job's store),
+/// when given, lets the barrier check that every rank had arrived. Returns
+/// the number of checks that passed, or the first failure, described.
 pub fn run(
     comm: &mut dyn DeviceCommunicator,
     store: Option<&dyn Store>,
     mode: Mode,
     log: &mut dyn FnMut(&str),
 ) -> Result<usize, Failure> {
+    run_on(comm, store, mode, &Ok, log)
+}
+
+/// [`run`] with every input and output tensor passed through `place` first
+/// (e.g. onto a CUDA device); results are copied back to the host to be
+/// checked.
+pub fn run_on(
+    comm: &mut dyn DeviceCommunicator,
+    store: Option<&dyn Store>,
+    mode: Mode,
+    place: Place<'_>,
+    log: &mut dyn FnMut(&str),
+) -> Result<usize, Failure> {
     let mut s = Suite {
+        place,
         rank: comm.rank(),
         world: comm.world_size(),
         comm,
@@ -73,6 +91,7 @@ pub fn run(
 }
 
 struct Suite<'a> {
+    place: Place<'a>,
     comm: &'a mut dyn DeviceCommunicator,
     store: Option<&'a dyn Store>,
     rank: usize,
@@ -90,6 +109,12 @@ fn sentinel(dtype: DType) -> f64 {
 }
 
 impl Suite<'_> {
+    /// A tensor of `n` elements, `t[i] = f(i)`, where the communicator wants it.
+    fn filled(&self, dtype: DType, n: usize, f: impl Fn(usize) -> f64) -> Result<Tensor, Failure> {
+        (self.place)(crate::data::filled(dtype, n, f))
+            .map_err(|e| format!("rank {}: placing a {dtype} tensor of {n}: {e}", self.rank))
+    }
+
     fn next_salt(&mut self) -> u64 {
         self.salt += 1;
         self.salt
@@ -267,9 +292,9 @@ impl Suite<'_> {
     fn all_reduce(&mut self, dtype: DType, op: ReduceOp, n: usize) -> Result<(), Failure> {
         let (salt, rank, world) = (self.next_salt(), self.rank, self.world);
         let what = format!("all_reduce {dtype} {op} n={n} world={world}");
-        let mut t = filled(dtype, n, |i| {
+        let mut t = self.filled(dtype, n, |i| {
             value(dtype, Pattern::Reduce(op), salt, rank, i)
-        });
+        })?;
         self.comm
             .all_reduce(&mut t, op)
             .map_err(|e| self.comm_err(&what, e))?;
@@ -285,10 +310,10 @@ impl Suite<'_> {
     fn reduce_scatter(&mut self, dtype: DType, op: ReduceOp, b: usize) -> Result<(), Failure> {
         let (salt, rank, world) = (self.next_salt(), self.rank, self.world);
         let what = format!("reduce_scatter {dtype} {op} block={b} world={world}");
-        let input = filled(dtype, world * b, |i| {
+        let input = self.filled(dtype, world * b, |i| {
             value(dtype, Pattern::Reduce(op), salt, rank, i)
-        });
-        let mut out = filled(dtype, b, |_| sentinel(dtype));
+        })?;
+        let mut out = self.filled(dtype, b, |_| sentinel(dtype))?;
         self.comm
             .reduce_scatter(&input, &mut out, op)
             .map_err(|e| self.comm_err(&what, e))?;
@@ -304,8 +329,8 @@ impl Suite<'_> {
     fn all_gather(&mut self, dtype: DType, n: usize) -> Result<(), Failure> {
         let (salt, rank, world) = (self.next_salt(), self.rank, self.world);
         let what = format!("all_gather {dtype} n={n} world={world}");
-        let input = filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, rank, i));
-        let mut out = filled(dtype, world * n, |_| sentinel(dtype));
+        let input = self.filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, rank, i))?;
+        let mut out = self.filled(dtype, world * n, |_| sentinel(dtype))?;
         self.comm
             .all_gather(&input, &mut out)
             .map_err(|e| self.comm_err(&what, e))?;
@@ -321,7 +346,7 @@ impl Suite<'_> {
     fn broadcast(&mut self, dtype: DType, n: usize, root: usize) -> Result<(), Failure> {
         let (salt, rank, world) = (self.next_salt(), self.rank, self.world);
         let what = format!("broadcast {dtype} n={n} root={root} world={world}");
-        let mut t = filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, rank, i));
+        let mut t = self.filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, rank, i))?;
         self.comm
             .broadcast(&mut t, root)
             .map_err(|e| self.comm_err(&what, e))?;
@@ -337,9 +362,9 @@ impl Suite<'_> {
     fn gather(&mut self, dtype: DType, n: usize, root: usize) -> Result<(), Failure> {
         let (salt, rank, world) = (self.next_salt(), self.rank, self.world);
         let what = format!("gather {dtype} n={n} root={root} world={world}");
-        let input = filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, rank, i));
+        let input = self.filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, rank, i))?;
         if rank == root {
-            let mut out = filled(dtype, world * n, |_| sentinel(dtype));
+            let mut out = self.filled(dtype, world * n, |_| sentinel(dtype))?;
             self.comm
                 .gather(&input, Some(&mut out), root)
                 .map_err(|e| self.comm_err(&what, e))?;
@@ -360,10 +385,10 @@ impl Suite<'_> {
     fn all_to_all(&mut self, dtype: DType, b: usize) -> Result<(), Failure> {
         let (salt, rank, world) = (self.next_salt(), self.rank, self.world);
         let what = format!("all_to_all {dtype} block={b} world={world}");
-        let input = filled(dtype, world * b, |i| {
+        let input = self.filled(dtype, world * b, |i| {
             value(dtype, Pattern::Unique, salt, rank, i)
-        });
-        let mut out = filled(dtype, world * b, |_| sentinel(dtype));
+        })?;
+        let mut out = self.filled(dtype, world * b, |_| sentinel(dtype))?;
         self.comm
             .all_to_all(&input, &mut out)
             .map_err(|e| self.comm_err(&what, e))?;
@@ -386,8 +411,8 @@ impl Suite<'_> {
         }
         let what = format!("send/recv ring {dtype} n={n} world={world}");
         let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
-        let out = filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, rank, i));
-        let mut inp = filled(dtype, n, |_| sentinel(dtype));
+        let out = self.filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, rank, i))?;
+        let mut inp = self.filled(dtype, n, |_| sentinel(dtype))?;
         if rank % 2 == 0 {
             self.comm
                 .send(&out, next)
@@ -425,7 +450,8 @@ impl Suite<'_> {
                 let what = format!("send/recv pair {src}->{dst} {dtype} n={n1},{n2} world={world}");
                 if rank == src {
                     for (salt, n) in [(s1, n1), (s2, n2)] {
-                        let t = filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, src, i));
+                        let t =
+                            self.filled(dtype, n, |i| value(dtype, Pattern::Unique, salt, src, i))?;
                         self.comm
                             .send(&t, dst)
                             .map_err(|e| self.comm_err(&what, e))?;
@@ -433,7 +459,7 @@ impl Suite<'_> {
                     self.passed()?;
                 } else if rank == dst {
                     for (salt, n) in [(s1, n1), (s2, n2)] {
-                        let mut t = filled(dtype, n, |_| sentinel(dtype));
+                        let mut t = self.filled(dtype, n, |_| sentinel(dtype))?;
                         self.comm
                             .recv(&mut t, src)
                             .map_err(|e| self.comm_err(&what, e))?;
@@ -459,5 +485,89 @@ mod tests {
         let mut c = SingleRankCommunicator::new();
         let n = run(&mut c, Some(&store), Mode::Basic, &mut |_| {}).unwrap();
         assert!(n > 400, "{n} checks");
+    }
+
+    /// A backend that corrupts one element of every all_reduce: the suite
+    /// must notice and say where.
+    #[derive(Debug)]
+    struct Faulty(SingleRankCommunicator);
+
+    impl DeviceCommunicator for Faulty {
+        fn backend(&self) -> &'static str {
+            "faulty"
+        }
+        fn rank(&self) -> usize {
+            0
+        }
+        fn world_size(&self) -> usize {
+            1
+        }
+        fn device(&self) -> comm_core::Device {
+            self.0.device()
+        }
+        fn timeout(&self) -> std::time::Duration {
+            self.0.timeout()
+        }
+        fn set_timeout(&mut self, t: std::time::Duration) {
+            self.0.set_timeout(t)
+        }
+        fn all_reduce(&mut self, t: &mut comm_core::Tensor, op: ReduceOp) -> comm_core::Result<()> {
+            self.0.all_reduce(t, op)?;
+            if t.numel() > 1 {
+                let b = t.as_bytes_mut()?;
+                b[b.len() - 1] ^= 0x40;
+            }
+            Ok(())
+        }
+        fn all_gather(
+            &mut self,
+            i: &comm_core::Tensor,
+            o: &mut comm_core::Tensor,
+        ) -> comm_core::Result<()> {
+            self.0.all_gather(i, o)
+        }
+        fn reduce_scatter(
+            &mut self,
+            i: &comm_core::Tensor,
+            o: &mut comm_core::Tensor,
+            op: ReduceOp,
+        ) -> comm_core::Result<()> {
+            self.0.reduce_scatter(i, o, op)
+        }
+        fn broadcast(&mut self, t: &mut comm_core::Tensor, root: usize) -> comm_core::Result<()> {
+            self.0.broadcast(t, root)
+        }
+        fn gather(
+            &mut self,
+            i: &comm_core::Tensor,
+            o: Option<&mut comm_core::Tensor>,
+            root: usize,
+        ) -> comm_core::Result<()> {
+            self.0.gather(i, o, root)
+        }
+        fn all_to_all(
+            &mut self,
+            i: &comm_core::Tensor,
+            o: &mut comm_core::Tensor,
+        ) -> comm_core::Result<()> {
+            self.0.all_to_all(i, o)
+        }
+        fn send(&mut self, t: &comm_core::Tensor, dst: usize) -> comm_core::Result<()> {
+            self.0.send(t, dst)
+        }
+        fn recv(&mut self, t: &mut comm_core::Tensor, src: usize) -> comm_core::Result<()> {
+            self.0.recv(t, src)
+        }
+        fn barrier(&mut self) -> comm_core::Result<()> {
+            self.0.barrier()
+        }
+    }
+
+    #[test]
+    fn a_wrong_result_is_reported_with_its_index() {
+        let mut c = Faulty(SingleRankCommunicator::new());
+        let err = run(&mut c, None, Mode::Basic, &mut |_| {}).unwrap_err();
+        assert!(err.contains("all_reduce f32 sum n=1003"), "{err}");
+        assert!(err.contains("WRONG RESULT: first bad index 1002"), "{err}");
     }
 }

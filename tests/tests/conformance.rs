@@ -76,6 +76,30 @@ macro_rules! conformance_tests {
 
 conformance_tests!("single" => single_world1: 1 "basic");
 
+/// The harness itself: a backend the registry does not have makes every rank
+/// exit non-zero with a BackendUnavailable message, quickly.
+#[test]
+fn unknown_backend_fails_every_rank() {
+    let cfg = LaunchConfig::new(env!("CARGO_BIN_EXE_conformance_worker"), 2)
+        .args(["--backend", "carrier-pigeon"])
+        .timeout(Duration::from_secs(30))
+        .grace(Duration::from_secs(1))
+        .capture(true);
+    let out = launch(&cfg).expect("the launcher itself failed");
+    assert!(!out.success());
+    let all: String = out
+        .stderr
+        .iter()
+        .flatten()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        all.contains("backend `carrier-pigeon` is unavailable"),
+        "stderr was:\n{all}"
+    );
+}
+
 conformance_tests!("tcp" =>
     tcp_world1: 1 "basic",
     tcp_world2: 2 "basic",

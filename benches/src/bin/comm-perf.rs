@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use benches::perf::{format_row, header, measure, parse_size, sizes, summary, Op, PerfConfig, Row};
+use benches::perf::{
+    format_row, header, measure_on, parse_size, sizes, summary, Op, PerfConfig, Row,
+};
 use clap::Parser;
 use comm_core::{DType, DeviceCommunicator, ReduceOp};
 
@@ -49,6 +51,10 @@ struct Args {
     /// Multiply the size by this factor between rows.
     #[arg(short = 'f', long = "stepfactor", default_value_t = 2)]
     stepfactor: u64,
+    /// Tensor device: cpu, or cuda (rank LOCAL_RANK on GPU LOCAL_RANK %
+    /// count; needs the `nccl` feature; tcp/shm stage through host memory).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Element type.
     #[arg(long, short = 'd', default_value = "f32")]
     dtype: String,
@@ -150,24 +156,39 @@ fn rank_main(args: &Args) -> Result<(), String> {
 
     let job = tests::rendezvous::join(op_timeout).map_err(|e| format!("rendezvous: {e}"))?;
     let (rank, world) = (job.rank, job.world);
-    let mut comm = tests::registry::make_communicator(
+    let device = match args.device.as_str() {
+        "cpu" => comm_core::Device::Cpu,
+        "cuda" => {
+            tests::registry::local_cuda_device(job.info.local_rank).map_err(|e| e.to_string())?
+        }
+        other => return Err(format!("unknown --device `{other}`; expected cpu or cuda")),
+    };
+    let place = tests::registry::placement(device).map_err(|e| e.to_string())?;
+    let mut comm = tests::registry::make_communicator_on(
         &args.backend,
         job.store.clone(),
         rank,
         world,
         op_timeout,
+        device,
     )
     .map_err(|e| format!("creating the {} communicator: {e}", args.backend))?;
     let lead = rank == 0;
 
     if lead {
         println!(
-            "# comm-perf: backend {} | world {world} | dtype {dtype} | iters {} | warmup {} | check {}",
+            "# comm-perf: backend {} | world {world} | device {device} | dtype {dtype} | iters {} | warmup {} | check {}",
             args.backend, args.iters, args.warmup, args.check
         );
     }
     let mut all_rows: Vec<Row> = Vec::new();
     for op in ops {
+        if op == Op::SendRecv && world < 2 {
+            if lead {
+                println!("#\n# op: {op} skipped: it needs at least 2 ranks");
+            }
+            continue;
+        }
         let cfg = PerfConfig {
             op,
             dtype,
@@ -182,8 +203,13 @@ fn rank_main(args: &Args) -> Result<(), String> {
         }
         let mut rows = Vec::new();
         for &bytes in &sizes {
-            let row = measure(comm.as_mut() as &mut dyn DeviceCommunicator, &cfg, bytes)
-                .map_err(|e| format!("rank {rank}: {op} at {bytes} B: {e}"))?;
+            let row = measure_on(
+                comm.as_mut() as &mut dyn DeviceCommunicator,
+                &cfg,
+                bytes,
+                place.as_ref(),
+            )
+            .map_err(|e| format!("rank {rank}: {op} at {bytes} B: {e}"))?;
             if lead {
                 println!("{}", format_row(&row));
             }

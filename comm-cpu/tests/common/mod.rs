@@ -38,5 +38,7 @@ pub fn run<T: Send + 'static>(
                 .unwrap()
         })
         .collect();
-    hs.into_iter().map(|h| h.join().expect("rank thread panicked")).collect()
+    hs.into_iter()
+        .map(|h| h.join().expect("rank thread panicked"))
+        .collect()
 }

@@ -23,13 +23,19 @@ fn hex(key: &str) -> String {
 impl FileStore {
     pub fn new(dir: impl AsRef<Path>) -> Self {
         fs::create_dir_all(dir.as_ref()).unwrap();
-        FileStore { dir: dir.as_ref().to_path_buf() }
+        FileStore {
+            dir: dir.as_ref().to_path_buf(),
+        }
     }
     fn path(&self, key: &str) -> PathBuf {
         self.dir.join(format!("k{}", hex(key)))
     }
     fn put(&self, key: &str, value: &[u8]) -> Result<()> {
-        let tmp = self.dir.join(format!(".tmp.{}.{:?}", std::process::id(), std::thread::current().id()));
+        let tmp = self.dir.join(format!(
+            ".tmp.{}.{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
         fs::write(&tmp, value).map_err(|e| CommError::io("file store write", e))?;
         fs::rename(&tmp, self.path(key)).map_err(|e| CommError::io("file store rename", e))
     }
@@ -56,7 +62,10 @@ impl Store for FileStore {
             if let Some(v) = self.try_get(key)? {
                 return Ok(v);
             }
-            dl.check(|| format!("file store get `{key}`"), || vec![key.to_string()])?;
+            dl.check(
+                || format!("file store get `{key}`"),
+                || vec![key.to_string()],
+            )?;
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -71,7 +80,10 @@ impl Store for FileStore {
         self.locked(|| {
             let cur = match self.try_get(key)? {
                 None => 0,
-                Some(v) => String::from_utf8_lossy(&v).trim().parse::<i64>().unwrap_or(0),
+                Some(v) => String::from_utf8_lossy(&v)
+                    .trim()
+                    .parse::<i64>()
+                    .unwrap_or(0),
             };
             let new = cur + delta;
             self.put(key, new.to_string().as_bytes())?;
@@ -152,7 +164,9 @@ pub fn reference(inputs: &[Tensor], op: ReduceOp) -> Tensor {
 
 /// Concatenation of byte views.
 pub fn concat(ts: &[Tensor]) -> Vec<u8> {
-    ts.iter().flat_map(|t| t.as_bytes().unwrap().to_vec()).collect()
+    ts.iter()
+        .flat_map(|t| t.as_bytes().unwrap().to_vec())
+        .collect()
 }
 
 /// Small deterministic PRNG (splitmix64).
@@ -183,5 +197,13 @@ pub fn checksum(b: &[u8]) -> u64 {
 
 /// A unique job id for a test, so leak checks see only its segments.
 pub fn job(tag: &str) -> String {
-    format!("t{}{}{}", tag, std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos())
+    format!(
+        "t{}{}{}",
+        tag,
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    )
 }
