@@ -174,7 +174,11 @@ impl Tensor {
         let n = numel_of(&shape)?;
         n.checked_mul(dtype.size())
             .filter(|b| *b <= isize::MAX as usize)
-            .ok_or_else(|| CommError::invalid(format!("a {dtype} tensor of shape {shape:?} is too large to allocate")))?;
+            .ok_or_else(|| {
+                CommError::invalid(format!(
+                    "a {dtype} tensor of shape {shape:?} is too large to allocate"
+                ))
+            })?;
         Ok(Tensor::zeros(shape, dtype))
     }
 

@@ -779,8 +779,8 @@ impl DeviceCommunicator for TcpCommunicator {
         let m = input.nbytes() / w;
         let ib = input.as_bytes()?;
         let ob = output.as_bytes_mut()?;
-        ob[r * m..(r + 1) * m].copy_from_slice(&ib[r * m..(r + 1) * m]);
         if w == 1 || m == 0 {
+            ob[r * m..(r + 1) * m].copy_from_slice(&ib[r * m..(r + 1) * m]);
             return Ok(());
         }
         let deadline = Deadline::after(self.opts.timeout);
@@ -801,7 +801,25 @@ impl DeviceCommunicator for TcpCommunicator {
                 RecvOp::raw(from, obp.wrapping_add(from * m), m)
             })
             .collect();
-        let res = self.mesh.exchange(
+        // This member's own block is copied in pieces while the sockets have
+        // nothing to do (for large messages that copy is a good part of the
+        // work), the rest after.
+        let own = &ib[r * m..(r + 1) * m];
+        let own_dst = obp.wrapping_add(r * m);
+        let piece = self.opts.segment.max(1);
+        let mut copied = 0;
+        let mut copy_some = |upto: usize| {
+            let end = upto.min(m);
+            if copied < end {
+                // SAFETY: block `r` of `ob` is a range that no receive writes
+                // (receives fill the blocks of the other members).
+                let dst = unsafe { std::slice::from_raw_parts_mut(own_dst.add(copied), end - copied) };
+                dst.copy_from_slice(&own[copied..end]);
+                copied = end;
+            }
+        };
+        let mut done = 0;
+        let res = self.mesh.exchange_idle(
             Kind::AllToAll,
             &|| name.clone(),
             &mut sends,
@@ -809,7 +827,16 @@ impl DeviceCommunicator for TcpCommunicator {
             &deadline,
             usize::MAX,
             |_, _, _| Ok(()),
+            &mut || {
+                if done >= m {
+                    return false;
+                }
+                done = (done + piece).min(m);
+                copy_some(done);
+                true
+            },
         );
+        copy_some(m);
         res.map_err(|e| self.fail(e))
     }
 

@@ -290,7 +290,26 @@ impl Mesh {
         recvs: &mut [RecvOp],
         deadline: &Deadline,
         grain: usize,
+        on_recv: impl FnMut(usize, usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.exchange_idle(kind, op, sends, recvs, deadline, grain, on_recv, &mut || false)
+    }
+
+    /// [`Mesh::exchange`] that calls `idle()` whenever no socket could
+    /// progress, before spinning or sleeping: local work (a copy that is
+    /// needed anyway) fills the time the network leaves free. `idle` returns
+    /// whether it did anything; once it returns false it is not called again.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn exchange_idle(
+        &mut self,
+        kind: Kind,
+        op: &dyn Fn() -> String,
+        sends: &mut [SendOp],
+        recvs: &mut [RecvOp],
+        deadline: &Deadline,
+        grain: usize,
         mut on_recv: impl FnMut(usize, usize, &[u8]) -> Result<()>,
+        idle: &mut dyn FnMut() -> bool,
     ) -> Result<()> {
         for s in sends.iter_mut() {
             let p = self.peer(s.peer);
@@ -325,6 +344,7 @@ impl Mesh {
             reported,
             &mut busy,
             &mut last_progress,
+            idle,
         );
         self.busy = busy;
         res
@@ -343,7 +363,9 @@ impl Mesh {
         reported: &mut [usize],
         busy: &mut [u8],
         last_progress: &mut Instant,
+        idle: &mut dyn FnMut() -> bool,
     ) -> Result<()> {
+        let mut idle_left = true;
         loop {
             let mut progress = false;
             let mut pending = false;
@@ -412,6 +434,10 @@ impl Mesh {
             }
             if !pending {
                 return Ok(());
+            }
+            if !progress && idle_left {
+                idle_left = idle();
+                progress = idle_left;
             }
             let now = Instant::now();
             if progress {

@@ -151,13 +151,18 @@ impl Default for SpinPolicy {
 
 impl SpinPolicy {
     /// The policy for `members` processes on this host: up to 4000 spins
-    /// (tens of microseconds) when every member can have a core, up to 64
+    /// (tens of microseconds) when every member can have a core, 16
     /// when the group is oversubscribed; the adaptive budget then shrinks
     /// the spin whenever waits are long, so the member holding the CPU is
     /// the one with work to do.
+    ///
+    /// `DIST_SHM_SPIN=<iterations>` overrides the spin maximum (for tuning).
     pub fn for_members(members: usize) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let spin_iters = if members <= cores { 4000 } else { 64 };
+        let spin_iters = std::env::var("DIST_SHM_SPIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if members <= cores { 4000 } else { 16 });
         SpinPolicy {
             spin_iters,
             ..Self::default()

@@ -72,7 +72,13 @@ impl Store for HashStore {
         let g = self.wait_until(
             timeout,
             || format!("store get `{key}`"),
-            |m| if m.contains_key(key) { vec![] } else { vec![key.to_string()] },
+            |m| {
+                if m.contains_key(key) {
+                    vec![]
+                } else {
+                    vec![key.to_string()]
+                }
+            },
         )?;
         g.get(key)
             .cloned()
@@ -100,7 +106,12 @@ impl Store for HashStore {
         self.wait_until(
             timeout,
             || format!("store wait for {} key(s)", keys.len()),
-            |m| keys.iter().filter(|k| !m.contains_key(**k)).map(|k| k.to_string()).collect(),
+            |m| {
+                keys.iter()
+                    .filter(|k| !m.contains_key(**k))
+                    .map(|k| k.to_string())
+                    .collect()
+            },
         )
         .map(|_| ())
     }
@@ -131,5 +142,9 @@ pub fn parse_counter(key: &str, v: &[u8]) -> Result<i64> {
     std::str::from_utf8(v)
         .ok()
         .and_then(|s| s.trim().parse::<i64>().ok())
-        .ok_or_else(|| CommError::invalid(format!("store key `{key}` holds a non-counter value; add() needs a decimal i64")))
+        .ok_or_else(|| {
+            CommError::invalid(format!(
+                "store key `{key}` holds a non-counter value; add() needs a decimal i64"
+            ))
+        })
 }

@@ -57,7 +57,10 @@ struct Args {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     }
     fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
@@ -101,7 +104,7 @@ fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
 
 /// Softmax attention over `[B, S, h, D]` q/k/v, keys limited to the first
 /// `valid` positions (the rest is sequence padding).
-fn attention(q: &[f32], k: &[f32], v: &[f32], b: usize, s: usize, h: usize, d: usize, valid: usize) -> Vec<f32> {
+fn attention(q: &[f32], k: &[f32], v: &[f32], [b, s, h, d]: [usize; 4], valid: usize) -> Vec<f32> {
     let mut out = vec![0f32; b * s * h * d];
     let scale = 1.0 / (d as f32).sqrt();
     let idx = |bb: usize, ss: usize, hh: usize| ((bb * s + ss) * h + hh) * d;
@@ -143,7 +146,7 @@ fn reference(x: &[f32], a: &Args, ls: &[Layer]) -> Vec<f32> {
         let q = matmul(&x, &l.wq, b * s, hid, hid);
         let k = matmul(&x, &l.wk, b * s, hid, hid);
         let v = matmul(&x, &l.wv, b * s, hid, hid);
-        let o = attention(&q, &k, &v, b, s, h, d, s);
+        let o = attention(&q, &k, &v, [b, s, h, d], s);
         let o = matmul(&o, &l.wo, b * s, hid, hid);
         x.iter_mut().zip(&o).for_each(|(xv, ov)| *xv += ov);
     }
@@ -160,7 +163,10 @@ fn to_device(t: Tensor, device: Device) -> parallel_state::Result<Tensor> {
 fn run_rank(a: &Args) -> parallel_state::Result<bool> {
     let device: Device = a.device.parse()?;
     let backend = a.backend.as_deref().map(str::parse).transpose()?;
-    let ps = ParallelState::init_from_env(InitOptions { backend, ..Default::default() })?;
+    let ps = ParallelState::init_from_env(InitOptions {
+        backend,
+        ..Default::default()
+    })?;
     let device = match device {
         Device::Cuda(_) => Device::Cuda(ps.local_rank()),
         d => d,
@@ -171,7 +177,9 @@ fn run_rank(a: &Args) -> parallel_state::Result<bool> {
     let (b, s, h, d) = (a.batch, a.seq, a.heads, a.head_dim);
     let hid = h * d;
     if h % p != 0 {
-        return Err(parallel_state::CommError::invalid(format!("--heads {h} must divide by the {p} processes")));
+        return Err(parallel_state::CommError::invalid(format!(
+            "--heads {h} must divide by the {p} processes"
+        )));
     }
     let ls = layers(a.layers, hid);
     let input = Lcg(42).vec(b * s * hid, 1.0);
@@ -200,7 +208,7 @@ fn run_rank(a: &Args) -> parallel_state::Result<bool> {
             comm += c.elapsed();
             qkv.push(y.to_vec::<f32>()?);
         }
-        let o = attention(&qkv[0], &qkv[1], &qkv[2], b, padded, h / p, d, orig_len);
+        let o = attention(&qkv[0], &qkv[1], &qkv[2], [b, padded, h / p, d], orig_len);
         let o = to_device(Tensor::from_vec(o, [b, padded, h / p, d])?, device)?;
         let c = Instant::now();
         let o = sp.all_to_all_4d(&o, 1, 2)?; // [B, S_pad/P, H, D]
@@ -217,11 +225,19 @@ fn run_rank(a: &Args) -> parallel_state::Result<bool> {
     let out = sp.all_gather_with_unpad(&x, 1, orig_len)?;
     let ok = if sp.rank_in_group() == 0 {
         for (i, t) in per_layer.iter().enumerate() {
-            println!("layer {i}: communication {:8.3} ms   compute {:8.3} ms", t[0] * 1e3, t[1] * 1e3);
+            println!(
+                "layer {i}: communication {:8.3} ms   compute {:8.3} ms",
+                t[0] * 1e3,
+                t[1] * 1e3
+            );
         }
         let r = reference(&input, a, &ls);
         let got = out.to_vec::<f32>()?;
-        let err = got.iter().zip(&r).map(|(g, e)| (g - e).abs()).fold(0f32, f32::max);
+        let err = got
+            .iter()
+            .zip(&r)
+            .map(|(g, e)| (g - e).abs())
+            .fold(0f32, f32::max);
         let ok = got.len() == r.len() && err <= a.tolerance;
         println!(
             "output [{b}, {}, {hid}] vs single-process reference: max abs error {err:.3e} (tolerance {:.0e}) -> {}",
@@ -255,7 +271,10 @@ fn main() -> ExitCode {
         return match executor::launch(&cfg) {
             Ok(o) if o.success() => ExitCode::SUCCESS,
             Ok(o) => {
-                eprintln!("ulysses_attention: launch failed (exit code {})", o.exit_code);
+                eprintln!(
+                    "ulysses_attention: launch failed (exit code {})",
+                    o.exit_code
+                );
                 ExitCode::from(o.exit_code.clamp(1, 255) as u8)
             }
             Err(e) => {
@@ -267,7 +286,11 @@ fn main() -> ExitCode {
     // Each group logs its backend choice and the reason once (RUST_LOG overrides).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("parallel_state=info,warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).without_time().init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .without_time()
+        .init();
     match run_rank(&a) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(2),

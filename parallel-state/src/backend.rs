@@ -116,7 +116,9 @@ pub(crate) fn host_communicator(
             Box::new(comm_shm::ShmCommunicator::new(&*store, rank, world, opts)?)
         }
         Backend::Nccl => {
-            return Err(CommError::invalid("nccl is a device backend, not a host backend"))
+            return Err(CommError::invalid(
+                "nccl is a device backend, not a host backend",
+            ))
         }
     })
 }
@@ -150,7 +152,9 @@ pub(crate) fn nccl_communicator(
         timeout,
         ..Default::default()
     };
-    Ok(Box::new(comm_nccl::NcclCommunicator::new(store, rank, world, opts)?))
+    Ok(Box::new(comm_nccl::NcclCommunicator::new(
+        store, rank, world, opts,
+    )?))
 }
 
 /// Builds the device communicator for `device`, or returns why none is used
@@ -169,7 +173,9 @@ pub(crate) fn device_communicator(
         return Ok(Err("one-member group".into()));
     }
     if let Some(why) = nccl_unavailable_reason() {
-        return Ok(Err(format!("NCCL unavailable ({why}); CUDA tensors are staged through host memory")));
+        return Ok(Err(format!(
+            "NCCL unavailable ({why}); CUDA tensors are staged through host memory"
+        )));
     }
     #[cfg(feature = "nccl")]
     {

@@ -94,13 +94,17 @@ impl GroupCoordinator {
     ) -> Result<Self> {
         let name = name.into();
         let rank_in_group = ranks.iter().position(|&r| r == rank).ok_or_else(|| {
-            CommError::invalid(format!("rank {rank} is not a member of group `{name}` {ranks:?}"))
+            CommError::invalid(format!(
+                "rank {rank} is not a member of group `{name}` {ranks:?}"
+            ))
         })?;
         let mut sorted = ranks.clone();
         sorted.sort_unstable();
         sorted.dedup();
         if sorted.len() != ranks.len() {
-            return Err(CommError::invalid(format!("group `{name}` lists a rank twice: {ranks:?}")));
+            return Err(CommError::invalid(format!(
+                "group `{name}` lists a rank twice: {ranks:?}"
+            )));
         }
         let world = ranks.len();
         let forced = match opts.backend {
@@ -108,16 +112,36 @@ impl GroupCoordinator {
             None => backend::backend_from_env()?,
         };
         let host_forced = forced.filter(|b| *b != Backend::Nccl);
-        let (host_backend, why) = backend::choose_host_backend(world, all_on_this_host, host_forced)?;
-        let host_store: Arc<dyn Store> = Arc::new(dist_utils::PrefixStore::new("host", store.clone()));
-        let host = backend::host_communicator(host_backend, host_store, rank_in_group, world, opts.timeout)?;
-        let (device, device_backend, dev_why) =
-            match backend::device_communicator(opts.device, &store, rank_in_group, world, opts.timeout)? {
-                Ok(c) => (Some(c), Some(Backend::Nccl), "NCCL for CUDA tensors".to_string()),
-                Err(why) => (None, None, why),
-            };
+        let (host_backend, why) =
+            backend::choose_host_backend(world, all_on_this_host, host_forced)?;
+        let host_store: Arc<dyn Store> =
+            Arc::new(dist_utils::PrefixStore::new("host", store.clone()));
+        let host = backend::host_communicator(
+            host_backend,
+            host_store,
+            rank_in_group,
+            world,
+            opts.timeout,
+        )?;
+        let (device, device_backend, dev_why) = match backend::device_communicator(
+            opts.device,
+            &store,
+            rank_in_group,
+            world,
+            opts.timeout,
+        )? {
+            Ok(c) => (
+                Some(c),
+                Some(Backend::Nccl),
+                "NCCL for CUDA tensors".to_string(),
+            ),
+            Err(why) => (None, None, why),
+        };
         if forced == Some(Backend::Nccl) && device.is_none() && world > 1 {
-            return Err(CommError::unavailable("nccl", format!("forced for group `{name}`, but {dev_why}")));
+            return Err(CommError::unavailable(
+                "nccl",
+                format!("forced for group `{name}`, but {dev_why}"),
+            ));
         }
         if rank_in_group == 0 {
             tracing::info!(
@@ -127,7 +151,12 @@ impl GroupCoordinator {
         }
         let mq = if opts.use_message_queue_broadcaster && host_backend == Backend::Shm {
             let mq_store: Arc<dyn Store> = Arc::new(dist_utils::PrefixStore::new("mq", store));
-            Some(crate::mq::MqBroadcaster::new(mq_store, rank_in_group, world, opts.timeout)?)
+            Some(crate::mq::MqBroadcaster::new(
+                mq_store,
+                rank_in_group,
+                world,
+                opts.timeout,
+            )?)
         } else {
             None
         };
@@ -157,7 +186,9 @@ impl GroupCoordinator {
             host_backend: Backend::Single,
             device_backend: None,
             timeout: comm_core::default_timeout(),
-            host: Mutex::new(Some(HostStaged::new(Box::new(comm_core::SingleRankCommunicator::new())))),
+            host: Mutex::new(Some(HostStaged::new(Box::new(
+                comm_core::SingleRankCommunicator::new(),
+            )))),
             device: Mutex::new(None),
             mq: None,
         }
@@ -236,18 +267,31 @@ impl GroupCoordinator {
     /// Adds the group's name and global ranks to errors raised below it.
     fn ctx(&self, e: CommError) -> CommError {
         match e {
-            CommError::Timeout { operation, waited, missing } => CommError::Timeout {
-                operation: format!("{operation} in group `{}` (global ranks {:?})", self.name, self.ranks),
+            CommError::Timeout {
+                operation,
+                waited,
+                missing,
+            } => CommError::Timeout {
+                operation: format!(
+                    "{operation} in group `{}` (global ranks {:?})",
+                    self.name, self.ranks
+                ),
                 waited,
                 missing: missing
                     .into_iter()
-                    .map(|m| match m.parse::<usize>().ok().and_then(|r| self.ranks.get(r)) {
-                        Some(g) => format!("group rank {m} (global rank {g})"),
-                        None => m,
-                    })
+                    .map(
+                        |m| match m.parse::<usize>().ok().and_then(|r| self.ranks.get(r)) {
+                            Some(g) => format!("group rank {m} (global rank {g})"),
+                            None => m,
+                        },
+                    )
                     .collect(),
             },
-            CommError::PeerLost { rank, operation, detail } => CommError::PeerLost {
+            CommError::PeerLost {
+                rank,
+                operation,
+                detail,
+            } => CommError::PeerLost {
                 rank,
                 operation: format!(
                     "{operation} in group `{}` (group rank {rank} = global rank {})",
@@ -265,7 +309,11 @@ impl GroupCoordinator {
     }
 
     /// Runs `f` on the plane that moves tensors on `device`.
-    fn with_plane<R>(&self, device: Device, f: impl FnOnce(&mut dyn DeviceCommunicator) -> Result<R>) -> Result<R> {
+    fn with_plane<R>(
+        &self,
+        device: Device,
+        f: impl FnOnce(&mut dyn DeviceCommunicator) -> Result<R>,
+    ) -> Result<R> {
         if device.is_cuda() {
             let mut g = self.device.lock().map_err(poisoned)?;
             if let Some(c) = g.as_mut() {
@@ -425,7 +473,12 @@ impl GroupCoordinator {
     ///
     /// Any other pair is an error, as are `H % P != 0` (mode 2,1) and
     /// `S % P != 0` (mode 1,2). Pure data movement: bit-exact.
-    pub fn all_to_all_4d(&self, x: &Tensor, scatter_dim: usize, gather_dim: usize) -> Result<Tensor> {
+    pub fn all_to_all_4d(
+        &self,
+        x: &Tensor,
+        scatter_dim: usize,
+        gather_dim: usize,
+    ) -> Result<Tensor> {
         let p = self.world_size();
         let [b, s, h, dd] = shape4(x)?;
         let mode = a2a_mode(scatter_dim, gather_dim)?;
@@ -443,11 +496,18 @@ impl GroupCoordinator {
                 }
                 let hp = h / p;
                 // [B, S/P, P, H/P, D] -> [P, B, S/P, H/P, D]: block j goes to rank j.
-                let send = on_host(x, |t| layout::permute(&t.try_clone()?.reshape([b, s, p, hp, dd])?, &[2, 0, 1, 3, 4]))?;
+                let send = on_host(x, |t| {
+                    layout::permute(
+                        &t.try_clone()?.reshape([b, s, p, hp, dd])?,
+                        &[2, 0, 1, 3, 4],
+                    )
+                })?;
                 let mut recv = x.zeros_with_shape([p, b, s, hp, dd])?;
                 self.with_plane(x.device(), |c| c.all_to_all(&send, &mut recv))?;
                 // [P(src), B, S/P, H/P, D] -> [B, P, S/P, H/P, D] = [B, S, H/P, D].
-                on_host(&recv, |t| layout::permute(t, &[1, 0, 2, 3, 4])?.reshape([b, p * s, hp, dd]))
+                on_host(&recv, |t| {
+                    layout::permute(t, &[1, 0, 2, 3, 4])?.reshape([b, p * s, hp, dd])
+                })
             }
             A2aMode::HeadToSeq => {
                 if s % p != 0 {
@@ -459,11 +519,18 @@ impl GroupCoordinator {
                 }
                 let sp = s / p;
                 // [B, P, S/P, H/P, D] -> [P, B, S/P, H/P, D]: sequence block j to rank j.
-                let send = on_host(x, |t| layout::permute(&t.try_clone()?.reshape([b, p, sp, h, dd])?, &[1, 0, 2, 3, 4]))?;
+                let send = on_host(x, |t| {
+                    layout::permute(
+                        &t.try_clone()?.reshape([b, p, sp, h, dd])?,
+                        &[1, 0, 2, 3, 4],
+                    )
+                })?;
                 let mut recv = x.zeros_with_shape([p, b, sp, h, dd])?;
                 self.with_plane(x.device(), |c| c.all_to_all(&send, &mut recv))?;
                 // [P(head block), B, S/P, H/P, D] -> [B, S/P, P, H/P, D] = [B, S/P, H, D].
-                on_host(&recv, |t| layout::permute(t, &[1, 2, 0, 3, 4])?.reshape([b, sp, p * h, dd]))
+                on_host(&recv, |t| {
+                    layout::permute(t, &[1, 2, 0, 3, 4])?.reshape([b, sp, p * h, dd])
+                })
             }
         }
     }
@@ -502,20 +569,28 @@ impl GroupCoordinator {
         let (send_splits, send_dim, keep): (Vec<usize>, usize, Vec<usize>) = match mode {
             A2aMode::SeqToHead => {
                 if heads.iter().any(|&x| x != h) {
-                    return Err(CommError::shape("all_to_all_4d_uneven(2,1)", "the same head count on every member", format!("{heads:?}")));
+                    return Err(CommError::shape(
+                        "all_to_all_4d_uneven(2,1)",
+                        "the same head count on every member",
+                        format!("{heads:?}"),
+                    ));
                 }
                 (even_splits(h, p), 2usize, seqs.clone())
             }
             A2aMode::HeadToSeq => {
                 if seqs.iter().any(|&x| x != s) {
-                    return Err(CommError::shape("all_to_all_4d_uneven(1,2)", "the same sequence length on every member", format!("{seqs:?}")));
+                    return Err(CommError::shape(
+                        "all_to_all_4d_uneven(1,2)",
+                        "the same sequence length on every member",
+                        format!("{seqs:?}"),
+                    ));
                 }
                 let splits = match seq_splits {
                     Some(v) if v.len() == p && v.iter().sum::<usize>() == s => v.to_vec(),
                     Some(v) => {
                         return Err(CommError::invalid(format!(
-                            "seq_splits {v:?} must have {p} entries summing to the sequence length {s}"
-                        )))
+                        "seq_splits {v:?} must have {p} entries summing to the sequence length {s}"
+                    )))
                     }
                     None => even_splits(s, p),
                 };
@@ -524,8 +599,14 @@ impl GroupCoordinator {
         };
         // Pad every block to the largest one so the exchange has equal splits.
         let (smax, hmax) = match mode {
-            A2aMode::SeqToHead => (*seqs.iter().max().unwrap_or(&0), *send_splits.iter().max().unwrap_or(&0)),
-            A2aMode::HeadToSeq => (*send_splits.iter().max().unwrap_or(&0), *heads.iter().max().unwrap_or(&0)),
+            A2aMode::SeqToHead => (
+                *seqs.iter().max().unwrap_or(&0),
+                *send_splits.iter().max().unwrap_or(&0),
+            ),
+            A2aMode::HeadToSeq => (
+                *send_splits.iter().max().unwrap_or(&0),
+                *heads.iter().max().unwrap_or(&0),
+            ),
         };
         let send = on_host(x, |t| {
             let mut blocks = Vec::with_capacity(p);
@@ -579,7 +660,12 @@ impl GroupCoordinator {
 
     /// All-gathers shards made by [`shard`](Self::shard) and trims the
     /// padding back to `original_len`.
-    pub fn all_gather_with_unpad(&self, input: &Tensor, dim: isize, original_len: usize) -> Result<Tensor> {
+    pub fn all_gather_with_unpad(
+        &self,
+        input: &Tensor,
+        dim: isize,
+        original_len: usize,
+    ) -> Result<Tensor> {
         let d = layout::normalize_dim(dim, input.ndim())?;
         let g = self.all_gather(input, dim)?;
         if original_len > g.shape()[d] {
@@ -595,23 +681,38 @@ impl GroupCoordinator {
     // -------------------------------------------------------------- objects
 
     /// Broadcasts a serde value from group rank `src` (`obj` is read only there).
-    pub fn broadcast_object<T: Serialize + DeserializeOwned>(&self, obj: Option<&T>, src: usize) -> Result<T> {
+    pub fn broadcast_object<T: Serialize + DeserializeOwned>(
+        &self,
+        obj: Option<&T>,
+        src: usize,
+    ) -> Result<T> {
         let bytes = self.broadcast_encoded("broadcast_object", obj, src)?;
         dist_utils::codec::decode(&bytes)
     }
 
     /// Broadcasts a list of serde values from group rank `src`.
-    pub fn broadcast_object_list<T: Serialize + DeserializeOwned>(&self, list: Option<&[T]>, src: usize) -> Result<Vec<T>> {
+    pub fn broadcast_object_list<T: Serialize + DeserializeOwned>(
+        &self,
+        list: Option<&[T]>,
+        src: usize,
+    ) -> Result<Vec<T>> {
         let bytes = self.broadcast_encoded("broadcast_object_list", list.as_ref(), src)?;
         dist_utils::codec::decode(&bytes)
     }
 
-    fn broadcast_encoded<T: Serialize + ?Sized>(&self, what: &str, obj: Option<&T>, src: usize) -> Result<Vec<u8>> {
+    fn broadcast_encoded<T: Serialize + ?Sized>(
+        &self,
+        what: &str,
+        obj: Option<&T>,
+        src: usize,
+    ) -> Result<Vec<u8>> {
         self.check_member(what, src)?;
         if self.rank_in_group != src {
             return self.broadcast_bytes(None, src);
         }
-        let obj = obj.ok_or_else(|| CommError::invalid(format!("{what}: the source rank must pass a value")))?;
+        let obj = obj.ok_or_else(|| {
+            CommError::invalid(format!("{what}: the source rank must pass a value"))
+        })?;
         let bytes = dist_utils::codec::encode(obj)?;
         if self.world_size() > 1 {
             self.broadcast_bytes(Some(&bytes), src)?;
@@ -626,7 +727,8 @@ impl GroupCoordinator {
         let mut len = Tensor::from_vec1(vec![bytes.map_or(0, |b| b.len()) as i64]);
         self.with_host(|c| c.broadcast(&mut len, src))?;
         let n = len.to_vec::<i64>()?[0];
-        let n = usize::try_from(n).map_err(|_| CommError::Protocol(format!("negative object length {n}")))?;
+        let n = usize::try_from(n)
+            .map_err(|_| CommError::Protocol(format!("negative object length {n}")))?;
         let mut buf = match bytes {
             Some(b) => Tensor::from_slice(b, [b.len()])?,
             None => Tensor::try_zeros([n], DType::U8)?,
@@ -656,7 +758,8 @@ impl GroupCoordinator {
         let mut len = Tensor::zeros([1], DType::I64);
         self.with_host(|c| c.recv(&mut len, src))?;
         let n = len.to_vec::<i64>()?[0];
-        let n = usize::try_from(n).map_err(|_| CommError::Protocol(format!("negative object length {n}")))?;
+        let n = usize::try_from(n)
+            .map_err(|_| CommError::Protocol(format!("negative object length {n}")))?;
         let mut t = Tensor::try_zeros([n], DType::U8)?;
         if n > 0 {
             self.with_host(|c| c.recv(&mut t, src))?;
@@ -673,10 +776,16 @@ impl GroupCoordinator {
     ///
     /// The source passes its dict by value and gets it back unchanged, so no
     /// tensor is copied on the source.
-    pub fn broadcast_tensor_dict(&self, dict: Option<TensorDict>, src: usize) -> Result<TensorDict> {
+    pub fn broadcast_tensor_dict(
+        &self,
+        dict: Option<TensorDict>,
+        src: usize,
+    ) -> Result<TensorDict> {
         self.check_member("broadcast_tensor_dict", src)?;
         if self.rank_in_group == src {
-            let mut dict = dict.ok_or_else(|| CommError::invalid("broadcast_tensor_dict: the source rank must pass a dict"))?;
+            let mut dict = dict.ok_or_else(|| {
+                CommError::invalid("broadcast_tensor_dict: the source rank must pass a dict")
+            })?;
             if self.world_size() > 1 {
                 self.broadcast_encoded("broadcast_tensor_dict", Some(&dict.metadata()), src)?;
                 for (_, v) in dict.entries_mut().iter_mut() {
@@ -689,7 +798,8 @@ impl GroupCoordinator {
             }
             return Ok(dict);
         }
-        let meta: Vec<(String, MetaValue)> = dist_utils::codec::decode(&self.broadcast_bytes(None, src)?)?;
+        let meta: Vec<(String, MetaValue)> =
+            dist_utils::codec::decode(&self.broadcast_bytes(None, src)?)?;
         let mut out = TensorDict::new();
         for (k, m) in meta {
             let v = match m {
@@ -712,7 +822,12 @@ impl GroupCoordinator {
     /// by G travels as slice `all_gather_group.rank_in_group()` of its
     /// flattened data, and the receiver all-gathers it over its own
     /// all-gather group (which must mirror the sender's).
-    pub fn send_tensor_dict(&self, dict: &TensorDict, dst: Option<usize>, all_gather_group: Option<&GroupCoordinator>) -> Result<()> {
+    pub fn send_tensor_dict(
+        &self,
+        dict: &TensorDict,
+        dst: Option<usize>,
+        all_gather_group: Option<&GroupCoordinator>,
+    ) -> Result<()> {
         let dst = dst.unwrap_or((self.rank_in_group + 1) % self.world_size());
         self.check_peer("send_tensor_dict", dst)?;
         self.send_object(&dict.metadata(), dst)?;
@@ -724,7 +839,9 @@ impl GroupCoordinator {
                 match slice_plan(t.numel(), all_gather_group) {
                     Some((g, r)) => {
                         let n = t.numel() / g;
-                        let part = on_host(t, |h| layout::narrow(&h.try_clone()?.reshape([t.numel()])?, 0, r * n, n))?;
+                        let part = on_host(t, |h| {
+                            layout::narrow(&h.try_clone()?.reshape([t.numel()])?, 0, r * n, n)
+                        })?;
                         self.send(&part, Some(dst))?;
                     }
                     None => self.send(t, Some(dst))?,
@@ -736,7 +853,11 @@ impl GroupCoordinator {
 
     /// Receives a dict sent by [`send_tensor_dict`](Self::send_tensor_dict)
     /// from group rank `src` (default: previous rank).
-    pub fn recv_tensor_dict(&self, src: Option<usize>, all_gather_group: Option<&GroupCoordinator>) -> Result<TensorDict> {
+    pub fn recv_tensor_dict(
+        &self,
+        src: Option<usize>,
+        all_gather_group: Option<&GroupCoordinator>,
+    ) -> Result<TensorDict> {
         let w = self.world_size();
         let src = src.unwrap_or((self.rank_in_group + w - 1) % w);
         self.check_peer("recv_tensor_dict", src)?;
@@ -751,7 +872,9 @@ impl GroupCoordinator {
                             Some((g, _)) => {
                                 let mut part = t.zeros_with_shape([t.numel() / g])?;
                                 self.recv_into(&mut part, Some(src))?;
-                                let ag = all_gather_group.ok_or_else(|| CommError::State("all-gather group vanished".into()))?;
+                                let ag = all_gather_group.ok_or_else(|| {
+                                    CommError::State("all-gather group vanished".into())
+                                })?;
                                 let full = ag.all_gather(&part, 0)?;
                                 t = full.reshape(tm.shape.clone())?;
                             }
@@ -834,7 +957,11 @@ fn a2a_mode(scatter_dim: usize, gather_dim: usize) -> Result<A2aMode> {
 fn shape4(x: &Tensor) -> Result<[usize; 4]> {
     match *x.shape() {
         [b, s, h, d] => Ok([b, s, h, d]),
-        _ => Err(CommError::shape("all_to_all_4D", "a 4-D [B, S, H, D] tensor", format!("shape {:?}", x.shape()))),
+        _ => Err(CommError::shape(
+            "all_to_all_4D",
+            "a 4-D [B, S, H, D] tensor",
+            format!("shape {:?}", x.shape()),
+        )),
     }
 }
 

@@ -18,7 +18,10 @@ fn state() -> Result<Arc<ParallelState>> {
         .map_err(|_| CommError::State("global parallel state lock poisoned".into()))?
         .clone()
         .ok_or_else(|| {
-            CommError::State("the distributed environment is not initialized; call init_distributed_environment".into())
+            CommError::State(
+                "the distributed environment is not initialized; call init_distributed_environment"
+                    .into(),
+            )
         })
 }
 
@@ -29,7 +32,9 @@ pub fn global_state() -> Result<Arc<ParallelState>> {
 
 /// Installs an explicitly built state as the process-wide one.
 pub fn set_global_state(st: ParallelState) -> Result<Arc<ParallelState>> {
-    let mut g = STATE.write().map_err(|_| CommError::State("global parallel state lock poisoned".into()))?;
+    let mut g = STATE
+        .write()
+        .map_err(|_| CommError::State("global parallel state lock poisoned".into()))?;
     if g.is_some() {
         return Err(CommError::State(
             "the distributed environment is already initialized; call destroy_distributed_environment first".into(),
@@ -50,10 +55,22 @@ pub fn init_distributed_environment(
     backend: Option<Backend>,
 ) -> Result<()> {
     if state().is_ok() {
-        return Err(CommError::State("init_distributed_environment called twice".into()));
+        return Err(CommError::State(
+            "init_distributed_environment called twice".into(),
+        ));
     }
-    let opts = InitOptions { backend, ..Default::default() };
-    set_global_state(ParallelState::init(world_size, rank, init_method, local_rank, opts)?).map(|_| ())
+    let opts = InitOptions {
+        backend,
+        ..Default::default()
+    };
+    set_global_state(ParallelState::init(
+        world_size,
+        rank,
+        init_method,
+        local_rank,
+        opts,
+    )?)
+    .map(|_| ())
 }
 
 /// Builds the model-parallel groups on the global state.
@@ -76,7 +93,9 @@ pub fn maybe_init_distributed_environment_and_model_parallel(tp: usize, sp: usiz
 
 /// True once the model-parallel groups exist.
 pub fn model_parallel_is_initialized() -> bool {
-    state().map(|s| s.model_parallel_is_initialized()).unwrap_or(false)
+    state()
+        .map(|s| s.model_parallel_is_initialized())
+        .unwrap_or(false)
 }
 
 /// vLLM's `init_world_group`: the world group of the global state.
@@ -85,17 +104,27 @@ pub fn init_world_group() -> Result<Arc<GroupCoordinator>> {
 }
 
 /// vLLM's `init_model_parallel_group` on the global state.
-pub fn init_model_parallel_group(group_ranks: &[Vec<usize>], name: &str, use_message_queue_broadcaster: bool) -> Result<Arc<GroupCoordinator>> {
+pub fn init_model_parallel_group(
+    group_ranks: &[Vec<usize>],
+    name: &str,
+    use_message_queue_broadcaster: bool,
+) -> Result<Arc<GroupCoordinator>> {
     state()?.init_model_parallel_group(group_ranks, name, use_message_queue_broadcaster)
 }
 
 /// FastVideo's `initialize_tensor_parallel_group`.
-pub fn initialize_tensor_parallel_group(size: usize, suffix: &str) -> Result<Arc<GroupCoordinator>> {
+pub fn initialize_tensor_parallel_group(
+    size: usize,
+    suffix: &str,
+) -> Result<Arc<GroupCoordinator>> {
     state()?.initialize_tensor_parallel_group(size, suffix)
 }
 
 /// FastVideo's `initialize_sequence_parallel_group`.
-pub fn initialize_sequence_parallel_group(size: usize, suffix: &str) -> Result<Arc<GroupCoordinator>> {
+pub fn initialize_sequence_parallel_group(
+    size: usize,
+    suffix: &str,
+) -> Result<Arc<GroupCoordinator>> {
     state()?.initialize_sequence_parallel_group(size, suffix)
 }
 
@@ -173,7 +202,10 @@ pub fn get_local_device() -> Device {
 
 /// Runs `f` with `group` as the tensor-parallel group, restoring the previous
 /// group afterwards, also when `f` panics.
-pub fn patch_tensor_parallel_group<R>(group: Arc<GroupCoordinator>, f: impl FnOnce() -> R) -> Result<R> {
+pub fn patch_tensor_parallel_group<R>(
+    group: Arc<GroupCoordinator>,
+    f: impl FnOnce() -> R,
+) -> Result<R> {
     let st = state()?;
     let _guard = st.patch_tensor_parallel_group(group)?;
     Ok(f())
@@ -204,7 +236,9 @@ pub fn cleanup_dist_env_and_memory() {
 /// All-reduce (sum) over the group registered under `group_name`
 /// (e.g. `tp:0`), as vLLM's custom op does.
 pub fn all_reduce(tensor: &mut Tensor, group_name: &str) -> Result<()> {
-    state()?.group_by_name(group_name)?.all_reduce(tensor, ReduceOp::Sum)
+    state()?
+        .group_by_name(group_name)?
+        .all_reduce(tensor, ReduceOp::Sum)
 }
 
 /// See [`ParallelState::set_custom_all_reduce`].
@@ -227,7 +261,11 @@ pub fn tensor_model_parallel_all_gather(tensor: &Tensor, dim: isize) -> Result<T
 
 /// Ulysses all-to-all over the sequence-parallel group.
 #[allow(non_snake_case)]
-pub fn sequence_model_parallel_all_to_all_4D(x: &Tensor, scatter_dim: usize, gather_dim: usize) -> Result<Tensor> {
+pub fn sequence_model_parallel_all_to_all_4D(
+    x: &Tensor,
+    scatter_dim: usize,
+    gather_dim: usize,
+) -> Result<Tensor> {
     get_sp_group()?.all_to_all_4d(x, scatter_dim, gather_dim)
 }
 
@@ -237,7 +275,11 @@ pub fn sequence_model_parallel_all_gather(x: &Tensor, dim: isize) -> Result<Tens
 }
 
 /// All-gather over the sequence-parallel group, trimmed to `original_len`.
-pub fn sequence_model_parallel_all_gather_with_unpad(x: &Tensor, original_len: usize, dim: isize) -> Result<Tensor> {
+pub fn sequence_model_parallel_all_gather_with_unpad(
+    x: &Tensor,
+    original_len: usize,
+    dim: isize,
+) -> Result<Tensor> {
     get_sp_group()?.all_gather_with_unpad(x, dim, original_len)
 }
 

@@ -3,6 +3,9 @@
 
 use comm_core::{CommError, Result};
 
+/// A list of groups, each the global ranks of one group in group-rank order.
+pub type RankGroups = Vec<Vec<usize>>;
+
 /// How ranks are assigned to parallel groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LayoutKind {
@@ -48,7 +51,9 @@ fn check_sizes(world: usize, tp: usize, sp: usize) -> Result<()> {
 }
 
 fn blocks(world: usize, size: usize) -> Vec<Vec<usize>> {
-    (0..world / size).map(|g| (g * size..(g + 1) * size).collect()).collect()
+    (0..world / size)
+        .map(|g| (g * size..(g + 1) * size).collect())
+        .collect()
 }
 
 /// FastVideo's layout (see DESIGN.md): TP = consecutive blocks of `tp`, SP =
@@ -63,7 +68,12 @@ fn blocks(world: usize, size: usize) -> Vec<Vec<usize>> {
 /// assert_eq!(l.sp, vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
 /// assert_eq!(l.dp, vec![vec![0, 4], vec![1, 5], vec![2, 6], vec![3, 7]]);
 /// ```
-pub fn fastvideo_layout(world: usize, tp: usize, sp: usize, dp: Option<usize>) -> Result<GroupLayout> {
+pub fn fastvideo_layout(
+    world: usize,
+    tp: usize,
+    sp: usize,
+    dp: Option<usize>,
+) -> Result<GroupLayout> {
     check_sizes(world, tp, sp)?;
     let dp_size = world / sp;
     if let Some(d) = dp {
@@ -77,7 +87,9 @@ pub fn fastvideo_layout(world: usize, tp: usize, sp: usize, dp: Option<usize>) -
     Ok(GroupLayout {
         tp: blocks(world, tp),
         sp: blocks(world, sp),
-        dp: (0..sp).map(|i| (0..dp_size).map(|k| i + k * sp).collect()).collect(),
+        dp: (0..sp)
+            .map(|i| (0..dp_size).map(|k| i + k * sp).collect())
+            .collect(),
     })
 }
 
@@ -109,7 +121,11 @@ pub fn mesh_layout(world: usize, tp: usize, sp: usize, dp: Option<usize>) -> Res
         }
     }
     let rank = |d: usize, s: usize, t: usize| (d * sp + s) * tp + t;
-    let mut l = GroupLayout { tp: vec![], sp: vec![], dp: vec![] };
+    let mut l = GroupLayout {
+        tp: vec![],
+        sp: vec![],
+        dp: vec![],
+    };
     for d in 0..dp_size {
         for s in 0..sp {
             l.tp.push((0..tp).map(|t| rank(d, s, t)).collect());
@@ -138,7 +154,7 @@ pub fn mesh_layout(world: usize, tp: usize, sp: usize, dp: Option<usize>) -> Res
 /// assert_eq!(u, vec![vec![0, 1], vec![2, 3]]);
 /// assert_eq!(r, vec![vec![0, 2], vec![1, 3]]);
 /// ```
-pub fn ulysses_ring_split(sp_group: &[usize], ulysses: usize) -> Result<(Vec<Vec<usize>>, Vec<Vec<usize>>)> {
+pub fn ulysses_ring_split(sp_group: &[usize], ulysses: usize) -> Result<(RankGroups, RankGroups)> {
     let n = sp_group.len();
     if ulysses == 0 || n % ulysses != 0 {
         return Err(CommError::invalid(format!(
@@ -146,8 +162,12 @@ pub fn ulysses_ring_split(sp_group: &[usize], ulysses: usize) -> Result<(Vec<Vec
         )));
     }
     let ring = n / ulysses;
-    let u = (0..ring).map(|g| sp_group[g * ulysses..(g + 1) * ulysses].to_vec()).collect();
-    let r = (0..ulysses).map(|i| (0..ring).map(|k| sp_group[i + k * ulysses]).collect()).collect();
+    let u = (0..ring)
+        .map(|g| sp_group[g * ulysses..(g + 1) * ulysses].to_vec())
+        .collect();
+    let r = (0..ulysses)
+        .map(|i| (0..ring).map(|k| sp_group[i + k * ulysses]).collect())
+        .collect();
     Ok((u, r))
 }
 

@@ -19,15 +19,26 @@ pub(crate) struct MqBroadcaster {
 
 impl MqBroadcaster {
     /// Group rank 0 writes; every other member reads. Collective over the group.
-    pub(crate) fn new(store: Arc<dyn Store>, rank: usize, world: usize, timeout: Duration) -> Result<Self> {
-        let opts = MqOptions { timeout, name: "broadcast_object".into(), ..Default::default() };
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let opts = MqOptions {
+            timeout,
+            name: "broadcast_object".into(),
+            ..Default::default()
+        };
         let queue = if rank == 0 {
             let readers: Vec<usize> = (1..world).collect();
             MessageQueue::create_writer(&*store, "bcast", 0, &readers, RING_BYTES, opts)?
         } else {
             MessageQueue::open_reader(&*store, "bcast", rank, opts)?
         };
-        Ok(MqBroadcaster { queue: Mutex::new(queue) })
+        Ok(MqBroadcaster {
+            queue: Mutex::new(queue),
+        })
     }
 
     /// The writer passes `Some(bytes)` and gets them back; readers pass `None`.
@@ -42,7 +53,9 @@ impl MqBroadcaster {
                 Ok(b.to_vec())
             }
             (Role::Reader(_), None) => q.dequeue(),
-            (Role::Writer, None) => Err(CommError::invalid("broadcast_object: the source must pass a value")),
+            (Role::Writer, None) => Err(CommError::invalid(
+                "broadcast_object: the source must pass a value",
+            )),
             (Role::Reader(_), Some(_)) => Err(CommError::invalid(
                 "broadcast_object through the message queue: only group rank 0 can be the source",
             )),

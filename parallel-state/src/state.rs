@@ -105,12 +105,18 @@ impl ParallelState {
             return Err(CommError::invalid("world_size must be at least 1"));
         }
         if rank >= world_size {
-            return Err(CommError::invalid(format!("rank {rank} is out of range for world_size {world_size}")));
+            return Err(CommError::invalid(format!(
+                "rank {rank} is out of range for world_size {world_size}"
+            )));
         }
         // The environment supplies the store address, secret and node layout;
         // the arguments override rank, world size and local rank.
         let mut info = RankInfo::from_env().unwrap_or_else(|_| RankInfo::single_process());
-        let local_rank = local_rank.unwrap_or(if info.world_size == world_size { info.local_rank } else { rank });
+        let local_rank = local_rank.unwrap_or(if info.world_size == world_size {
+            info.local_rank
+        } else {
+            rank
+        });
         if info.world_size != world_size {
             info.local_world_size = world_size;
             info.node_rank = 0;
@@ -130,7 +136,13 @@ impl ParallelState {
     /// Slurm, Open MPI or PMI variables); a process with none is a world of 1.
     pub fn init_from_env(opts: InitOptions) -> Result<Self> {
         match RankInfo::from_env() {
-            Ok(info) => Self::init(info.world_size, info.rank, "env://", Some(info.local_rank), opts),
+            Ok(info) => Self::init(
+                info.world_size,
+                info.rank,
+                "env://",
+                Some(info.local_rank),
+                opts,
+            ),
             Err(e) => {
                 if std::env::var_os("RANK").is_some() || std::env::var_os("WORLD_SIZE").is_some() {
                     return Err(e);
@@ -169,7 +181,11 @@ impl ParallelState {
             name_counts: Mutex::new(HashMap::new()),
             custom_all_reduce: AtomicBool::new(true),
         };
-        st.world = st.new_group((0..world_size).collect(), "world", st.opts.use_message_queue_broadcaster)?;
+        st.world = st.new_group(
+            (0..world_size).collect(),
+            "world",
+            st.opts.use_message_queue_broadcaster,
+        )?;
         st.node = st.new_group(node_ranks, "node", false)?;
         Ok(st)
     }
@@ -218,7 +234,12 @@ impl ParallelState {
     /// Creates the group `ranks` (this rank must be a member), collectively
     /// with its other members. The group gets a unique name `{name}:{k}` and
     /// is registered under it.
-    pub fn new_group(&self, ranks: Vec<usize>, name: &str, use_mq: bool) -> Result<Arc<GroupCoordinator>> {
+    pub fn new_group(
+        &self,
+        ranks: Vec<usize>,
+        name: &str,
+        use_mq: bool,
+    ) -> Result<Arc<GroupCoordinator>> {
         if let Some(bad) = ranks.iter().find(|&&r| r >= self.world_size) {
             return Err(CommError::invalid(format!(
                 "group `{name}` names rank {bad}, outside the world of {}",
@@ -229,8 +250,15 @@ impl ParallelState {
         let g = if ranks.len() == 1 && ranks[0] == self.rank {
             GroupCoordinator::single(self.rank, self.local_rank, unique.clone())
         } else {
-            let key = ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
-            let store: Arc<dyn Store> = Arc::new(PrefixStore::new(format!("pg/{unique}/{key}"), self.store.clone()));
+            let key = ranks
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(",");
+            let store: Arc<dyn Store> = Arc::new(PrefixStore::new(
+                format!("pg/{unique}/{key}"),
+                self.store.clone(),
+            ));
             let on_host = ranks.iter().all(|r| self.node_ranks.contains(r));
             let opts = GroupOptions {
                 timeout: self.opts.timeout,
@@ -238,10 +266,21 @@ impl ParallelState {
                 device: self.opts.device,
                 use_message_queue_broadcaster: use_mq,
             };
-            GroupCoordinator::new(ranks, self.rank, self.local_rank, unique.clone(), store, on_host, opts)?
+            GroupCoordinator::new(
+                ranks,
+                self.rank,
+                self.local_rank,
+                unique.clone(),
+                store,
+                on_host,
+                opts,
+            )?
         };
         let g = Arc::new(g);
-        self.registry.lock().map_err(lock_err)?.insert(unique, Arc::downgrade(&g));
+        self.registry
+            .lock()
+            .map_err(lock_err)?
+            .insert(unique, Arc::downgrade(&g));
         Ok(g)
     }
 
@@ -254,7 +293,10 @@ impl ParallelState {
         use_message_queue_broadcaster: bool,
     ) -> Result<Arc<GroupCoordinator>> {
         let mine = layout::group_of(group_ranks, self.rank).ok_or_else(|| {
-            CommError::invalid(format!("rank {} is in none of the `{name}` groups {group_ranks:?}", self.rank))
+            CommError::invalid(format!(
+                "rank {} is in none of the `{name}` groups {group_ranks:?}",
+                self.rank
+            ))
         })?;
         self.new_group(mine.clone(), name, use_message_queue_broadcaster)
     }
@@ -268,10 +310,17 @@ impl ParallelState {
 
     /// [`initialize_model_parallel`](Self::initialize_model_parallel) with a
     /// chosen layout (e.g. the orthogonal [`LayoutKind::Mesh`]).
-    pub fn initialize_model_parallel_with(&self, tp: usize, sp: usize, dp: Option<usize>, kind: LayoutKind) -> Result<()> {
+    pub fn initialize_model_parallel_with(
+        &self,
+        tp: usize,
+        sp: usize,
+        dp: Option<usize>,
+        kind: LayoutKind,
+    ) -> Result<()> {
         if self.model.read().map_err(lock_err)?.is_some() {
             return Err(CommError::State(
-                "model parallel groups are already initialized; call destroy_model_parallel first".into(),
+                "model parallel groups are already initialized; call destroy_model_parallel first"
+                    .into(),
             ));
         }
         let l = match kind {
@@ -284,9 +333,19 @@ impl ParallelState {
         let dp_g = self.init_model_parallel_group(&l.dp, "dp", false)?;
         let mut m = self.model.write().map_err(lock_err)?;
         if m.is_some() {
-            return Err(CommError::State("model parallel groups were initialized concurrently".into()));
+            return Err(CommError::State(
+                "model parallel groups were initialized concurrently".into(),
+            ));
         }
-        *m = Some(ModelGroups { tp: tp_g, sp: sp_g, dp: dp_g, ulysses: None, ring: None, layout: l, kind });
+        *m = Some(ModelGroups {
+            tp: tp_g,
+            sp: sp_g,
+            dp: dp_g,
+            ulysses: None,
+            ring: None,
+            layout: l,
+            kind,
+        });
         Ok(())
     }
 
@@ -306,14 +365,22 @@ impl ParallelState {
 
     /// FastVideo's `initialize_tensor_parallel_group`: consecutive blocks of
     /// `size` ranks, named `tp{suffix}`, returned (not installed as the TP group).
-    pub fn initialize_tensor_parallel_group(&self, size: usize, suffix: &str) -> Result<Arc<GroupCoordinator>> {
+    pub fn initialize_tensor_parallel_group(
+        &self,
+        size: usize,
+        suffix: &str,
+    ) -> Result<Arc<GroupCoordinator>> {
         let l = layout::fastvideo_layout(self.world_size, size, 1, None)?;
         self.init_model_parallel_group(&l.tp, &format!("tp{suffix}"), false)
     }
 
     /// FastVideo's `initialize_sequence_parallel_group`: consecutive blocks of
     /// `size` ranks, named `sp{suffix}`.
-    pub fn initialize_sequence_parallel_group(&self, size: usize, suffix: &str) -> Result<Arc<GroupCoordinator>> {
+    pub fn initialize_sequence_parallel_group(
+        &self,
+        size: usize,
+        suffix: &str,
+    ) -> Result<Arc<GroupCoordinator>> {
         let l = layout::fastvideo_layout(self.world_size, 1, size, None)?;
         self.init_model_parallel_group(&l.sp, &format!("sp{suffix}"), false)
     }
@@ -325,7 +392,11 @@ impl ParallelState {
 
     /// The model-parallel groups.
     pub fn model_groups(&self) -> Result<ModelGroups> {
-        self.model.read().map_err(lock_err)?.clone().ok_or_else(not_initialized)
+        self.model
+            .read()
+            .map_err(lock_err)?
+            .clone()
+            .ok_or_else(not_initialized)
     }
     /// The tensor-parallel group.
     pub fn tp_group(&self) -> Result<Arc<GroupCoordinator>> {
@@ -341,11 +412,15 @@ impl ParallelState {
     }
     /// The Ulysses sub-group (after `initialize_ulysses_ring`).
     pub fn ulysses_group(&self) -> Result<Arc<GroupCoordinator>> {
-        self.model_groups()?.ulysses.ok_or_else(|| CommError::State("initialize_ulysses_ring has not run".into()))
+        self.model_groups()?
+            .ulysses
+            .ok_or_else(|| CommError::State("initialize_ulysses_ring has not run".into()))
     }
     /// The ring sub-group (after `initialize_ulysses_ring`).
     pub fn ring_group(&self) -> Result<Arc<GroupCoordinator>> {
-        self.model_groups()?.ring.ok_or_else(|| CommError::State("initialize_ulysses_ring has not run".into()))
+        self.model_groups()?
+            .ring
+            .ok_or_else(|| CommError::State("initialize_ulysses_ring has not run".into()))
     }
 
     /// Replaces the TP group until the returned guard drops (also during a
@@ -354,7 +429,10 @@ impl ParallelState {
         let mut m = self.model.write().map_err(lock_err)?;
         let m = m.as_mut().ok_or_else(not_initialized)?;
         let previous = std::mem::replace(&mut m.tp, group);
-        Ok(TpPatch { state: self, previous: Some(previous) })
+        Ok(TpPatch {
+            state: self,
+            previous: Some(previous),
+        })
     }
 
     /// A group registered under its unique name (e.g. `tp:0`), if alive.
@@ -381,7 +459,10 @@ impl ParallelState {
     pub fn destroy_model_parallel(&self) {
         if let Ok(mut m) = self.model.write() {
             if let Some(m) = m.take() {
-                for g in [Some(m.tp), Some(m.sp), Some(m.dp), m.ulysses, m.ring].into_iter().flatten() {
+                for g in [Some(m.tp), Some(m.sp), Some(m.dp), m.ulysses, m.ring]
+                    .into_iter()
+                    .flatten()
+                {
                     g.destroy();
                 }
             }
@@ -403,7 +484,9 @@ impl Drop for ParallelState {
 }
 
 fn not_initialized() -> CommError {
-    CommError::State("model parallel groups are not initialized; call initialize_model_parallel first".into())
+    CommError::State(
+        "model parallel groups are not initialized; call initialize_model_parallel first".into(),
+    )
 }
 
 /// Restores the previous tensor-parallel group when dropped.

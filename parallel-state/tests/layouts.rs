@@ -47,7 +47,11 @@ fn mesh_is_orthogonal_for_every_combination() {
                     assert_eq!(groups.len(), world / size);
                     let mut all: Vec<usize> = groups.iter().flatten().copied().collect();
                     all.sort();
-                    assert_eq!(all, (0..world).collect::<Vec<_>>(), "partition {world} {tp} {sp}");
+                    assert_eq!(
+                        all,
+                        (0..world).collect::<Vec<_>>(),
+                        "partition {world} {tp} {sp}"
+                    );
                 }
                 // Any tp group and any sp group share at most one rank (orthogonality).
                 for a in &l.tp {
@@ -85,10 +89,22 @@ fn single_member_groups_return_inputs_unchanged() {
     assert_eq!(g.gather(&x, 0, 1).unwrap().unwrap(), x);
     let (s, len) = g.shard(&x, 1).unwrap();
     assert_eq!((s.shape().to_vec(), len), (vec![1, 2, 3, 4], 2));
-    assert!(matches!(g.send(&x, Some(0)), Err(CommError::InvalidArgument(_))));
-    assert!(matches!(g.recv(&[1], DType::F32, Some(0)), Err(CommError::InvalidArgument(_))));
-    assert!(matches!(g.send_object(&1u8, 0), Err(CommError::InvalidArgument(_))));
-    assert!(matches!(g.all_to_all_4d(&x, 0, 1), Err(CommError::InvalidArgument(_))));
+    assert!(matches!(
+        g.send(&x, Some(0)),
+        Err(CommError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        g.recv(&[1], DType::F32, Some(0)),
+        Err(CommError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        g.send_object(&1u8, 0),
+        Err(CommError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        g.all_to_all_4d(&x, 0, 1),
+        Err(CommError::InvalidArgument(_))
+    ));
     let v: Vec<String> = g.broadcast_object(Some(&vec!["a".to_string()]), 0).unwrap();
     assert_eq!(v, ["a"]);
     let mut d = TensorDict::new();
@@ -102,7 +118,10 @@ fn single_member_groups_return_inputs_unchanged() {
 fn double_initialisation_is_an_error() {
     let ps = world_of_one();
     ps.initialize_model_parallel(1, 1, None).unwrap();
-    assert!(matches!(ps.initialize_model_parallel(1, 1, None), Err(CommError::State(_))));
+    assert!(matches!(
+        ps.initialize_model_parallel(1, 1, None),
+        Err(CommError::State(_))
+    ));
     ps.destroy_model_parallel();
     ps.initialize_model_parallel(1, 1, Some(1)).unwrap();
     assert!(ps.initialize_model_parallel(2, 1, None).is_err());

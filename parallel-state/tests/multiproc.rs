@@ -6,7 +6,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use executor::{launch, LaunchConfig};
-use parallel_state::{CommError, DType, GroupCoordinator, InitOptions, ParallelState, ReduceOp, Tensor, TensorDict, Value};
+use parallel_state::{
+    CommError, DType, GroupCoordinator, InitOptions, ParallelState, ReduceOp, Tensor, TensorDict,
+    Value,
+};
 
 /// One launch at a time: the machine has 2 cores.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -15,7 +18,13 @@ fn run(scenario: &str, nproc: usize, env: &[(&str, &str)]) {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let exe = std::env::current_exe().unwrap();
     let mut cfg = LaunchConfig::new(exe, nproc)
-        .args(["--ignored", "--exact", "worker_entry", "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "worker_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("PS_SCENARIO", scenario)
         .env("DIST_TIMEOUT_S", "60")
         .timeout(Duration::from_secs(180))
@@ -26,14 +35,29 @@ fn run(scenario: &str, nproc: usize, env: &[(&str, &str)]) {
     let out = launch(&cfg).unwrap();
     let dump = || {
         (0..nproc)
-            .map(|r| format!("--- rank {r}\n{}\n{}", out.stdout[r].join("\n"), out.stderr[r].join("\n")))
+            .map(|r| {
+                format!(
+                    "--- rank {r}\n{}\n{}",
+                    out.stdout[r].join("\n"),
+                    out.stderr[r].join("\n")
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     };
-    assert!(out.success(), "scenario {scenario} failed: exit codes {:?}\n{}", out.exit_codes(), dump());
+    assert!(
+        out.success(),
+        "scenario {scenario} failed: exit codes {:?}\n{}",
+        out.exit_codes(),
+        dump()
+    );
     for r in 0..nproc {
         let marker = format!("PS_OK {scenario} rank {r}");
-        assert!(out.stdout[r].iter().any(|l| l.contains(&marker)), "rank {r} did not finish {scenario}\n{}", dump());
+        assert!(
+            out.stdout[r].iter().any(|l| l.contains(&marker)),
+            "rank {r} did not finish {scenario}\n{}",
+            dump()
+        );
     }
 }
 
@@ -75,7 +99,13 @@ fn cat(parts: &[Tensor], dim: usize) -> Tensor {
 /// A deterministic tensor whose values are small integers (exact in f32).
 fn det(shape: &[usize], seed: usize) -> Tensor {
     let n: usize = shape.iter().product();
-    Tensor::from_vec((0..n).map(|i| ((i * 7 + seed * 13) % 1009) as f32).collect::<Vec<_>>(), shape.to_vec()).unwrap()
+    Tensor::from_vec(
+        (0..n)
+            .map(|i| ((i * 7 + seed * 13) % 1009) as f32)
+            .collect::<Vec<_>>(),
+        shape.to_vec(),
+    )
+    .unwrap()
 }
 
 /// Element `[b, s, h, d]` of a `[B, S, H, D]` row-major tensor.
@@ -84,7 +114,8 @@ fn at(t: &[f32], shape: [usize; 4], i: [usize; 4]) -> f32 {
 }
 
 fn sp_world(ps: &ParallelState) -> std::sync::Arc<GroupCoordinator> {
-    ps.initialize_model_parallel(1, ps.world_size(), None).unwrap();
+    ps.initialize_model_parallel(1, ps.world_size(), None)
+        .unwrap();
     ps.sp_group().unwrap()
 }
 
@@ -106,7 +137,11 @@ fn a2a(ps: &ParallelState) {
                 for di in 0..d {
                     let got = at(&ov, [b, s, h / p, d], [bi, si, hi, di]);
                     let want = at(&fv, [b, s, h, d], [bi, si, r * h / p + hi, di]);
-                    assert_eq!(got.to_bits(), want.to_bits(), "(2,1) at {bi},{si},{hi},{di}");
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "(2,1) at {bi},{si},{hi},{di}"
+                    );
                 }
             }
         }
@@ -123,12 +158,21 @@ fn a2a(ps: &ParallelState) {
         assert_eq!(g.all_to_all_4d(&y, 1, 2).unwrap(), x, "{dt}");
     }
     // Bad pairs and non-divisible sizes are errors on every rank.
-    assert!(matches!(g.all_to_all_4d(&mine, 1, 3), Err(CommError::InvalidArgument(_))));
+    assert!(matches!(
+        g.all_to_all_4d(&mine, 1, 3),
+        Err(CommError::InvalidArgument(_))
+    ));
     if p > 1 {
         let odd = det(&[1, 2, p + 1, 1], 0);
-        assert!(matches!(g.all_to_all_4d(&odd, 2, 1), Err(CommError::ShapeMismatch { .. })));
+        assert!(matches!(
+            g.all_to_all_4d(&odd, 2, 1),
+            Err(CommError::ShapeMismatch { .. })
+        ));
         let odd = det(&[1, p + 1, 2, 1], 0);
-        assert!(matches!(g.all_to_all_4d(&odd, 1, 2), Err(CommError::ShapeMismatch { .. })));
+        assert!(matches!(
+            g.all_to_all_4d(&odd, 1, 2),
+            Err(CommError::ShapeMismatch { .. })
+        ));
     }
 }
 
@@ -170,9 +214,17 @@ fn gather(ps: &ParallelState) {
     let x = det(&shape, r);
     let parts: Vec<Tensor> = (0..p).map(|i| det(&shape, i)).collect();
     for dim in [0isize, 1, 2, -1, -2, -3] {
-        let d = if dim < 0 { (3 + dim) as usize } else { dim as usize };
+        let d = if dim < 0 {
+            (3 + dim) as usize
+        } else {
+            dim as usize
+        };
         let expected = cat(&parts, d);
-        assert_eq!(g.all_gather(&x, dim).unwrap(), expected, "all_gather dim {dim}");
+        assert_eq!(
+            g.all_gather(&x, dim).unwrap(),
+            expected,
+            "all_gather dim {dim}"
+        );
         for dst in 0..p {
             let got = g.gather(&x, dst, dim).unwrap();
             if r == dst {
@@ -182,19 +234,31 @@ fn gather(ps: &ParallelState) {
             }
         }
     }
-    assert!(matches!(g.all_gather(&x, 3), Err(CommError::InvalidArgument(_))));
+    assert!(matches!(
+        g.all_gather(&x, 3),
+        Err(CommError::InvalidArgument(_))
+    ));
     // reduce_scatter along a dim: my block of the sum.
     let y = det(&[2, 2 * p, 3], 3);
     let out = g.reduce_scatter(&y, 1, ReduceOp::Sum).unwrap();
     let want = narrow(&y, 1, 2 * r, 2);
-    let wv: Vec<f32> = want.to_vec::<f32>().unwrap().iter().map(|v| v * p as f32).collect();
+    let wv: Vec<f32> = want
+        .to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v * p as f32)
+        .collect();
     assert_eq!(out.to_vec::<f32>().unwrap(), wv);
     // Objects.
     let payload = vec![7u32, 8, 9];
-    let v: Vec<u32> = g.broadcast_object((r == p - 1).then_some(&payload), p - 1).unwrap();
+    let v: Vec<u32> = g
+        .broadcast_object((r == p - 1).then_some(&payload), p - 1)
+        .unwrap();
     assert_eq!(v, [7, 8, 9]);
     let list = ["x".to_string(), "y".into()];
-    let l: Vec<String> = g.broadcast_object_list((r == 0).then_some(&list[..]), 0).unwrap();
+    let l: Vec<String> = g
+        .broadcast_object_list((r == 0).then_some(&list[..]), 0)
+        .unwrap();
     assert_eq!(l, ["x", "y"]);
     if p > 1 {
         if r == 0 {
@@ -223,9 +287,21 @@ fn dicts(ps: &ParallelState) {
     let g = sp_world(ps);
     let (p, r) = (g.world_size(), g.rank_in_group());
     let src = p - 1;
-    let got = g.broadcast_tensor_dict(if r == src { Some(mixed_dict(src)) } else { None }, src).unwrap();
+    let got = g
+        .broadcast_tensor_dict(
+            if r == src {
+                Some(mixed_dict(src))
+            } else {
+                None
+            },
+            src,
+        )
+        .unwrap();
     let want = mixed_dict(src);
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
     assert_eq!(got, want);
     assert_eq!(got.tensor("empty").unwrap().shape(), &[0, 5]);
     assert_eq!(got.tensor("empty").unwrap().dtype(), DType::BF16);
@@ -274,7 +350,11 @@ fn shard(ps: &ParallelState) {
         for row in 0..per {
             for c in 0..3 {
                 let gl = r * per + row;
-                let want = if gl < len { xv[(bi * len + gl) * 3 + c] } else { 0.0 };
+                let want = if gl < len {
+                    xv[(bi * len + gl) * 3 + c]
+                } else {
+                    0.0
+                };
                 assert_eq!(sv[(bi * per + row) * 3 + c], want);
             }
         }
@@ -286,16 +366,33 @@ fn shard(ps: &ParallelState) {
 fn concurrent(ps: &ParallelState) {
     ps.initialize_model_parallel(2, 2, None).unwrap();
     let r = ps.rank();
-    let groups = [ps.world_group(), ps.tp_group().unwrap(), ps.sp_group().unwrap(), ps.dp_group().unwrap()];
+    let groups = [
+        ps.world_group(),
+        ps.tp_group().unwrap(),
+        ps.sp_group().unwrap(),
+        ps.dp_group().unwrap(),
+    ];
     for round in 0..20usize {
         for (gi, g) in groups.iter().enumerate() {
             let mut t = Tensor::from_vec1(vec![(r * 100 + round * 10 + gi) as i64; 33]);
             g.all_reduce(&mut t, ReduceOp::Sum).unwrap();
-            let want: i64 = g.ranks().iter().map(|&m| (m * 100 + round * 10 + gi) as i64).sum();
-            assert!(t.to_vec::<i64>().unwrap().iter().all(|&v| v == want), "group {} round {round}", g.name());
+            let want: i64 = g
+                .ranks()
+                .iter()
+                .map(|&m| (m * 100 + round * 10 + gi) as i64)
+                .sum();
+            assert!(
+                t.to_vec::<i64>().unwrap().iter().all(|&v| v == want),
+                "group {} round {round}",
+                g.name()
+            );
             let x = Tensor::from_vec1(vec![(r * 1000 + round) as i32]);
             let all = g.all_gather(&x, 0).unwrap();
-            let want: Vec<i32> = g.ranks().iter().map(|&m| (m * 1000 + round) as i32).collect();
+            let want: Vec<i32> = g
+                .ranks()
+                .iter()
+                .map(|&m| (m * 1000 + round) as i32)
+                .collect();
             assert_eq!(all.to_vec::<i32>().unwrap(), want);
         }
     }
@@ -305,7 +402,10 @@ fn layout8(ps: &ParallelState) {
     ps.initialize_model_parallel(2, 4, Some(2)).unwrap();
     let r = ps.rank();
     assert_eq!(ps.tp_group().unwrap().ranks(), &[r / 2 * 2, r / 2 * 2 + 1]);
-    assert_eq!(ps.sp_group().unwrap().ranks(), &(r / 4 * 4..r / 4 * 4 + 4).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        ps.sp_group().unwrap().ranks(),
+        &(r / 4 * 4..r / 4 * 4 + 4).collect::<Vec<_>>()[..]
+    );
     assert_eq!(ps.dp_group().unwrap().ranks(), &[r % 4, r % 4 + 4]);
     let sp = ps.sp_group().unwrap();
     assert_eq!(sp.next_rank(), sp.ranks()[(sp.rank_in_group() + 1) % 4]);
@@ -314,29 +414,59 @@ fn layout8(ps: &ParallelState) {
     assert_eq!(sp.is_last_rank(), r % 4 == 3);
     ps.initialize_ulysses_ring(2).unwrap();
     let base = r / 4 * 4;
-    assert_eq!(ps.ulysses_group().unwrap().ranks(), &[base + (r % 4) / 2 * 2, base + (r % 4) / 2 * 2 + 1]);
-    assert_eq!(ps.ring_group().unwrap().ranks(), &[base + r % 2, base + r % 2 + 2]);
+    assert_eq!(
+        ps.ulysses_group().unwrap().ranks(),
+        &[base + (r % 4) / 2 * 2, base + (r % 4) / 2 * 2 + 1]
+    );
+    assert_eq!(
+        ps.ring_group().unwrap().ranks(),
+        &[base + r % 2, base + r % 2 + 2]
+    );
     let mut t = Tensor::from_vec1(vec![r as i32]);
-    ps.ring_group().unwrap().all_reduce(&mut t, ReduceOp::Max).unwrap();
+    ps.ring_group()
+        .unwrap()
+        .all_reduce(&mut t, ReduceOp::Max)
+        .unwrap();
     assert_eq!(t.to_vec::<i32>().unwrap(), [(base + r % 2 + 2) as i32]);
-    assert!(matches!(ps.initialize_model_parallel(2, 4, None), Err(CommError::State(_))));
+    assert!(matches!(
+        ps.initialize_model_parallel(2, 4, None),
+        Err(CommError::State(_))
+    ));
 }
 
 fn errors(ps: &ParallelState) {
     let g = sp_world(ps);
     let r = g.rank_in_group();
     let x = det(&[3], 0);
-    assert!(matches!(g.send(&x, Some(r)), Err(CommError::InvalidArgument(_))));
-    assert!(matches!(g.recv(&[3], DType::F32, Some(r)), Err(CommError::InvalidArgument(_))));
-    assert!(matches!(g.send(&x, Some(99)), Err(CommError::InvalidArgument(_))));
-    assert!(matches!(g.broadcast_object::<u8>(None, 99), Err(CommError::InvalidArgument(_))));
-    assert!(matches!(g.send_object(&1u8, r), Err(CommError::InvalidArgument(_))));
+    assert!(matches!(
+        g.send(&x, Some(r)),
+        Err(CommError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        g.recv(&[3], DType::F32, Some(r)),
+        Err(CommError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        g.send(&x, Some(99)),
+        Err(CommError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        g.broadcast_object::<u8>(None, 99),
+        Err(CommError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        g.send_object(&1u8, r),
+        Err(CommError::InvalidArgument(_))
+    ));
     // Point to point with the default ring neighbours still works afterwards.
     let mine = Tensor::from_vec1(vec![r as f64; 5]);
     if r % 2 == 0 {
         g.send(&mine, None).unwrap();
         let got = g.recv(&[5], DType::F64, None).unwrap();
-        assert_eq!(got.to_vec::<f64>().unwrap(), vec![((r + g.world_size() - 1) % g.world_size()) as f64; 5]);
+        assert_eq!(
+            got.to_vec::<f64>().unwrap(),
+            vec![((r + g.world_size() - 1) % g.world_size()) as f64; 5]
+        );
     } else {
         let got = g.recv(&[5], DType::F64, None).unwrap();
         g.send(&mine, None).unwrap();
@@ -346,7 +476,10 @@ fn errors(ps: &ParallelState) {
 
 fn mq(ps: &ParallelState) {
     let g = ps.world_group();
-    assert!(g.uses_message_queue(), "world group on one host should use the message queue");
+    assert!(
+        g.uses_message_queue(),
+        "world group on one host should use the message queue"
+    );
     let r = g.rank_in_group();
     // Sizes from tiny to larger than the 1 MiB ring; every value checked.
     for (i, n) in [0usize, 1, 200, 4096, 3 << 20, 17].into_iter().enumerate() {
@@ -355,7 +488,9 @@ fn mq(ps: &ParallelState) {
         assert_eq!(got, payload, "message {i} of {n} bytes");
     }
     // Another source falls back to the collective path.
-    let v: String = g.broadcast_object((r == 1).then_some(&"from one".to_string()), 1).unwrap();
+    let v: String = g
+        .broadcast_object((r == 1).then_some(&"from one".to_string()), 1)
+        .unwrap();
     assert_eq!(v, "from one");
 }
 
@@ -381,7 +516,12 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], [b, s, h, d]: [usize; 4], valid: u
         for hh in 0..h {
             for i in 0..s {
                 let sc: Vec<f32> = (0..valid)
-                    .map(|j| (0..d).map(|e| q[idx(bb, i, hh) + e] * k[idx(bb, j, hh) + e]).sum::<f32>() / (d as f32).sqrt())
+                    .map(|j| {
+                        (0..d)
+                            .map(|e| q[idx(bb, i, hh) + e] * k[idx(bb, j, hh) + e])
+                            .sum::<f32>()
+                            / (d as f32).sqrt()
+                    })
                     .collect();
                 let m = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let ex: Vec<f32> = sc.iter().map(|x| (x - m).exp()).collect();
@@ -407,10 +547,23 @@ struct Block {
 }
 
 fn weights(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 200) as f32 / 1000.0 - 0.1).collect()
+    (0..n)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 16) % 200) as f32 / 1000.0
+                - 0.1
+        })
+        .collect()
 }
 
-fn block_forward(x: &[f32], w: &Block, b: usize, s: usize, h: usize, d: usize, sp: Option<(&GroupCoordinator, usize)>) -> Vec<f32> {
+fn block_forward(
+    x: &[f32],
+    w: &Block,
+    b: usize,
+    s: usize,
+    h: usize,
+    d: usize,
+    sp: Option<(&GroupCoordinator, usize)>,
+) -> Vec<f32> {
     let hid = h * d;
     let rows = b * s;
     let proj = |wm: &[f32]| matmul(x, wm, rows, hid, hid);
@@ -420,17 +573,25 @@ fn block_forward(x: &[f32], w: &Block, b: usize, s: usize, h: usize, d: usize, s
         Some((g, valid)) => {
             let p = g.world_size();
             let a2a = |t: Vec<f32>| {
-                g.all_to_all_4d(&Tensor::from_vec(t, [b, s, h, d]).unwrap(), 2, 1).unwrap().to_vec::<f32>().unwrap()
+                g.all_to_all_4d(&Tensor::from_vec(t, [b, s, h, d]).unwrap(), 2, 1)
+                    .unwrap()
+                    .to_vec::<f32>()
+                    .unwrap()
             };
             let (q, k, v) = (a2a(q), a2a(k), a2a(v));
             let o = attention(&q, &k, &v, [b, s * p, h / p, d], valid);
-            let o = g.all_to_all_4d(&Tensor::from_vec(o, [b, s * p, h / p, d]).unwrap(), 1, 2).unwrap();
+            let o = g
+                .all_to_all_4d(&Tensor::from_vec(o, [b, s * p, h / p, d]).unwrap(), 1, 2)
+                .unwrap();
             o.to_vec::<f32>().unwrap()
         }
     };
     let o = matmul(&o, &w.wo, rows, hid, hid);
     let x1: Vec<f32> = x.iter().zip(&o).map(|(a, c)| a + c).collect();
-    let m = matmul(&x1, &w.w1, rows, hid, 2 * hid).into_iter().map(|v| v.max(0.0)).collect::<Vec<_>>();
+    let m = matmul(&x1, &w.w1, rows, hid, 2 * hid)
+        .into_iter()
+        .map(|v| v.max(0.0))
+        .collect::<Vec<_>>();
     let m = matmul(&m, &w.w2, rows, 2 * hid, hid);
     x1.iter().zip(&m).map(|(a, c)| a + c).collect()
 }
@@ -451,12 +612,31 @@ fn block(ps: &ParallelState) {
     let full = Tensor::from_vec(x.clone(), [b, s, hid]).unwrap();
     let (shard, orig) = g.shard(&full, 1).unwrap();
     let sl = shard.shape()[1];
-    let y = block_forward(shard.as_slice::<f32>().unwrap(), &w, b, sl, h, d, Some((&g, orig)));
-    let y = g.all_gather_with_unpad(&Tensor::from_vec(y, [b, sl, hid]).unwrap(), 1, orig).unwrap();
+    let y = block_forward(
+        shard.as_slice::<f32>().unwrap(),
+        &w,
+        b,
+        sl,
+        h,
+        d,
+        Some((&g, orig)),
+    );
+    let y = g
+        .all_gather_with_unpad(&Tensor::from_vec(y, [b, sl, hid]).unwrap(), 1, orig)
+        .unwrap();
     let reference = block_forward(&x, &w, b, s, h, d, None);
-    let err = y.to_vec::<f32>().unwrap().iter().zip(&reference).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+    let err = y
+        .to_vec::<f32>()
+        .unwrap()
+        .iter()
+        .zip(&reference)
+        .map(|(a, c)| (a - c).abs())
+        .fold(0f32, f32::max);
     println!("transformer block: max abs error vs single rank {err:e}");
-    assert!(err <= 1e-5, "sharded block differs from the single-rank forward by {err}");
+    assert!(
+        err <= 1e-5,
+        "sharded block differs from the single-rank forward by {err}"
+    );
 }
 
 // ------------------------------------------------------------------- tests
