@@ -304,8 +304,30 @@ pub fn cat<T: Borrow<Tensor>>(tensors: &[T], dim: isize) -> Result<Tensor> {
 /// assert!(layout::permute(&t, &[0, 0, 1]).is_err());
 /// ```
 pub fn permute(t: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    permute_view(t, t.shape(), perm)
+}
+
+/// [`permute`] of `t` viewed with shape `view` (same element count), without
+/// first reshaping a copy: `t.view(view).permute(perm).contiguous()`.
+///
+/// ```
+/// use comm_core::{layout, Tensor};
+/// let t = Tensor::from_vec1((0..6i32).collect());
+/// let p = layout::permute_view(&t, &[2, 3], &[1, 0]).unwrap();
+/// assert_eq!(p.shape(), &[3, 2]);
+/// assert_eq!(p.to_vec::<i32>().unwrap(), [0, 3, 1, 4, 2, 5]);
+/// assert!(layout::permute_view(&t, &[4, 2], &[1, 0]).is_err());
+/// ```
+pub fn permute_view(t: &Tensor, view: &[usize], perm: &[usize]) -> Result<Tensor> {
     let src = host_bytes("permute", t)?;
-    let n = t.ndim();
+    if view.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(t.numel()) {
+        return Err(CommError::shape(
+            "layout::permute_view",
+            format!("a view of {} elements", t.numel()),
+            format!("view {view:?}"),
+        ));
+    }
+    let n = view.len();
     let mut seen = vec![false; n];
     let valid = perm.len() == n
         && perm
@@ -313,11 +335,10 @@ pub fn permute(t: &Tensor, perm: &[usize]) -> Result<Tensor> {
             .all(|&p| p < n && !std::mem::replace(&mut seen[p], true));
     if !valid {
         return Err(CommError::invalid(format!(
-            "layout::permute: {perm:?} is not a permutation of 0..{n} (tensor shape {:?})",
-            t.shape()
+            "layout::permute: {perm:?} is not a permutation of 0..{n} (tensor shape {view:?})"
         )));
     }
-    let in_shape = t.shape();
+    let in_shape = view;
     let out_shape: Vec<usize> = perm.iter().map(|&p| in_shape[p]).collect();
     let mut out = new_like(t, out_shape.clone());
     if t.numel() == 0 {

@@ -506,3 +506,25 @@ fn device_tensors_are_refused() {
     let msg = layout::narrow(&dev, 0, 0, 1).unwrap_err().to_string();
     assert!(msg.contains("cuda:0") && msg.contains("to_host"), "{msg}");
 }
+
+#[test]
+fn permute_view_matches_permute_of_reshaped_copy() {
+    let t = Tensor::from_vec1((0..120i32).collect::<Vec<_>>());
+    for (view, perm) in [
+        (vec![2usize, 3, 4, 5], vec![2usize, 0, 3, 1]),
+        (vec![4, 30], vec![1, 0]),
+        (vec![2, 2, 2, 15], vec![1, 0, 2, 3]),
+    ] {
+        let want = layout::permute(
+            &t.try_clone().unwrap().reshape(view.clone()).unwrap(),
+            &perm,
+        )
+        .unwrap();
+        assert_eq!(
+            layout::permute_view(&t, &view, &perm).unwrap(),
+            want,
+            "{view:?} {perm:?}"
+        );
+    }
+    assert!(layout::permute_view(&t, &[7, 3], &[1, 0]).is_err());
+}

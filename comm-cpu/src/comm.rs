@@ -813,7 +813,8 @@ impl DeviceCommunicator for TcpCommunicator {
             if copied < end {
                 // SAFETY: block `r` of `ob` is a range that no receive writes
                 // (receives fill the blocks of the other members).
-                let dst = unsafe { std::slice::from_raw_parts_mut(own_dst.add(copied), end - copied) };
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut(own_dst.add(copied), end - copied) };
                 dst.copy_from_slice(&own[copied..end]);
                 copied = end;
             }

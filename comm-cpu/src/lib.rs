@@ -50,6 +50,4 @@ mod options;
 mod setup;
 
 pub use comm::TcpCommunicator;
-pub use options::{
-    interface_ipv4, TcpOptions, SOCKET_ADDR_ENV, SOCKET_IFNAME_ENV, TUNING_ENV,
-};
+pub use options::{interface_ipv4, TcpOptions, SOCKET_ADDR_ENV, SOCKET_IFNAME_ENV, TUNING_ENV};

@@ -292,7 +292,16 @@ impl Mesh {
         grain: usize,
         on_recv: impl FnMut(usize, usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        self.exchange_idle(kind, op, sends, recvs, deadline, grain, on_recv, &mut || false)
+        self.exchange_idle(
+            kind,
+            op,
+            sends,
+            recvs,
+            deadline,
+            grain,
+            on_recv,
+            &mut || false,
+        )
     }
 
     /// [`Mesh::exchange`] that calls `idle()` whenever no socket could

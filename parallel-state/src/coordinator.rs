@@ -371,7 +371,7 @@ impl GroupCoordinator {
         }
         let mut flat = input.zeros_with_shape([w * input.numel()])?;
         self.with_plane(input.device(), |c| c.all_gather(input, &mut flat))?;
-        interleave_blocks(&flat, input.shape(), d, w)
+        interleave_blocks(flat, input.shape(), d, w)
     }
 
     /// Like [`all_gather`](Self::all_gather) but only `dst` gets the result;
@@ -386,7 +386,7 @@ impl GroupCoordinator {
         if self.rank_in_group == dst {
             let mut flat = input.zeros_with_shape([w * input.numel()])?;
             self.with_plane(input.device(), |c| c.gather(input, Some(&mut flat), dst))?;
-            interleave_blocks(&flat, input.shape(), d, w).map(Some)
+            interleave_blocks(flat, input.shape(), d, w).map(Some)
         } else {
             self.with_plane(input.device(), |c| c.gather(input, None, dst))?;
             Ok(None)
@@ -411,10 +411,7 @@ impl GroupCoordinator {
         }
         let (pre, post) = split_dims(input.shape(), d);
         // [pre, w, size/w, post] -> [w, pre, size/w, post]: rank blocks contiguous.
-        let send = on_host(input, |h| {
-            let v = h.try_clone()?.reshape([pre, w, size / w, post])?;
-            layout::permute(&v, &[1, 0, 2, 3])
-        })?;
+        let send = view_permute(input, &[pre, w, size / w, post], &[1, 0, 2, 3])?;
         let mut out_shape = input.shape().to_vec();
         out_shape[d] = size / w;
         let mut out = input.zeros_with_shape(out_shape)?;
@@ -496,18 +493,16 @@ impl GroupCoordinator {
                 }
                 let hp = h / p;
                 // [B, S/P, P, H/P, D] -> [P, B, S/P, H/P, D]: block j goes to rank j.
-                let send = on_host(x, |t| {
-                    layout::permute(
-                        &t.try_clone()?.reshape([b, s, p, hp, dd])?,
-                        &[2, 0, 1, 3, 4],
-                    )
-                })?;
+                let send = view_permute(x, &[b, s, p, hp, dd], &[2, 0, 1, 3, 4])?;
                 let mut recv = x.zeros_with_shape([p, b, s, hp, dd])?;
                 self.with_plane(x.device(), |c| c.all_to_all(&send, &mut recv))?;
                 // [P(src), B, S/P, H/P, D] -> [B, P, S/P, H/P, D] = [B, S, H/P, D].
-                on_host(&recv, |t| {
-                    layout::permute(t, &[1, 0, 2, 3, 4])?.reshape([b, p * s, hp, dd])
-                })
+                view_permute(&recv, &[p, b, s, hp, dd], &[1, 0, 2, 3, 4])?.reshape([
+                    b,
+                    p * s,
+                    hp,
+                    dd,
+                ])
             }
             A2aMode::HeadToSeq => {
                 if s % p != 0 {
@@ -519,18 +514,16 @@ impl GroupCoordinator {
                 }
                 let sp = s / p;
                 // [B, P, S/P, H/P, D] -> [P, B, S/P, H/P, D]: sequence block j to rank j.
-                let send = on_host(x, |t| {
-                    layout::permute(
-                        &t.try_clone()?.reshape([b, p, sp, h, dd])?,
-                        &[1, 0, 2, 3, 4],
-                    )
-                })?;
+                let send = view_permute(x, &[b, p, sp, h, dd], &[1, 0, 2, 3, 4])?;
                 let mut recv = x.zeros_with_shape([p, b, sp, h, dd])?;
                 self.with_plane(x.device(), |c| c.all_to_all(&send, &mut recv))?;
                 // [P(head block), B, S/P, H/P, D] -> [B, S/P, P, H/P, D] = [B, S/P, H, D].
-                on_host(&recv, |t| {
-                    layout::permute(t, &[1, 2, 0, 3, 4])?.reshape([b, sp, p * h, dd])
-                })
+                view_permute(&recv, &[p, b, sp, h, dd], &[1, 2, 0, 3, 4])?.reshape([
+                    b,
+                    sp,
+                    p * h,
+                    dd,
+                ])
             }
         }
     }
@@ -839,8 +832,13 @@ impl GroupCoordinator {
                 match slice_plan(t.numel(), all_gather_group) {
                     Some((g, r)) => {
                         let n = t.numel() / g;
+                        let es = t.dtype().size();
                         let part = on_host(t, |h| {
-                            layout::narrow(&h.try_clone()?.reshape([t.numel()])?, 0, r * n, n)
+                            Tensor::from_bytes(
+                                &h.as_bytes()?[r * n * es..(r + 1) * n * es],
+                                [n],
+                                h.dtype(),
+                            )
                         })?;
                         self.send(&part, Some(dst))?;
                     }
@@ -989,17 +987,31 @@ fn on_host(t: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tens
 
 /// Turns `w` gathered blocks of `shape` (flat, rank-major) into their
 /// concatenation along `d`.
-fn interleave_blocks(flat: &Tensor, shape: &[usize], d: usize, w: usize) -> Result<Tensor> {
+fn interleave_blocks(flat: Tensor, shape: &[usize], d: usize, w: usize) -> Result<Tensor> {
     let (pre, post) = split_dims(shape, d);
     let size = shape[d];
     let mut out_shape = shape.to_vec();
     out_shape[d] = size * w;
     if pre == 1 {
         // Rank-major is already the concatenation along the leading dims.
-        return flat.try_clone()?.reshape(out_shape);
+        return flat.reshape(out_shape);
     }
-    on_host(flat, |t| {
-        let v = t.try_clone()?.reshape([w, pre, size, post])?;
-        layout::permute(&v, &[1, 0, 2, 3])?.reshape(out_shape.clone())
-    })
+    view_permute(&flat, &[w, pre, size, post], &[1, 0, 2, 3])?.reshape(out_shape)
+}
+
+/// `t.view(view).permute(perm).contiguous()` on `t`'s device: the host copy
+/// for host tensors, comm-nccl's device kernel for CUDA tensors when built
+/// with `nccl`, else staged through host memory.
+fn view_permute(t: &Tensor, view: &[usize], perm: &[usize]) -> Result<Tensor> {
+    if t.is_host() {
+        return layout::permute_view(t, view, perm);
+    }
+    #[cfg(feature = "nccl")]
+    {
+        comm_nccl::layout::permute(t, view, perm)
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        on_host(t, |h| layout::permute_view(h, view, perm))
+    }
 }
