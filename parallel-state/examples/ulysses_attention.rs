@@ -290,6 +290,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_target(false)
         .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     match run_rank(&a) {
         Ok(true) => ExitCode::SUCCESS,
