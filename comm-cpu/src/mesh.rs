@@ -454,10 +454,16 @@ impl Mesh {
                 continue;
             }
             if now >= deadline.instant() {
+                // One entry per peer and direction: the operation in progress
+                // (later ones with the same peer wait behind it).
                 let mut missing: Vec<String> = recvs
                     .iter()
-                    .filter(|r| !r.finished())
-                    .map(|r| {
+                    .enumerate()
+                    .filter(|&(i, r)| {
+                        !r.finished()
+                            && !recvs[..i].iter().any(|q| q.peer == r.peer && !q.finished())
+                    })
+                    .map(|(_, r)| {
                         format!(
                             "rank {} (receive {}/{} bytes)",
                             r.peer,
@@ -466,14 +472,25 @@ impl Mesh {
                         )
                     })
                     .collect();
-                missing.extend(sends.iter().filter(|s| s.done < HDR + s.len).map(|s| {
-                    format!(
-                        "rank {} (send {}/{} bytes)",
-                        s.peer,
-                        s.done.saturating_sub(HDR),
-                        s.len
-                    )
-                }));
+                missing.extend(
+                    sends
+                        .iter()
+                        .enumerate()
+                        .filter(|&(i, s)| {
+                            s.done < HDR + s.len
+                                && !sends[..i]
+                                    .iter()
+                                    .any(|t| t.peer == s.peer && t.done < HDR + t.len)
+                        })
+                        .map(|(_, s)| {
+                            format!(
+                                "rank {} (send {}/{} bytes)",
+                                s.peer,
+                                s.done.saturating_sub(HDR),
+                                s.len
+                            )
+                        }),
+                );
                 return Err(CommError::timeout(op(), deadline.elapsed(), missing));
             }
             if now.duration_since(*last_progress) < self.busy_poll {

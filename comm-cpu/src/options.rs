@@ -61,7 +61,12 @@ pub struct TcpOptions {
     pub timeout: Duration,
     /// Deadline of the connection set-up (store exchange, connect, accept).
     pub connect_timeout: Duration,
-    /// SO_SNDBUF / SO_RCVBUF of each connection in bytes; 0 keeps the kernel default.
+    /// SO_SNDBUF / SO_RCVBUF of each connection in bytes; 0 keeps the kernel
+    /// default (autotuning). The default, 512 KiB (the kernel doubles it),
+    /// covers the bandwidth-delay product of a 10 Gb/s link at 400 µs and
+    /// keeps the bytes in flight cache-resident: on loopback, 4 MiB buffers
+    /// measured up to 1.5x slower at 8-64 MiB messages than 256-512 KiB ones
+    /// (the receiver then copies out skbs already evicted to DRAM).
     pub socket_buffer: usize,
     /// How long a waiting rank keeps retrying non-blocking reads and writes
     /// before it sleeps in `poll()`. Waking a sleeping process costs tens of
@@ -96,7 +101,7 @@ impl Default for TcpOptions {
             group_name: "tcp".into(),
             timeout,
             connect_timeout: timeout,
-            socket_buffer: env_size(sockbuf).unwrap_or(4 << 20),
+            socket_buffer: env_size(sockbuf).unwrap_or(512 << 10),
             busy_poll: Duration::from_micros(env_size(busy).unwrap_or(50) as u64),
             small_all_reduce: env_size(small_ar).unwrap_or(64 << 10),
             small_broadcast: env_size(small_bc).unwrap_or(64 << 10),
