@@ -21,6 +21,16 @@ fn opts(job_id: &str) -> ShmOptions {
     }
 }
 
+/// `o` with single copy (cross-memory attach) on for every non-empty block,
+/// or off (the two-copy path).
+fn with_sc(o: ShmOptions, single_copy: bool) -> ShmOptions {
+    ShmOptions {
+        single_copy,
+        single_copy_min_bytes: 1,
+        ..o
+    }
+}
+
 /// Runs `f(rank, comm)` on `world` threads, each with its own communicator.
 fn run_group<R: Send>(
     world: usize,
@@ -47,8 +57,12 @@ const SIZES: [usize; 5] = [0, 1, 7, 1500, 3001];
 #[test]
 fn every_primitive_dtype_op_world_1_to_5() {
     let job = job("prim");
-    for world in 1..=5 {
-        run_group(world, opts(&job), |me, c| {
+    for (sc, world) in [false, true]
+        .into_iter()
+        .flat_map(|sc| (1..=5).map(move |w| (sc, w)))
+    {
+        run_group(world, with_sc(opts(&job), sc), |me, c| {
+            assert_eq!(c.single_copy_active(), sc && world > 1);
             assert_eq!(c.world_size(), world);
             assert_eq!(c.rank(), me);
             for (salt, dt) in DType::ALL.into_iter().enumerate() {
@@ -160,12 +174,20 @@ fn all_reduce_bit_identical_across_ranks_and_algorithms() {
     // Random-looking floats where summation order changes the rounding.
     let job = job("bits");
     for world in [2, 3, 4, 5] {
-        for one_shot_max in [0usize, 1 << 30] {
-            let o = ShmOptions {
-                workspace_bytes: 64 << 10,
-                one_shot_max_bytes: one_shot_max,
-                ..opts(&job)
-            };
+        for (one_shot_max, sc) in [
+            (0usize, false),
+            (1 << 30, false),
+            (0, true),
+            (1 << 30, true),
+        ] {
+            let o = with_sc(
+                ShmOptions {
+                    workspace_bytes: 64 << 10,
+                    one_shot_max_bytes: one_shot_max,
+                    ..opts(&job)
+                },
+                sc,
+            );
             let res = run_group(world, o, |me, c| {
                 let mut rng = Rng(1234 + me as u64);
                 let v: Vec<f32> = (0..50_001)
@@ -200,27 +222,74 @@ fn all_reduce_bit_identical_across_ranks_and_algorithms() {
 #[test]
 fn consecutive_large_ops_and_mixed_sequence() {
     let job = job("mix");
-    let o = ShmOptions {
-        workspace_bytes: 8192,
-        one_shot_max_bytes: 4096,
-        ..opts(&job)
-    };
-    run_group(3, o, |me, c| {
-        for it in 0..50 {
-            let n = 1 + (it * 997) % 20_000;
-            let inputs: Vec<Tensor> = (0..3).map(|r| input(DType::F32, r, n, it)).collect();
-            let mut t = inputs[me].try_clone().unwrap();
-            c.all_reduce(&mut t, ReduceOp::Sum).unwrap();
-            assert_eq!(t, reference(&inputs, ReduceOp::Sum));
-            let mut b = if me == it % 3 {
-                inputs[me].try_clone().unwrap()
-            } else {
-                Tensor::zeros([n], DType::F32)
-            };
-            c.broadcast(&mut b, it % 3).unwrap();
-            assert_eq!(b, inputs[it % 3]);
-        }
+    for (sc, min) in [(false, 1), (true, 1), (true, 16 << 10)] {
+        let o = ShmOptions {
+            workspace_bytes: 8192,
+            one_shot_max_bytes: 4096,
+            single_copy: sc,
+            single_copy_min_bytes: min,
+            ..opts(&job)
+        };
+        run_group(3, o, |me, c| {
+            for it in 0..50 {
+                let n = 1 + (it * 997) % 20_000;
+                let inputs: Vec<Tensor> = (0..3).map(|r| input(DType::F32, r, n, it)).collect();
+                let mut t = inputs[me].try_clone().unwrap();
+                c.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+                assert_eq!(t, reference(&inputs, ReduceOp::Sum));
+                let mut b = if me == it % 3 {
+                    inputs[me].try_clone().unwrap()
+                } else {
+                    Tensor::zeros([n], DType::F32)
+                };
+                c.broadcast(&mut b, it % 3).unwrap();
+                assert_eq!(b, inputs[it % 3]);
+                let mut g = Tensor::zeros([3 * n], DType::F32);
+                c.all_gather(&inputs[me], &mut g).unwrap();
+                assert_eq!(g.as_bytes().unwrap(), concat(&inputs));
+                let mut a = Tensor::zeros([3 * n], DType::F32);
+                let a2a: Vec<Tensor> = (0..3).map(|r| input(DType::F32, r, 3 * n, it)).collect();
+                c.all_to_all(&a2a[me], &mut a).unwrap();
+                let bs = 4 * n;
+                let expect: Vec<u8> = (0..3)
+                    .flat_map(|i| a2a[i].as_bytes().unwrap()[me * bs..(me + 1) * bs].to_vec())
+                    .collect();
+                assert_eq!(a.as_bytes().unwrap(), expect);
+            }
+        });
+    }
+}
+
+#[test]
+fn single_copy_is_agreed_by_every_member() {
+    let job = job("scagree");
+    // Every member asks for it: on (threads of one process can always read
+    // their own process).
+    let on = run_group(3, with_sc(opts(&job), true), |_, c| c.single_copy_active());
+    assert_eq!(on, [true; 3]);
+    // Off everywhere.
+    let off = run_group(3, with_sc(opts(&job), false), |_, c| c.single_copy_active());
+    assert_eq!(off, [false; 3]);
+    // One member opts out: nobody uses it, and the collectives still agree.
+    let store: Arc<dyn Store> = Arc::new(HashStore::new());
+    let res: Vec<bool> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..3)
+            .map(|r| {
+                let (store, o) = (store.clone(), with_sc(opts(&job), r != 1));
+                s.spawn(move || {
+                    let mut c = ShmCommunicator::new(&*store, r, 3, o).unwrap();
+                    let inputs: Vec<Tensor> =
+                        (0..3).map(|q| input(DType::F32, q, 5000, 1)).collect();
+                    let mut g = Tensor::zeros([15000], DType::F32);
+                    c.all_gather(&inputs[r], &mut g).unwrap();
+                    assert_eq!(g.as_bytes().unwrap(), concat(&inputs));
+                    c.single_copy_active()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    assert_eq!(res, [false; 3]);
 }
 
 #[test]
@@ -394,4 +463,23 @@ fn thread_cpu() -> f64 {
     // fields after ')' start at index 2 (state); utime = 14th field overall -> index 11 here
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
     ticks / 100.0
+}
+
+#[test]
+fn mismatched_single_copy_calls_are_a_protocol_error() {
+    let job = job("mismsc");
+    let o = ShmOptions {
+        timeout: Duration::from_secs(5),
+        ..with_sc(opts(&job), true)
+    };
+    let res = run_group(2, o, |me, c| {
+        let n = if me == 0 { 10 } else { 11 };
+        let t = Tensor::from_vec1(vec![1f32; n]);
+        let mut out = Tensor::zeros([2 * n], DType::F32);
+        c.all_gather(&t, &mut out)
+    });
+    for r in res {
+        let e = r.unwrap_err();
+        assert!(matches!(e, CommError::Protocol(_)), "{e}");
+    }
 }
