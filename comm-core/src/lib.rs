@@ -44,3 +44,21 @@ pub fn default_timeout() -> Duration {
         .map(Duration::from_secs_f64)
         .unwrap_or(DEFAULT_TIMEOUT)
 }
+
+/// Compares two secrets in time that depends only on their lengths, so a
+/// stranger probing a handshake learns nothing from how fast it is refused.
+///
+/// ```
+/// assert!(comm_core::secrets_equal(b"abc", b"abc"));
+/// assert!(!comm_core::secrets_equal(b"abc", b"abd"));
+/// assert!(!comm_core::secrets_equal(b"abc", b"abcd"));
+/// ```
+pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().max(b.len());
+    let mut diff = u8::from(a.len() != b.len());
+    for i in 0..n {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0);
+    }
+    // Keeps the compiler from turning the loop into an early exit.
+    std::hint::black_box(diff) == 0
+}

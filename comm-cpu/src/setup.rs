@@ -289,9 +289,7 @@ fn accept_hello(
     let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes")) as usize;
     let o = 8 + SECRET_LEN;
     let ok = &h[..8] == HELLO_MAGIC
-        // Not constant-time, but the secret is 256 random bits per job and a
-        // refusal closes the connection, so timing gives nothing usable.
-        && &h[8..o] == secret
+        && comm_core::secrets_equal(&h[8..o], secret)
         && u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes")) == gh
         && u32_at(o + 8) == world
         && u32_at(o + 16) == rank;

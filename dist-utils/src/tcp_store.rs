@@ -134,18 +134,7 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Compares two secrets in time that depends only on their lengths.
-fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
-    let n = a.len().max(b.len());
-    let mut diff = u8::from(a.len() != b.len());
-    for i in 0..n {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= x ^ y;
-    }
-    // Keep the compiler from short-circuiting the loop.
-    std::hint::black_box(diff) == 0
-}
+use comm_core::secrets_equal;
 
 // ---------------------------------------------------------------------------
 // Server
