@@ -42,7 +42,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use comm_core::{CommError, Deadline, Result, Store};
+use comm_core::{secrets_equal, CommError, Deadline, Result, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{read_frame, read_msg, write_msg};
@@ -133,8 +133,6 @@ enum Response {
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
-
-use comm_core::secrets_equal;
 
 // ---------------------------------------------------------------------------
 // Server
