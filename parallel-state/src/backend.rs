@@ -94,6 +94,7 @@ pub(crate) fn host_communicator(
     rank: usize,
     world: usize,
     timeout: Duration,
+    group_name: &str,
 ) -> Result<Box<dyn DeviceCommunicator>> {
     Ok(match kind {
         Backend::Single => {
@@ -104,6 +105,7 @@ pub(crate) fn host_communicator(
         Backend::Tcp => {
             let opts = comm_cpu::TcpOptions {
                 timeout,
+                group_name: group_name.to_string(),
                 ..Default::default()
             };
             Box::new(comm_cpu::TcpCommunicator::new(store, rank, world, opts)?)
@@ -111,6 +113,7 @@ pub(crate) fn host_communicator(
         Backend::Shm => {
             let opts = comm_shm::ShmOptions {
                 timeout,
+                group_name: group_name.to_string(),
                 ..Default::default()
             };
             Box::new(comm_shm::ShmCommunicator::new(&*store, rank, world, opts)?)

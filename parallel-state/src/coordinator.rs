@@ -122,6 +122,7 @@ impl GroupCoordinator {
             rank_in_group,
             world,
             opts.timeout,
+            &name,
         )?;
         let (device, device_backend, dev_why) = match backend::device_communicator(
             opts.device,
@@ -273,18 +274,14 @@ impl GroupCoordinator {
                 missing,
             } => CommError::Timeout {
                 operation: format!(
-                    "{operation} in group `{}` (global ranks {:?})",
-                    self.name, self.ranks
+                    "{operation}{} (global ranks {:?})",
+                    self.unless_named(&operation),
+                    self.ranks
                 ),
                 waited,
                 missing: missing
                     .into_iter()
-                    .map(
-                        |m| match m.parse::<usize>().ok().and_then(|r| self.ranks.get(r)) {
-                            Some(g) => format!("group rank {m} (global rank {g})"),
-                            None => m,
-                        },
-                    )
+                    .map(|m| self.with_global_rank(m))
                     .collect(),
             },
             CommError::PeerLost {
@@ -294,13 +291,32 @@ impl GroupCoordinator {
             } => CommError::PeerLost {
                 rank,
                 operation: format!(
-                    "{operation} in group `{}` (group rank {rank} = global rank {})",
-                    self.name,
+                    "{operation}{} (group rank {rank} = global rank {})",
+                    self.unless_named(&operation),
                     self.ranks.get(rank).copied().unwrap_or(rank)
                 ),
                 detail,
             },
             other => other,
+        }
+    }
+
+    /// ` in group NAME`, unless the backend's text already names the group.
+    fn unless_named(&self, operation: &str) -> String {
+        if operation.contains(&format!("`{}`", self.name)) {
+            String::new()
+        } else {
+            format!(" in group `{}`", self.name)
+        }
+    }
+
+    /// `rank N ...` (group-local, as backends write it) gains `= global rank G`.
+    fn with_global_rank(&self, m: String) -> String {
+        let local = m.strip_prefix("rank ").unwrap_or(&m);
+        let digits: String = local.chars().take_while(char::is_ascii_digit).collect();
+        match digits.parse::<usize>().ok().and_then(|r| self.ranks.get(r)) {
+            Some(g) => format!("group {m} (global rank {g})"),
+            None => m,
         }
     }
 

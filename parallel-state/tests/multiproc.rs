@@ -66,7 +66,7 @@ fn run(scenario: &str, nproc: usize, env: &[(&str, &str)]) {
 fn worker_entry() {
     let scenario = std::env::var("PS_SCENARIO").expect("PS_SCENARIO is set by the launching test");
     let ps = ParallelState::init_from_env(InitOptions {
-        timeout: Duration::from_secs(60),
+        timeout: Duration::from_secs(if scenario == "absent" { 3 } else { 60 }),
         use_message_queue_broadcaster: scenario == "mq",
         ..Default::default()
     })
@@ -83,6 +83,7 @@ fn worker_entry() {
         "errors" => errors(&ps),
         "layout8" => layout8(&ps),
         "mq" => mq(&ps),
+        "absent" => absent(&ps),
         other => panic!("unknown scenario {other}"),
     }
     println!("PS_OK {scenario} rank {}", ps.rank());
@@ -494,6 +495,38 @@ fn mq(ps: &ParallelState) {
     assert_eq!(v, "from one");
 }
 
+/// World 4, tp=2 x sp=2: dp groups are {0,2} and {1,3}. Rank 3 never joins
+/// the dp all-reduce; rank 1 must fail by its 3 s deadline with a Timeout
+/// that names global rank 3, while the other dp group is unaffected.
+fn absent(ps: &ParallelState) {
+    ps.initialize_model_parallel(2, 2, None).unwrap();
+    let dp = ps.dp_group().unwrap();
+    let mut t = Tensor::from_vec1(vec![1.0f32; 64]);
+    match ps.rank() {
+        1 => {
+            let start = std::time::Instant::now();
+            let err = dp.all_reduce(&mut t, ReduceOp::Sum).unwrap_err();
+            let waited = start.elapsed();
+            let text = err.to_string();
+            assert!(matches!(err, CommError::Timeout { .. }), "{text}");
+            assert!(text.contains("global rank 3"), "{text}");
+            assert!(waited < Duration::from_secs(20), "failed after {waited:?}");
+            println!("rank 1 failed after {waited:?}: {text}");
+            ps.store().set("absent/done", b"1").unwrap();
+        }
+        // Stays alive (so the failure is a Timeout, not PeerLost) until rank 1 has seen it.
+        3 => {
+            ps.store()
+                .get("absent/done", Duration::from_secs(60))
+                .unwrap();
+        }
+        _ => {
+            dp.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+            assert_eq!(t.to_vec::<f32>().unwrap(), vec![2.0; 64]);
+        }
+    }
+}
+
 // ------------------------------------------------ transformer block (FastVideo's SP check)
 
 fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
@@ -696,6 +729,14 @@ fn layout_w8_tp2_sp4_and_ulysses_ring() {
 #[test]
 fn broadcast_object_through_message_queue() {
     run("mq", 4, &[]);
+}
+#[test]
+fn absent_member_times_out_naming_its_global_rank() {
+    run("absent", 4, &[]);
+}
+#[test]
+fn absent_member_times_out_naming_its_global_rank_over_tcp() {
+    run("absent", 4, &[("DIST_BACKEND", "tcp")]);
 }
 #[test]
 fn transformer_block_sharded_matches_single_rank() {
