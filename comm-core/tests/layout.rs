@@ -1,9 +1,10 @@
 //! Layout operations against a naive index-by-index reference, for every dtype.
 
-use std::any::Any;
+mod common;
+use common::FakeDevice;
 
 use comm_core::layout::{self, normalize_dim};
-use comm_core::{CommError, DType, Device, DeviceStorage, Tensor};
+use comm_core::{CommError, DType, Tensor};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -451,39 +452,6 @@ fn unpad_errors() {
     assert!(is_invalid(layout::unpad(&t, 0, usize::MAX)));
     assert_eq!(layout::unpad(&t, 1, 3).unwrap().shape(), &[2, 0]);
     assert!(is_invalid(layout::pad(&t, 1, usize::MAX)));
-}
-
-/// A stand-in for GPU memory, to check that layout ops refuse device tensors.
-#[derive(Debug)]
-struct FakeDevice(Vec<u8>);
-
-impl DeviceStorage for FakeDevice {
-    fn device(&self) -> Device {
-        Device::Cuda(0)
-    }
-    fn len_bytes(&self) -> usize {
-        self.0.len()
-    }
-    fn copy_to_host(&self, dst: &mut [u8]) -> comm_core::Result<()> {
-        dst.copy_from_slice(&self.0);
-        Ok(())
-    }
-    fn copy_from_host(&mut self, src: &[u8]) -> comm_core::Result<()> {
-        self.0.copy_from_slice(src);
-        Ok(())
-    }
-    fn alloc_zeroed(&self, len_bytes: usize) -> comm_core::Result<Box<dyn DeviceStorage>> {
-        Ok(Box::new(FakeDevice(vec![0; len_bytes])))
-    }
-    fn try_clone(&self) -> comm_core::Result<Box<dyn DeviceStorage>> {
-        Ok(Box::new(FakeDevice(self.0.clone())))
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
 }
 
 #[test]

@@ -1,49 +1,16 @@
 //! Tensor constructors and views, the single-rank communicator, host staging,
 //! and the string forms of DType / ReduceOp / Device.
 
-use std::any::Any;
 use std::str::FromStr;
 use std::time::Duration;
 
 use comm_core::{
-    bf16, f16, CommError, DType, Device, DeviceCommunicator, DeviceStorage, Element, HostBuffer,
-    HostStaged, ReduceOp, SingleRankCommunicator, Storage, Tensor, TensorMetadata,
+    bf16, f16, CommError, DType, Device, DeviceCommunicator, Element, HostBuffer, HostStaged,
+    ReduceOp, SingleRankCommunicator, Storage, Tensor, TensorMetadata,
 };
 
-// ---------------------------------------------------------------- fake device
-
-/// Host memory pretending to be on `cuda:0`, to exercise device code paths.
-#[derive(Debug)]
-struct FakeDevice(Vec<u8>);
-
-impl DeviceStorage for FakeDevice {
-    fn device(&self) -> Device {
-        Device::Cuda(0)
-    }
-    fn len_bytes(&self) -> usize {
-        self.0.len()
-    }
-    fn copy_to_host(&self, dst: &mut [u8]) -> comm_core::Result<()> {
-        dst.copy_from_slice(&self.0);
-        Ok(())
-    }
-    fn copy_from_host(&mut self, src: &[u8]) -> comm_core::Result<()> {
-        self.0.copy_from_slice(src);
-        Ok(())
-    }
-    fn alloc_zeroed(&self, len_bytes: usize) -> comm_core::Result<Box<dyn DeviceStorage>> {
-        Ok(Box::new(FakeDevice(vec![0; len_bytes])))
-    }
-    fn try_clone(&self) -> comm_core::Result<Box<dyn DeviceStorage>> {
-        Ok(Box::new(FakeDevice(self.0.clone())))
-    }
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn Any {
-        self
-    }
-}
+mod common;
+use common::FakeDevice;
 
 fn device_tensor<T: Element>(data: &[T], shape: &[usize]) -> Tensor {
     let bytes = bytemuck::cast_slice(data).to_vec();

@@ -257,10 +257,7 @@ impl RankInfo {
 
     fn torchrun(get: Lookup<'_>) -> Result<Self> {
         let l = "torchrun/distrun";
-        let rank = require_num(get, "RANK", l)?;
-        let world = require_num(get, "WORLD_SIZE", l)?;
-        check_world(world, "WORLD_SIZE")?;
-        check_below(rank, "RANK", world, "WORLD_SIZE")?;
+        let (rank, world) = rank_and_world(get, "RANK", "WORLD_SIZE", l)?;
         let (local_rank, local_world) = match (
             parse_num(get, "LOCAL_RANK")?,
             parse_num(get, "LOCAL_WORLD_SIZE")?,
@@ -294,10 +291,7 @@ impl RankInfo {
 
     fn slurm(get: Lookup<'_>) -> Result<Self> {
         let l = "Slurm (srun)";
-        let rank = require_num(get, "SLURM_PROCID", l)?;
-        let world = require_num(get, "SLURM_NTASKS", l)?;
-        check_world(world, "SLURM_NTASKS")?;
-        check_below(rank, "SLURM_PROCID", world, "SLURM_NTASKS")?;
+        let (rank, world) = rank_and_world(get, "SLURM_PROCID", "SLURM_NTASKS", l)?;
         let local_rank = require_num(get, "SLURM_LOCALID", l)?;
         let node_rank = require_num(get, "SLURM_NODEID", l)?;
         let (local_world, lw_var) = if let Some(n) = parse_num(get, "SLURM_NTASKS_PER_NODE")? {
@@ -341,10 +335,7 @@ impl RankInfo {
 
     fn openmpi(get: Lookup<'_>) -> Result<Self> {
         let l = "Open MPI (mpirun)";
-        let rank = require_num(get, "OMPI_COMM_WORLD_RANK", l)?;
-        let world = require_num(get, "OMPI_COMM_WORLD_SIZE", l)?;
-        check_world(world, "OMPI_COMM_WORLD_SIZE")?;
-        check_below(rank, "OMPI_COMM_WORLD_RANK", world, "OMPI_COMM_WORLD_SIZE")?;
+        let (rank, world) = rank_and_world(get, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", l)?;
         let local_rank = require_num(get, "OMPI_COMM_WORLD_LOCAL_RANK", l)?;
         let local_world = require_num(get, "OMPI_COMM_WORLD_LOCAL_SIZE", l)?;
         check_local(
@@ -368,10 +359,7 @@ impl RankInfo {
 
     fn pmi(get: Lookup<'_>) -> Result<Self> {
         let l = "PMI (MPICH / Intel MPI hydra)";
-        let rank = require_num(get, "PMI_RANK", l)?;
-        let world = require_num(get, "PMI_SIZE", l)?;
-        check_world(world, "PMI_SIZE")?;
-        check_below(rank, "PMI_RANK", world, "PMI_SIZE")?;
+        let (rank, world) = rank_and_world(get, "PMI_RANK", "PMI_SIZE", l)?;
         let local_rank = require_num(get, "MPI_LOCALRANKID", l)?;
         let local_world = require_num(get, "MPI_LOCALNRANKS", l)?;
         check_local(
@@ -437,6 +425,21 @@ fn check_below(v: usize, var: &str, bound: usize, bound_var: &str) -> Result<()>
         )));
     }
     Ok(())
+}
+
+/// Reads a (rank, world size) pair of one launcher's variables and checks
+/// that the world is non-empty and the rank inside it.
+fn rank_and_world(
+    get: Lookup<'_>,
+    rank_var: &str,
+    world_var: &str,
+    launcher: &str,
+) -> Result<(usize, usize)> {
+    let rank = require_num(get, rank_var, launcher)?;
+    let world = require_num(get, world_var, launcher)?;
+    check_world(world, world_var)?;
+    check_below(rank, rank_var, world, world_var)?;
+    Ok((rank, world))
 }
 
 fn check_local(
