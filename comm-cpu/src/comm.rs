@@ -177,49 +177,19 @@ impl TcpCommunicator {
         self.host("send_recv", send)?;
         self.host("send_recv", recv)?;
         self.usable("send_recv")?;
-        let deadline = Deadline::after(self.opts.timeout);
-        let name = self.name("send_recv");
-        let res = {
-            let sb = send.as_bytes()?;
-            let rb = recv.as_bytes_mut()?;
-            let mut sends = [SendOp::new(dst, sb)];
-            let mut recvs = [RecvOp::new(src, rb)];
-            self.mesh.exchange(
-                Kind::P2p,
-                &|| name.clone(),
-                &mut sends,
-                &mut recvs,
-                &deadline,
-                usize::MAX,
-                |_, _, _| Ok(()),
-            )
-        };
-        res.map_err(|e| self.fail(e))
+        let sb = send.as_bytes()?;
+        let rb = recv.as_bytes_mut()?;
+        self.p2p(
+            "send_recv",
+            &mut [SendOp::new(dst, sb)],
+            &mut [RecvOp::new(src, rb)],
+        )
     }
 
-    fn p2p(
-        &mut self,
-        what: &str,
-        send: Option<(&[u8], usize)>,
-        recv: Option<(&mut [u8], usize)>,
-    ) -> Result<()> {
+    /// One point-to-point exchange on the p2p channel, with the op deadline.
+    fn p2p(&mut self, what: &str, sends: &mut [SendOp], recvs: &mut [RecvOp]) -> Result<()> {
         let deadline = Deadline::after(self.opts.timeout);
         let name = self.name(what);
-        let mut sends: Vec<SendOp> = Vec::new();
-        let mut recvs: Vec<RecvOp> = Vec::new();
-        let mut s1;
-        let mut r1;
-        let (sends, recvs): (&mut [SendOp], &mut [RecvOp]) = match (send, recv) {
-            (Some((b, p)), None) => {
-                s1 = [SendOp::new(p, b)];
-                (&mut s1, &mut recvs)
-            }
-            (None, Some((b, p))) => {
-                r1 = [RecvOp::new(p, b)];
-                (&mut sends, &mut r1)
-            }
-            _ => unreachable!("p2p is called with exactly one direction"),
-        };
         let res = self.mesh.exchange(
             Kind::P2p,
             &|| name.clone(),
@@ -845,14 +815,18 @@ impl DeviceCommunicator for TcpCommunicator {
         check::peer("send", dst, self.mesh.rank, self.mesh.world)?;
         self.host("send", tensor)?;
         self.usable("send")?;
-        self.p2p("send", Some((tensor.as_bytes()?, dst)), None)
+        self.p2p("send", &mut [SendOp::new(dst, tensor.as_bytes()?)], &mut [])
     }
 
     fn recv(&mut self, tensor: &mut Tensor, src: usize) -> Result<()> {
         check::peer("recv", src, self.mesh.rank, self.mesh.world)?;
         self.host("recv", tensor)?;
         self.usable("recv")?;
-        self.p2p("recv", None, Some((tensor.as_bytes_mut()?, src)))
+        self.p2p(
+            "recv",
+            &mut [],
+            &mut [RecvOp::new(src, tensor.as_bytes_mut()?)],
+        )
     }
 
     fn barrier(&mut self) -> Result<()> {

@@ -609,19 +609,7 @@ impl Mesh {
                 }
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR) => continue,
-                Err(e) if is_lost(e) => {
-                    return Err(CommError::peer_lost(
-                        peer,
-                        op(),
-                        format!("sending failed: {e}"),
-                    ));
-                }
-                Err(e) => {
-                    return Err(CommError::io(
-                        format!("sending to rank {peer} in {}", op()),
-                        e.into(),
-                    ));
-                }
+                Err(e) => return Err(socket_error(e, peer, "sending", "to", op)),
             }
         }
         Ok(any)
@@ -706,22 +694,26 @@ impl Mesh {
                 }
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR) => continue,
-                Err(e) if is_lost(e) => {
-                    return Err(CommError::peer_lost(
-                        peer,
-                        op(),
-                        format!("receiving failed: {e}"),
-                    ));
-                }
-                Err(e) => {
-                    return Err(CommError::io(
-                        format!("receiving from rank {peer} in {}", op()),
-                        e.into(),
-                    ));
-                }
+                Err(e) => return Err(socket_error(e, peer, "receiving", "from", op)),
             }
         }
         Ok(any)
+    }
+}
+
+/// A failed socket call: `PeerLost` when the peer went away, else an I/O
+/// error naming the peer and the operation.
+fn socket_error(
+    e: Errno,
+    peer: usize,
+    verb: &str,
+    prep: &str,
+    op: impl Fn() -> String,
+) -> CommError {
+    if is_lost(e) {
+        CommError::peer_lost(peer, op(), format!("{verb} failed: {e}"))
+    } else {
+        CommError::io(format!("{verb} {prep} rank {peer} in {}", op()), e.into())
     }
 }
 
