@@ -29,7 +29,7 @@ fn nccl_world1() -> Option<(Arc<CudaDevice>, NcclCommunicator)> {
         eprintln!("skipped: no NCCL ({e})");
         return None;
     }
-    let store = Store1::default();
+    let store = dist_utils::HashStore::new();
     let opts = NcclOptions {
         timeout: Duration::from_secs(60),
         label: "gpu-test".into(),
@@ -179,43 +179,5 @@ fn device_permute_matches_host_bit_exact() {
                 "{d} view {view:?} perm {perm:?}"
             );
         }
-    }
-}
-
-/// A store for one member: rank 0 only sets the id.
-#[derive(Debug, Default)]
-struct Store1(std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>);
-
-impl comm_core::Store for Store1 {
-    fn set(&self, key: &str, value: &[u8]) -> comm_core::Result<()> {
-        self.0.lock().unwrap().insert(key.into(), value.into());
-        Ok(())
-    }
-    fn get(&self, key: &str, _timeout: Duration) -> comm_core::Result<Vec<u8>> {
-        self.try_get(key)?
-            .ok_or_else(|| CommError::timeout("get", Duration::ZERO, [key]))
-    }
-    fn try_get(&self, key: &str) -> comm_core::Result<Option<Vec<u8>>> {
-        Ok(self.0.lock().unwrap().get(key).cloned())
-    }
-    fn add(&self, _key: &str, _delta: i64) -> comm_core::Result<i64> {
-        Ok(0)
-    }
-    fn wait(&self, _keys: &[&str], _timeout: Duration) -> comm_core::Result<()> {
-        Ok(())
-    }
-    fn delete(&self, key: &str) -> comm_core::Result<bool> {
-        Ok(self.0.lock().unwrap().remove(key).is_some())
-    }
-    fn compare_set(
-        &self,
-        _key: &str,
-        _expected: Option<&[u8]>,
-        desired: &[u8],
-    ) -> comm_core::Result<Vec<u8>> {
-        Ok(desired.to_vec())
-    }
-    fn num_keys(&self) -> comm_core::Result<usize> {
-        Ok(self.0.lock().unwrap().len())
     }
 }

@@ -389,48 +389,10 @@ fn communicator_without_cuda_is_unavailable() {
         eprintln!("skipped: a GPU is present (covered by tests/gpu.rs)");
         return;
     }
-    let store = HashStoreLite::default();
+    let store = dist_utils::HashStore::new();
     let r = comm_nccl::NcclCommunicator::new(std::sync::Arc::new(store), 0, 1, Default::default());
     assert!(
         matches!(r, Err(CommError::BackendUnavailable { .. })),
         "{r:?}"
     );
-}
-
-/// A minimal in-memory store (only what the set-up path touches).
-#[derive(Debug, Default)]
-struct HashStoreLite(std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>);
-
-impl comm_core::Store for HashStoreLite {
-    fn set(&self, key: &str, value: &[u8]) -> comm_core::Result<()> {
-        self.0.lock().unwrap().insert(key.into(), value.into());
-        Ok(())
-    }
-    fn get(&self, key: &str, _timeout: Duration) -> comm_core::Result<Vec<u8>> {
-        self.try_get(key)?
-            .ok_or_else(|| CommError::timeout("get", Duration::ZERO, [key]))
-    }
-    fn try_get(&self, key: &str) -> comm_core::Result<Option<Vec<u8>>> {
-        Ok(self.0.lock().unwrap().get(key).cloned())
-    }
-    fn add(&self, _key: &str, _delta: i64) -> comm_core::Result<i64> {
-        Ok(0)
-    }
-    fn wait(&self, _keys: &[&str], _timeout: Duration) -> comm_core::Result<()> {
-        Ok(())
-    }
-    fn delete(&self, key: &str) -> comm_core::Result<bool> {
-        Ok(self.0.lock().unwrap().remove(key).is_some())
-    }
-    fn compare_set(
-        &self,
-        _key: &str,
-        _expected: Option<&[u8]>,
-        desired: &[u8],
-    ) -> comm_core::Result<Vec<u8>> {
-        Ok(desired.to_vec())
-    }
-    fn num_keys(&self) -> comm_core::Result<usize> {
-        Ok(self.0.lock().unwrap().len())
-    }
 }
