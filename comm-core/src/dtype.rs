@@ -224,6 +224,14 @@ impl ReduceOp {
             ReduceOp::Avg => 4,
         }
     }
+
+    /// The op of a wire code from [`ReduceOp::code`].
+    pub fn from_code(code: u8) -> Result<ReduceOp> {
+        ReduceOp::ALL
+            .into_iter()
+            .find(|o| o.code() == code)
+            .ok_or_else(|| CommError::Protocol(format!("unknown reduce-op code {code}")))
+    }
 }
 
 impl fmt::Display for ReduceOp {
@@ -247,9 +255,10 @@ impl std::str::FromStr for ReduceOp {
 }
 
 /// Where a tensor's storage lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub enum Device {
     /// Host memory.
+    #[default]
     Cpu,
     /// A CUDA device with its ordinal.
     Cuda(usize),

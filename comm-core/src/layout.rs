@@ -319,66 +319,154 @@ pub fn permute(t: &Tensor, perm: &[usize]) -> Result<Tensor> {
 /// assert!(layout::permute_view(&t, &[4, 2], &[1, 0]).is_err());
 /// ```
 pub fn permute_view(t: &Tensor, view: &[usize], perm: &[usize]) -> Result<Tensor> {
-    let src = host_bytes("permute", t)?;
-    if view.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(t.numel()) {
+    let plan = PermutePlan::new(view, perm, t.dtype().size())?;
+    if view.iter().product::<usize>() != t.numel() {
         return Err(CommError::shape(
             "layout::permute_view",
             format!("a view of {} elements", t.numel()),
             format!("view {view:?}"),
         ));
     }
-    let n = view.len();
-    let mut seen = vec![false; n];
-    let valid = perm.len() == n
-        && perm
-            .iter()
-            .all(|&p| p < n && !std::mem::replace(&mut seen[p], true));
-    if !valid {
-        return Err(CommError::invalid(format!(
-            "layout::permute: {perm:?} is not a permutation of 0..{n} (tensor shape {view:?})"
-        )));
-    }
-    let in_shape = view;
-    let out_shape: Vec<usize> = perm.iter().map(|&p| in_shape[p]).collect();
-    let mut out = new_like(t, out_shape.clone());
-    if t.numel() == 0 {
-        return Ok(out);
-    }
-    // Input strides in elements.
-    let mut in_strides = vec![0usize; n];
-    let mut s = 1;
-    for k in (0..n).rev() {
-        in_strides[k] = s;
-        s *= in_shape[k];
-    }
-    // Output dims (size, input stride), dropping size-1 dims and merging
-    // neighbours that are adjacent in the input as well.
-    let mut dims: Vec<(usize, usize)> = Vec::with_capacity(n);
-    for &p in perm {
-        let (size, stride) = (in_shape[p], in_strides[p]);
-        if size == 1 {
-            continue;
-        }
-        match dims.last_mut() {
-            Some(last) if last.1 == stride * size => *last = (last.0 * size, stride),
-            _ => dims.push((size, stride)),
-        }
-    }
-    let es = t.dtype().size();
-    let dst = out.as_bytes_mut()?;
-    match dims.last() {
-        // Identity after merging (also covers 0-d and all-ones shapes).
-        None | Some((_, 1)) if dims.len() <= 1 => dst.copy_from_slice(src),
-        Some(&(run, 1)) => permute_runs(dst, src, &dims, run * es, es),
-        _ => match es {
-            1 => permute_tiled::<u8>(dst, src, &dims),
-            2 => permute_tiled::<u16>(dst, src, &dims),
-            4 => permute_tiled::<u32>(dst, src, &dims),
-            8 => permute_tiled::<u64>(dst, src, &dims),
-            _ => unreachable!("element sizes are 1, 2, 4 or 8"),
-        },
-    }
+    let mut out = t.zeros_with_shape(plan.out_shape.clone())?;
+    permute_into(t, &plan, &mut out)?;
     Ok(out)
+}
+
+/// Writes the permutation `plan` of `src` into `dst` (same dtype, element
+/// count and device): with the device storage's own kernel for device
+/// tensors where it has one, else on the host.
+pub fn permute_into(src: &Tensor, plan: &PermutePlan, dst: &mut Tensor) -> Result<()> {
+    if src.dtype() != dst.dtype() || src.numel() != plan.numel || dst.numel() != plan.numel {
+        return Err(CommError::shape(
+            "layout::permute_into",
+            format!("{} x {} in and out", plan.numel, src.dtype()),
+            format!(
+                "{} x {} -> {} x {}",
+                src.numel(),
+                src.dtype(),
+                dst.numel(),
+                dst.dtype()
+            ),
+        ));
+    }
+    if let (Some(s), Some(d)) = (src.device_storage(), dst.device_storage_mut()) {
+        if s.permute_into(plan, d)? {
+            return Ok(());
+        }
+    }
+    if src.is_host() && dst.is_host() {
+        plan.run_host(dst.as_bytes_mut()?, src.as_bytes()?);
+        return Ok(());
+    }
+    let h = src.to_host()?;
+    let mut o = Tensor::zeros(dst.shape().to_vec(), dst.dtype());
+    plan.run_host(o.as_bytes_mut()?, h.as_bytes()?);
+    dst.copy_from(&o)
+}
+
+/// A permutation of a row-major array, simplified once and run by the host
+/// copy here or by a device kernel (comm-nccl): output dimension `i` is
+/// input dimension `perm[i]` of the array viewed with shape `view`.
+///
+/// Dimensions of size 1 are dropped and neighbours that stay adjacent are
+/// merged, so `dims` is the shortest equivalent description: output
+/// dimensions, outermost first, each as (size, input stride in elements).
+///
+/// ```
+/// use comm_core::layout::PermutePlan;
+/// // [2, 3, 4] -> [3, 2, 4]: the innermost dim stays, so runs of 4 elements move.
+/// let p = PermutePlan::new(&[2, 3, 4], &[1, 0, 2], 4).unwrap();
+/// assert_eq!(p.out_shape, [3, 2, 4]);
+/// assert_eq!(p.dims, [(3, 4), (2, 12), (4, 1)]);
+/// assert!(PermutePlan::new(&[2, 3], &[0, 0], 4).is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PermutePlan {
+    /// The output's shape (the view permuted).
+    pub out_shape: Vec<usize>,
+    /// Merged output dimensions: (size, input stride in elements).
+    pub dims: Vec<(usize, usize)>,
+    /// Bytes per element.
+    pub elem_size: usize,
+    /// Number of elements.
+    pub numel: usize,
+}
+
+impl PermutePlan {
+    /// Plans `view` permuted by `perm` for elements of `elem_size` bytes.
+    pub fn new(view: &[usize], perm: &[usize], elem_size: usize) -> Result<PermutePlan> {
+        let n = view.len();
+        let mut seen = vec![false; n];
+        let valid = perm.len() == n
+            && perm
+                .iter()
+                .all(|&p| p < n && !std::mem::replace(&mut seen[p], true));
+        if !valid {
+            return Err(CommError::invalid(format!(
+                "layout::permute: {perm:?} is not a permutation of 0..{n} (tensor shape {view:?})"
+            )));
+        }
+        if !matches!(elem_size, 1 | 2 | 4 | 8) {
+            return Err(CommError::invalid(format!(
+                "layout::permute: elements of {elem_size} bytes are not supported"
+            )));
+        }
+        let numel = view
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| CommError::invalid(format!("view {view:?} overflows usize")))?;
+        // Input strides in elements.
+        let mut in_strides = vec![0usize; n];
+        let mut s = 1;
+        for k in (0..n).rev() {
+            in_strides[k] = s;
+            s *= view[k];
+        }
+        let mut dims: Vec<(usize, usize)> = Vec::with_capacity(n);
+        if numel > 0 {
+            for &p in perm {
+                let (size, stride) = (view[p], in_strides[p]);
+                if size == 1 {
+                    continue;
+                }
+                match dims.last_mut() {
+                    Some(last) if last.1 == stride * size => *last = (last.0 * size, stride),
+                    _ => dims.push((size, stride)),
+                }
+            }
+        }
+        Ok(PermutePlan {
+            out_shape: perm.iter().map(|&p| view[p]).collect(),
+            dims,
+            elem_size,
+            numel,
+        })
+    }
+
+    /// True when the permutation leaves the bytes in place (a plain copy).
+    pub fn is_identity(&self) -> bool {
+        self.dims.len() <= 1
+    }
+
+    /// Runs the permutation on host bytes (`dst` and `src` hold `numel`
+    /// elements each).
+    pub fn run_host(&self, dst: &mut [u8], src: &[u8]) {
+        assert!(
+            dst.len() == self.numel * self.elem_size && src.len() == dst.len(),
+            "permute buffers must hold exactly the planned elements"
+        );
+        let es = self.elem_size;
+        match self.dims.last() {
+            _ if self.is_identity() => dst.copy_from_slice(src),
+            Some(&(run, 1)) => permute_runs(dst, src, &self.dims, run * es, es),
+            _ => match es {
+                1 => permute_tiled::<u8>(dst, src, &self.dims),
+                2 => permute_tiled::<u16>(dst, src, &self.dims),
+                4 => permute_tiled::<u32>(dst, src, &self.dims),
+                _ => permute_tiled::<u64>(dst, src, &self.dims),
+            },
+        }
+    }
 }
 
 /// Permutation whose innermost output dim is the input's innermost: copy

@@ -1,26 +1,56 @@
 //! # comm-core
 //!
 //! The vocabulary every other crate of the distributed layer speaks, with no
-//! backend dependency: [`DType`], [`ReduceOp`], [`Device`], a contiguous
-//! row-major [`Tensor`], host [`reduce`] kernels and [`layout`] operations,
-//! the [`DeviceCommunicator`] trait that backends implement, the [`Store`]
-//! trait used for rendezvous, and the one error type [`CommError`].
+//! backend dependency:
+//!
+//! - types: [`DType`], [`ReduceOp`], [`Device`], a contiguous row-major
+//!   [`Tensor`], host [`reduce`] kernels and [`layout`] operations;
+//! - the buffer contract ([`AsBuf`], [`AsBufMut`], [`DeviceMemory`]):
+//!   collectives take memory the caller owns, host slices and (feature
+//!   `cuda`) cudarc device memory as well as tensors;
+//! - the backend contract [`DeviceCommunicator`] (flat primitives on raw
+//!   buffers) and the checked front [`Communicator`] every backend passes
+//!   through (checks, shortcuts, `Avg`, staging, call descriptions, poisoning,
+//!   flight recorder, non-blocking [`Scope`]s);
+//! - the open [`Registry`] of [`BackendFactory`]s;
+//! - the [`Store`] trait used for rendezvous, and the one error type
+//!   [`CommError`], whose blamed ranks are data ([`RankId`], [`Missing`]).
 
 #![warn(missing_docs)]
 
-mod comm;
+pub mod auth;
+mod backend;
+mod buffer;
+mod call;
+pub mod check;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod device;
 mod dtype;
+mod engine;
 mod error;
+mod front;
 pub mod layout;
+pub mod recorder;
 pub mod reduce;
+mod registry;
+mod stage;
 mod store;
 mod tensor;
 
-pub use comm::{check, DeviceCommunicator, HostStaged, SingleRankCommunicator};
+pub use backend::{Capabilities, DeviceCommunicator, Fence, P2p};
+pub use buffer::{AsBuf, AsBufMut, BufMut, BufRef, DeviceMemory, Mem, MemMut};
+pub use call::{Call, CallDesc, Collective, DESC_DIMS, SLOW_WAIT_REPORT};
+pub use device::{
+    device_allocator, install_device_allocator, visible_devices, DeviceAllocator, DeviceStorage,
+};
 pub use dtype::{DType, Device, Element, ReduceOp};
-pub use error::{CommError, Result};
-pub use store::{Deadline, Store};
-pub use tensor::{DeviceStorage, HostBuffer, Storage, Tensor, TensorMetadata};
+pub use engine::{Scope, Work};
+pub use error::{CommError, Missing, RankId, Result};
+pub use front::{Communicator, FrontOptions, Layout, P2pOp};
+pub use registry::{BackendFactory, GroupContext, Registry, SingleFactory, SingleRank};
+pub use store::{Deadline, PrefixStore, Store};
+pub use tensor::{HostBuffer, Storage, Tensor, TensorMetadata};
 
 pub use half::{bf16, f16};
 

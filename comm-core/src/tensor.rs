@@ -4,12 +4,13 @@
 //! SIMD width the reduce kernels use). Device storage is a trait object that a
 //! GPU backend supplies, so this crate stays free of CUDA.
 
-use std::any::Any;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{CommError, DType, Device, Element, Result};
+use crate::buffer::{BufMut, BufRef, Mem, MemMut};
+use crate::device::{device_allocator, DeviceStorage};
+use crate::{AsBuf, AsBufMut, CommError, DType, Device, Element, Result};
 
 /// One 64-byte, 64-aligned block: the unit host buffers are made of.
 #[repr(C, align(64))]
@@ -30,10 +31,11 @@ pub struct HostBuffer {
 }
 
 impl HostBuffer {
-    /// A zero-filled buffer of `len` bytes.
+    /// A zero-filled buffer of `len` bytes. Large buffers come zeroed from
+    /// the allocator (fresh pages), so nothing is written twice.
     pub fn zeroed(len: usize) -> Self {
         HostBuffer {
-            blocks: vec![Block([0; 64]); len.div_ceil(64)],
+            blocks: bytemuck::zeroed_vec(len.div_ceil(64)),
             len,
         }
     }
@@ -48,6 +50,17 @@ impl HostBuffer {
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
+    }
+
+    /// Makes the buffer `len` bytes long for reuse as a workspace: grows the
+    /// allocation (zeroed) only when it is too small; the contents are
+    /// whatever the buffer held before (never uninitialised).
+    pub fn reuse(&mut self, len: usize) {
+        let blocks = len.div_ceil(64);
+        if blocks > self.blocks.len() {
+            self.blocks = bytemuck::zeroed_vec(blocks);
+        }
+        self.len = len;
     }
 
     /// True when empty.
@@ -73,30 +86,6 @@ impl fmt::Debug for HostBuffer {
             .field("len", &self.len)
             .finish()
     }
-}
-
-/// Memory owned by a device backend (CUDA today), behind a trait object.
-///
-/// The GPU backend implements it; the rest of the workspace only moves bytes
-/// in and out through these calls, or downcasts with [`DeviceStorage::as_any`]
-/// when it is the backend that owns the memory.
-pub trait DeviceStorage: Send + Sync + fmt::Debug {
-    /// The device that holds the memory.
-    fn device(&self) -> Device;
-    /// Size in bytes.
-    fn len_bytes(&self) -> usize;
-    /// Copies the whole storage to `dst` (same length), synchronously.
-    fn copy_to_host(&self, dst: &mut [u8]) -> Result<()>;
-    /// Overwrites the whole storage from `src` (same length), synchronously.
-    fn copy_from_host(&mut self, src: &[u8]) -> Result<()>;
-    /// Allocates zeroed storage of `len_bytes` on the same device.
-    fn alloc_zeroed(&self, len_bytes: usize) -> Result<Box<dyn DeviceStorage>>;
-    /// A deep copy on the same device.
-    fn try_clone(&self) -> Result<Box<dyn DeviceStorage>>;
-    /// For downcasting by the backend that created it.
-    fn as_any(&self) -> &dyn Any;
-    /// For downcasting by the backend that created it.
-    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
 /// Where a tensor's bytes are.
@@ -277,20 +266,36 @@ impl Tensor {
         })
     }
 
-    /// A zero-filled tensor with the same metadata on `meta.device`. For a
-    /// CUDA device, `like` supplies the allocator (any tensor on that device).
-    pub fn zeros_on(meta: &TensorMetadata, like: Option<&Tensor>) -> Result<Tensor> {
+    /// A zero-filled tensor described by `meta`, on `meta.device` (device
+    /// memory comes from the installed [`DeviceAllocator`](crate::DeviceAllocator)).
+    pub fn zeros_on(meta: &TensorMetadata) -> Result<Tensor> {
         match meta.device {
             Device::Cpu => Tensor::try_zeros(meta.shape.clone(), meta.dtype),
-            Device::Cuda(_) => {
-                let like = like.and_then(|t| t.device_storage()).ok_or_else(|| {
-                    CommError::unavailable(
-                        "cuda",
-                        "a CUDA tensor must be allocated through its backend; none was given",
-                    )
+            dev => {
+                let n = numel_of(&meta.shape)?;
+                let bytes = n.checked_mul(meta.dtype.size()).ok_or_else(|| {
+                    CommError::invalid(format!("shape {:?} overflows usize", meta.shape))
                 })?;
-                let s = like.alloc_zeroed(meta.nbytes())?;
+                let s = device_allocator(dev)?.alloc_zeroed(dev, bytes)?;
                 Tensor::from_device_storage(s, meta.shape.clone(), meta.dtype)
+            }
+        }
+    }
+
+    /// A copy of this tensor on `device` (a host copy for `Device::Cpu`).
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        match device {
+            Device::Cpu => self.to_host(),
+            dev => {
+                let h;
+                let host = if self.is_host() {
+                    self
+                } else {
+                    h = self.to_host()?;
+                    &h
+                };
+                let s = device_allocator(dev)?.upload(dev, host.as_bytes()?)?;
+                Tensor::from_device_storage(s, self.shape.clone(), self.dtype)
             }
         }
     }
@@ -449,7 +454,7 @@ impl Tensor {
             }),
             Storage::Device(d) => {
                 let mut buf = HostBuffer::zeroed(d.len_bytes());
-                d.copy_to_host(buf.as_bytes_mut())?;
+                d.as_memory().copy_to_host(buf.as_bytes_mut())?;
                 Tensor::from_host_buffer(buf, self.shape.clone(), self.dtype)
             }
         }
@@ -465,16 +470,23 @@ impl Tensor {
                 format!("{} x {}", src.numel(), src.dtype),
             ));
         }
-        match (&mut self.storage, &src.storage) {
-            (Storage::Host(d), Storage::Host(s)) => d.as_bytes_mut().copy_from_slice(s.as_bytes()),
-            (Storage::Host(d), Storage::Device(s)) => s.copy_to_host(d.as_bytes_mut())?,
-            (Storage::Device(d), Storage::Host(s)) => d.copy_from_host(s.as_bytes())?,
-            (Storage::Device(d), Storage::Device(_)) => {
-                let h = src.to_host()?;
-                d.copy_from_host(h.as_bytes()?)?
-            }
+        self.mem_mut().copy_from(src.mem())
+    }
+
+    /// The memory, for reading.
+    pub fn mem(&self) -> Mem<'_> {
+        match &self.storage {
+            Storage::Host(b) => Mem::Host(b.as_bytes()),
+            Storage::Device(d) => Mem::Device(d.as_memory()),
         }
-        Ok(())
+    }
+
+    /// The memory, for writing.
+    pub fn mem_mut(&mut self) -> MemMut<'_> {
+        match &mut self.storage {
+            Storage::Host(b) => MemMut::Host(b.as_bytes_mut()),
+            Storage::Device(d) => MemMut::Device(d.as_memory_mut()),
+        }
     }
 
     /// A deep copy on the same device.
@@ -525,6 +537,19 @@ impl Tensor {
             Storage::Host(b) => Ok(b),
             Storage::Device(_) => Err(CommError::invalid("into_host_buffer on a device tensor")),
         }
+    }
+}
+
+impl AsBuf for Tensor {
+    fn as_buf(&self) -> Result<BufRef<'_>> {
+        BufRef::new(self.mem(), self.dtype)
+    }
+}
+
+impl AsBufMut for Tensor {
+    fn as_buf_mut(&mut self) -> Result<BufMut<'_>> {
+        let dtype = self.dtype;
+        BufMut::new(self.mem_mut(), dtype)
     }
 }
 

@@ -465,7 +465,6 @@ fn device_tensors_are_refused() {
         is_invalid(layout::chunk(&dev, 2, 0)),
         is_invalid(layout::cat(&[&dev], 0)),
         is_invalid(layout::cat(&[&host, &dev], 0)),
-        is_invalid(layout::permute(&dev, &[1, 0])),
         is_invalid(layout::transpose(&dev, 0, 1)),
         is_invalid(layout::pad(&dev, 0, 1)),
         is_invalid(layout::unpad(&dev, 0, 1)),
@@ -473,6 +472,17 @@ fn device_tensors_are_refused() {
     assert!(checks.iter().all(|&c| c), "{checks:?}");
     let msg = layout::narrow(&dev, 0, 0, 1).unwrap_err().to_string();
     assert!(msg.contains("cuda:0") && msg.contains("to_host"), "{msg}");
+    // Permutes run on the device storage's kernel where it has one, else
+    // through the host, and stay on the device.
+    let src = rand_tensor(&[2, 3], DType::F32, 7);
+    let mut dev = dev;
+    dev.copy_from(&src).unwrap();
+    let p = layout::permute(&dev, &[1, 0]).unwrap();
+    assert_eq!(p.device(), dev.device());
+    assert_eq!(
+        p.to_host().unwrap(),
+        layout::permute(&src, &[1, 0]).unwrap()
+    );
 }
 
 #[test]

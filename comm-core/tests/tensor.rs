@@ -5,8 +5,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use comm_core::{
-    bf16, f16, CommError, DType, Device, DeviceCommunicator, Element, HostBuffer, HostStaged,
-    ReduceOp, SingleRankCommunicator, Storage, Tensor, TensorMetadata,
+    bf16, f16, CommError, Communicator, DType, Device, Element, FrontOptions, HostBuffer, ReduceOp,
+    SingleRank, Storage, Tensor, TensorMetadata,
 };
 
 mod common;
@@ -199,7 +199,7 @@ fn metadata_copies_and_equality() {
         }
     );
     assert_eq!((m.numel(), m.nbytes()), (3, 24));
-    let z = Tensor::zeros_on(&m, None).unwrap();
+    let z = Tensor::zeros_on(&m).unwrap();
     assert_eq!(z.metadata(), m);
     assert_eq!(t.zeros_with_shape([5]).unwrap().shape(), &[5]);
 
@@ -254,48 +254,42 @@ fn device_storage_paths() {
     let c = dev.try_clone().unwrap();
     assert_eq!(c, dev);
     assert!(dev.try_clone().unwrap().into_host_buffer().is_err());
-    // zeros_on needs an allocator for CUDA metadata.
+    // zeros_on and to_device need an installed allocator for CUDA
+    // (this test binary never installs one; tests/allocator.rs does).
     let m = dev.metadata();
     assert!(matches!(
-        Tensor::zeros_on(&m, None),
+        Tensor::zeros_on(&m),
         Err(CommError::BackendUnavailable { .. })
     ));
     assert!(matches!(
-        Tensor::zeros_on(&m, Some(&src)),
+        src.to_device(Device::Cuda(0)),
         Err(CommError::BackendUnavailable { .. })
     ));
-    let z = Tensor::zeros_on(&m, Some(&dev)).unwrap();
-    assert_eq!(z.metadata(), m);
 }
 
 // ---------------------------------------------------------------- single rank
 
+fn single(device: Device) -> Communicator {
+    Communicator::new(
+        Box::new(SingleRank::on(device)),
+        FrontOptions::new("single-test"),
+    )
+}
+
 #[test]
 fn single_rank_identity() {
-    let mut c = SingleRankCommunicator::new();
+    let c = single(Device::Cpu);
     assert_eq!((c.backend(), c.rank(), c.world_size()), ("single", 0, 1));
     assert_eq!(c.device(), Device::Cpu);
     c.set_timeout(Duration::from_millis(1234));
     assert_eq!(c.timeout(), Duration::from_millis(1234));
-    assert_eq!(SingleRankCommunicator::default().device(), Device::Cpu);
-    assert_eq!(
-        SingleRankCommunicator::on(Device::Cuda(2)).device(),
-        Device::Cuda(2)
-    );
-    check_single_rank(&mut c);
-    // Host staging around a host communicator changes nothing for host tensors.
-    let mut s = HostStaged::new(SingleRankCommunicator::new());
-    assert_eq!((s.backend(), s.rank(), s.world_size()), ("single", 0, 1));
-    s.set_timeout(Duration::from_secs(3));
-    assert_eq!(s.timeout(), Duration::from_secs(3));
-    assert_eq!(s.inner_mut().timeout(), Duration::from_secs(3));
-    check_single_rank(&mut s);
-    // And so does a boxed trait object.
-    let mut b: Box<dyn DeviceCommunicator> = Box::new(SingleRankCommunicator::new());
-    check_single_rank(&mut b);
+    assert_eq!(single(Device::Cuda(2)).device(), Device::Cuda(2));
+    check_single_rank(&c);
+    // Clones share the member.
+    check_single_rank(&c.clone());
 }
 
-fn check_single_rank<C: DeviceCommunicator>(c: &mut C) {
+fn check_single_rank(c: &Communicator) {
     let data = vec![-3i32, 0, 5, 7, 11, 2];
     let input = Tensor::from_vec(data.clone(), [2, 3]).unwrap();
     // all_reduce: identity for every op and dtype.
@@ -325,6 +319,13 @@ fn check_single_rank<C: DeviceCommunicator>(c: &mut C) {
     let mut out = Tensor::zeros([6], DType::I32);
     c.gather(&input, Some(&mut out), 0).unwrap();
     assert_eq!(out.to_vec::<i32>().unwrap(), data);
+    // Caller-owned host slices work the same way.
+    let mut v = data.clone();
+    c.all_reduce(&mut v[..], ReduceOp::Max).unwrap();
+    assert_eq!(v, data);
+    let mut out = vec![0i32; 6];
+    c.all_gather(&data, &mut out).unwrap();
+    assert_eq!(out, data);
     // broadcast from 0 leaves the tensor.
     let mut t = input.try_clone().unwrap();
     c.broadcast(&mut t, 0).unwrap();
@@ -363,11 +364,11 @@ fn check_single_rank<C: DeviceCommunicator>(c: &mut C) {
         Err(CommError::ShapeMismatch { .. })
     ));
     assert!(matches!(
-        c.gather(&input, None, 0),
+        c.gather(&input, None::<&mut Tensor>, 0),
         Err(CommError::InvalidArgument(_))
     ));
     assert!(matches!(
-        c.gather(&input, None, 1),
+        c.gather(&input, None::<&mut Tensor>, 1),
         Err(CommError::InvalidArgument(_))
     ));
     let mut t = input.try_clone().unwrap();
@@ -389,21 +390,25 @@ fn check_single_rank<C: DeviceCommunicator>(c: &mut C) {
 }
 
 #[test]
-fn single_rank_refuses_tensors_of_another_device() {
-    let mut c = SingleRankCommunicator::new();
+fn device_backends_refuse_memory_of_another_device() {
     let mut dev = device_tensor(&[1.0f32, 2.0], &[2]);
-    let e = c.all_reduce(&mut dev, ReduceOp::Sum).unwrap_err();
-    assert!(matches!(e, CommError::InvalidArgument(_)), "{e}");
     let mut host = Tensor::from_vec1(vec![1.0f32]);
-    let mut g = SingleRankCommunicator::on(Device::Cuda(0));
-    assert!(g.all_reduce(&mut host, ReduceOp::Sum).is_err());
+    let g = single(Device::Cuda(0));
+    let e = g.all_reduce(&mut host, ReduceOp::Sum).unwrap_err();
+    assert!(
+        e.to_string().contains("cpu") && e.to_string().contains("cuda:0"),
+        "{e}"
+    );
     g.all_reduce(&mut dev, ReduceOp::Avg).unwrap();
     assert_eq!(dev.to_vec::<f32>().unwrap(), [1.0, 2.0]);
+    assert!(single(Device::Cuda(1))
+        .all_reduce(&mut dev, ReduceOp::Sum)
+        .is_err());
 }
 
 #[test]
-fn host_staged_moves_device_tensors_through_host() {
-    let mut s = HostStaged::new(SingleRankCommunicator::new());
+fn host_backends_take_device_memory_too() {
+    let s = single(Device::Cpu);
     let mut dev = device_tensor(&[1i64, -2, 3, 4], &[4]);
     s.all_reduce(&mut dev, ReduceOp::Sum).unwrap();
     assert_eq!(dev.to_vec::<i64>().unwrap(), [1, -2, 3, 4]);
@@ -425,7 +430,6 @@ fn host_staged_moves_device_tensors_through_host() {
     let host = Tensor::from_vec1(vec![8i64, 9, 10, 11]);
     s.all_gather(&host, &mut out).unwrap();
     assert_eq!(out.to_vec::<i64>().unwrap(), [8, 9, 10, 11]);
-    // Errors still come from the inner communicator.
     let mut bad = device_tensor(&[0i64; 3], &[3]);
     assert!(matches!(
         s.all_gather(&dev, &mut bad),

@@ -140,13 +140,13 @@ pub fn same_host_ranks(
         .map_err(|e| match e {
             CommError::Timeout {
                 operation, waited, ..
-            } => CommError::Timeout {
-                operation: format!("same_host_ranks barrier ({operation})"),
+            } => CommError::timeout(
+                format!("same_host_ranks barrier ({operation})"),
                 waited,
-                missing: vec![format!(
+                [format!(
                     "ranks that did not finish probing (counter `{done}` below {world})"
                 )],
-            },
+            ),
             other => other,
         })?;
     drop(seg);
@@ -155,19 +155,28 @@ pub fn same_host_ranks(
 
 fn name_missing_ranks(e: CommError, prefix: &str) -> CommError {
     match e {
-        CommError::Timeout {
-            waited, missing, ..
-        } => CommError::Timeout {
-            operation: "same_host_ranks: waiting for every rank's shared-memory probe".into(),
-            waited,
-            missing: missing
-                .into_iter()
-                .map(|k| match k.strip_prefix(&format!("{prefix}/")) {
-                    Some(r) => format!("rank {r}"),
-                    None => k,
-                })
-                .collect(),
-        },
+        CommError::Timeout { waited, keys, .. } => {
+            let mut ranks = Vec::new();
+            let mut other = Vec::new();
+            for k in keys {
+                match k
+                    .strip_prefix(&format!("{prefix}/"))
+                    .and_then(|r| r.parse::<usize>().ok())
+                {
+                    Some(r) => ranks.push(comm_core::Missing::new(r, "no shared-memory probe")),
+                    None => other.push(k),
+                }
+            }
+            let mut e = CommError::timeout_ranks(
+                "same_host_ranks: waiting for every rank's shared-memory probe",
+                waited,
+                ranks,
+            );
+            if let CommError::Timeout { keys, .. } = &mut e {
+                *keys = other;
+            }
+            e
+        }
         other => other,
     }
 }

@@ -202,16 +202,21 @@ impl StatelessProcessGroup {
     /// Replaces the keys a store Timeout names by the ranks that own them.
     fn rank_timeout(&self, e: CommError, op: String, owners: &HashMap<String, usize>) -> CommError {
         match e {
-            CommError::Timeout {
-                waited, missing, ..
-            } => {
-                let mut ranks: Vec<usize> = missing
+            CommError::Timeout { waited, keys, .. } => {
+                let mut ranks: Vec<usize> = keys
                     .iter()
                     .filter_map(|k| owners.get(k).copied())
                     .collect();
                 ranks.sort_unstable();
                 ranks.dedup();
-                CommError::timeout(op, waited, ranks.into_iter().map(|r| format!("rank {r}")))
+                CommError::timeout_ranks(
+                    op,
+                    waited,
+                    ranks
+                        .into_iter()
+                        .map(|r| comm_core::Missing::new(r, ""))
+                        .collect(),
+                )
             }
             other => other,
         }

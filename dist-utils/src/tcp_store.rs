@@ -708,14 +708,14 @@ impl TcpStore {
                     [format!("reply of store server {}", self.server_addr())],
                 ))
             }
-            Err(CommError::Io { context, source }) => Err(CommError::io(
-                format!(
+            Err(CommError::Io { context, source }) => Err(CommError::Io {
+                context: format!(
                     "{} ({context}) with the TCP store at {}; has the server (usually rank 0) exited?",
                     what(),
                     self.server_addr()
                 ),
                 source,
-            )),
+            }),
             Err(e) => Err(e),
         }
     }
@@ -779,11 +779,7 @@ fn common(what: &str, r: Response) -> CommError {
             operation,
             waited_ms,
             missing,
-        } => CommError::Timeout {
-            operation,
-            waited: Duration::from_millis(waited_ms),
-            missing,
-        },
+        } => CommError::timeout(operation, Duration::from_millis(waited_ms), missing),
         Response::Invalid(m) => CommError::InvalidArgument(m),
         other => unexpected(what, other),
     }

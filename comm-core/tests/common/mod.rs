@@ -2,13 +2,13 @@
 
 use std::any::Any;
 
-use comm_core::{Device, DeviceStorage};
+use comm_core::{Device, DeviceMemory, DeviceStorage};
 
 /// Host memory pretending to be on `cuda:0`, to exercise device code paths.
 #[derive(Debug)]
 pub struct FakeDevice(pub Vec<u8>);
 
-impl DeviceStorage for FakeDevice {
+impl DeviceMemory for FakeDevice {
     fn device(&self) -> Device {
         Device::Cuda(0)
     }
@@ -23,11 +23,20 @@ impl DeviceStorage for FakeDevice {
         self.0.copy_from_slice(src);
         Ok(())
     }
+}
+
+impl DeviceStorage for FakeDevice {
     fn alloc_zeroed(&self, len_bytes: usize) -> comm_core::Result<Box<dyn DeviceStorage>> {
         Ok(Box::new(FakeDevice(vec![0; len_bytes])))
     }
     fn try_clone(&self) -> comm_core::Result<Box<dyn DeviceStorage>> {
         Ok(Box::new(FakeDevice(self.0.clone())))
+    }
+    fn as_memory(&self) -> &dyn DeviceMemory {
+        self
+    }
+    fn as_memory_mut(&mut self) -> &mut dyn DeviceMemory {
+        self
     }
     fn as_any(&self) -> &dyn Any {
         self
