@@ -23,6 +23,105 @@ pub struct Capabilities {
     /// Calls return once the work is enqueued (CUDA streams), not once it is
     /// complete; [`DeviceCommunicator::fence`] tells completion.
     pub asynchronous: bool,
+    /// The backend implements [`DeviceCommunicator::all_to_all_strided`]
+    /// (blocks read from and written to strided places directly). When
+    /// false the front packs blocks into a workspace around a flat
+    /// all-to-all.
+    pub strided_all_to_all: bool,
+}
+
+/// Where each member's block lies in one buffer of a strided all-to-all:
+/// block `j` is `runs` runs of `run` elements, run `k` of block `j` starting
+/// at element `j * block_step + k * stride`.
+///
+/// The Ulysses all_to_all_4D of `[B, S/P, H, D]` to `[B, S, H/P, D]` is one
+/// such exchange: the block for member `j` is its head slice of every row
+/// (`runs = B * S/P`, `run = H/P * D`, `stride = H * D`, `block_step = H/P *
+/// D`), and the block from member `i` lands in its sequence slice.
+///
+/// ```
+/// use comm_core::BlockLayout;
+/// let l = BlockLayout { block_step: 2, runs: 3, run: 2, stride: 4 };
+/// let src: Vec<u8> = (0..12).collect();
+/// let mut block = vec![0u8; 6];
+/// l.gather(&src, 1, 1, &mut block);
+/// assert_eq!(block, [2, 3, 6, 7, 10, 11]);
+/// assert!(l.check(12, 2).is_ok() && l.check(11, 2).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockLayout {
+    /// Elements between the starts of consecutive blocks.
+    pub block_step: usize,
+    /// Runs per block.
+    pub runs: usize,
+    /// Elements per run.
+    pub run: usize,
+    /// Elements between the starts of consecutive runs of a block.
+    pub stride: usize,
+}
+
+impl BlockLayout {
+    /// Contiguous blocks of `block` elements (a flat all-to-all).
+    pub fn contiguous(block: usize) -> Self {
+        BlockLayout {
+            block_step: block,
+            runs: 1,
+            run: block,
+            stride: block,
+        }
+    }
+
+    /// Elements per block.
+    pub fn block_len(&self) -> usize {
+        self.runs * self.run
+    }
+
+    /// Errors unless `world` blocks fit in a buffer of `numel` elements.
+    pub fn check(&self, numel: usize, world: usize) -> crate::Result<()> {
+        let end = (|| {
+            if self.runs == 0 || self.run == 0 || world == 0 {
+                return Some(0);
+            }
+            (world - 1)
+                .checked_mul(self.block_step)?
+                .checked_add((self.runs - 1).checked_mul(self.stride)?)?
+                .checked_add(self.run)
+        })();
+        match end {
+            Some(e) if e <= numel => Ok(()),
+            _ => Err(CommError::shape(
+                "all_to_all (strided)",
+                format!("{world} blocks of {self:?} inside the buffer"),
+                format!("a buffer of {numel} elements"),
+            )),
+        }
+    }
+
+    /// Byte range of run `k` of block `j`, for elements of `es` bytes.
+    pub fn run_bytes(&self, j: usize, k: usize, es: usize) -> std::ops::Range<usize> {
+        let start = (j * self.block_step + k * self.stride) * es;
+        start..start + self.run * es
+    }
+
+    /// Copies block `j` of `src` into the contiguous `dst`
+    /// (`block_len() * es` bytes). Panics if out of bounds (see [`check`](Self::check)).
+    pub fn gather(&self, src: &[u8], j: usize, es: usize, dst: &mut [u8]) {
+        let rb = self.run * es;
+        assert_eq!(dst.len(), self.block_len() * es, "gather: destination size");
+        for (k, d) in dst.chunks_exact_mut(rb.max(1)).enumerate().take(self.runs) {
+            d.copy_from_slice(&src[self.run_bytes(j, k, es)]);
+        }
+    }
+
+    /// Copies the contiguous `src` into block `j` of `dst`. Panics if out
+    /// of bounds (see [`check`](Self::check)).
+    pub fn scatter(&self, src: &[u8], j: usize, es: usize, dst: &mut [u8]) {
+        let rb = self.run * es;
+        assert_eq!(src.len(), self.block_len() * es, "scatter: source size");
+        for (k, s) in src.chunks_exact(rb.max(1)).enumerate().take(self.runs) {
+            dst[self.run_bytes(j, k, es)].copy_from_slice(s);
+        }
+    }
 }
 
 /// One message of a batched point-to-point exchange
@@ -148,6 +247,24 @@ pub trait DeviceCommunicator: Send {
     /// Block `j` of `input` goes to member `j`; block `i` of `output` comes
     /// from member `i`.
     fn all_to_all(&mut self, call: &Call<'_>, input: BufRef<'_>, output: BufMut<'_>) -> Result<()>;
+    /// Only with [`Capabilities::strided_all_to_all`]: block `j` of `input`
+    /// (at `send`) goes to member `j`, and block `i` of `output` (at `recv`)
+    /// comes from member `i`. The front has checked that both layouts fit
+    /// their buffers and that the block lengths agree.
+    fn all_to_all_strided(
+        &mut self,
+        call: &Call<'_>,
+        input: BufRef<'_>,
+        send: &BlockLayout,
+        output: BufMut<'_>,
+        recv: &BlockLayout,
+    ) -> Result<()> {
+        let _ = (input, send, output, recv);
+        Err(CommError::State(format!(
+            "{}: this backend does not implement strided all_to_all",
+            call.name()
+        )))
+    }
     /// Progresses every send and receive of `ops` together (so a ring
     /// exchange cannot deadlock) and returns when all are complete. Messages
     /// between one pair arrive in order and never mix with collectives.

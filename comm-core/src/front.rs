@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Capabilities, DeviceCommunicator, Fence, P2p};
+use crate::backend::{BlockLayout, Capabilities, DeviceCommunicator, Fence, P2p};
 use crate::buffer::{BufMut, BufRef, Mem, MemMut};
 use crate::engine::Engine;
 use crate::recorder::{CallState, Recorder, FLIGHT_RECORDER_ENV};
@@ -125,6 +125,7 @@ pub(crate) enum Op<'a> {
     Broadcast(BufMut<'a>, usize),
     Gather(BufRef<'a>, Option<BufMut<'a>>, usize),
     AllToAll(BufRef<'a>, BufMut<'a>),
+    AllToAllStrided(BufRef<'a>, BlockLayout, BufMut<'a>, BlockLayout),
     SendRecv(Vec<P2p<'a>>),
     Barrier,
 }
@@ -503,6 +504,62 @@ impl Communicator {
             .run_blocking(desc, layout, run.then_some(Op::AllToAll(i, o)))
     }
 
+    /// All-to-all of strided blocks (see [`BlockLayout`]): block `j` of
+    /// `input` at `send` goes to group rank `j`; block `i` of `output` at
+    /// `recv` comes from group rank `i`. Backends that can read and write
+    /// strided places directly do so (no extra copy); for the others the
+    /// front packs blocks into reused workspaces around a flat all-to-all.
+    pub fn all_to_all_strided<I: AsBuf + ?Sized, O: AsBufMut + ?Sized>(
+        &self,
+        input: &I,
+        send: BlockLayout,
+        output: &mut O,
+        recv: BlockLayout,
+        layout: Option<Layout<'_>>,
+    ) -> Result<()> {
+        let (i, o) = (input.as_buf()?, output.as_buf_mut()?);
+        let world = self.inner.world;
+        self.inner.on_device("all_to_all", i.device())?;
+        self.inner.on_device("all_to_all", o.device())?;
+        if i.dtype() != o.dtype() {
+            return Err(CommError::DTypeMismatch {
+                operation: "all_to_all (strided)".into(),
+                expected: i.dtype().to_string(),
+                actual: o.dtype().to_string(),
+            });
+        }
+        send.check(i.numel(), world)?;
+        recv.check(o.numel(), world)?;
+        if send.block_len() != recv.block_len() {
+            return Err(CommError::shape(
+                "all_to_all (strided)",
+                format!("receive blocks of {} elements", send.block_len()),
+                format!("{} elements", recv.block_len()),
+            ));
+        }
+        let n = world * send.block_len();
+        let desc = (Collective::AllToAll, i.dtype(), n, None, None);
+        if world == 1 || n == 0 {
+            if n > 0 {
+                // One member: its own block, moved in place.
+                let es = i.dtype().size();
+                let mut ws = HostBuffer::zeroed(send.block_len() * es);
+                let mut st = self.inner.lock()?;
+                let [a, b] = &mut st.stage;
+                crate::stage::with_in(true, i, a, |i| {
+                    send.gather(i.expect_host("all_to_all")?, 0, es, ws.as_bytes_mut());
+                    crate::stage::with_out(true, o, b, true, |mut o| {
+                        recv.scatter(ws.as_bytes(), 0, es, o.expect_host("all_to_all")?);
+                        Ok(())
+                    })
+                })?;
+            }
+            return self.inner.run_blocking(desc, layout, None);
+        }
+        self.inner
+            .run_blocking(desc, layout, Some(Op::AllToAllStrided(i, send, o, recv)))
+    }
+
     /// Sends `buf` to group rank `dst`; it arrives in order with other
     /// messages to `dst` and never mixes with collectives.
     pub fn send<B: AsBuf + ?Sized>(&self, buf: &B, dst: usize) -> Result<()> {
@@ -834,6 +891,23 @@ impl Inner {
             Op::AllToAll(i, o) => with_in(host, i, s0, |i| {
                 with_out(host, o, s1, false, |o| comm.all_to_all(call, i, o))
             }),
+            Op::AllToAllStrided(i, send, o, recv) => {
+                if !host {
+                    return Err(CommError::invalid(format!(
+                        "{}: strided all_to_all of device memory needs a backend that \
+                         implements it; permute on the device and use all_to_all",
+                        call.name()
+                    )));
+                }
+                with_in(host, i, s0, |i| {
+                    with_out(host, o, s1, true, |o| {
+                        if self.caps.strided_all_to_all {
+                            return comm.all_to_all_strided(call, i, &send, o, &recv);
+                        }
+                        packed_all_to_all(comm.as_mut(), call, i, &send, o, &recv, p2p_stage, world)
+                    })
+                })
+            }
             Op::SendRecv(ops) => {
                 if !host || ops.iter().all(|p| p_is_host(p)) {
                     let mut ops = ops;
@@ -950,6 +1024,49 @@ impl Inner {
             );
         }
     }
+}
+
+/// Strided all-to-all on a backend without it: pack the blocks into one
+/// workspace, exchange flat, unpack (workspaces reused between calls).
+#[allow(clippy::too_many_arguments)]
+fn packed_all_to_all(
+    comm: &mut dyn DeviceCommunicator,
+    call: &Call<'_>,
+    input: BufRef<'_>,
+    send: &BlockLayout,
+    mut output: BufMut<'_>,
+    recv: &BlockLayout,
+    pool: &mut Vec<HostBuffer>,
+    world: usize,
+) -> Result<()> {
+    let es = input.dtype().size();
+    let dtype = input.dtype();
+    let block = send.block_len() * es;
+    while pool.len() < 2 {
+        pool.push(HostBuffer::zeroed(0));
+    }
+    let (a, b) = pool.split_at_mut(1);
+    let (packed, exchanged) = (&mut a[0], &mut b[0]);
+    packed.reuse(world * block);
+    exchanged.reuse(world * block);
+    let src = input.expect_host("all_to_all")?;
+    for (j, dst) in packed
+        .as_bytes_mut()
+        .chunks_exact_mut(block.max(1))
+        .enumerate()
+    {
+        send.gather(src, j, es, dst);
+    }
+    comm.all_to_all(
+        call,
+        BufRef::host(packed.as_bytes(), dtype)?,
+        BufMut::host(exchanged.as_bytes_mut(), dtype)?,
+    )?;
+    let dst = output.expect_host("all_to_all")?;
+    for (i, s) in exchanged.as_bytes().chunks_exact(block.max(1)).enumerate() {
+        recv.scatter(s, i, es, dst);
+    }
+    Ok(())
 }
 
 fn p_is_host(p: &P2p<'_>) -> bool {

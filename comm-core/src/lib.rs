@@ -38,7 +38,7 @@ mod stage;
 mod store;
 mod tensor;
 
-pub use backend::{Capabilities, DeviceCommunicator, Fence, P2p};
+pub use backend::{BlockLayout, Capabilities, DeviceCommunicator, Fence, P2p};
 pub use buffer::{AsBuf, AsBufMut, BufMut, BufRef, DeviceMemory, Mem, MemMut};
 pub use call::{Call, CallDesc, Collective, DESC_DIMS, SLOW_WAIT_REPORT};
 pub use device::{
