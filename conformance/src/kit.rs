@@ -3,7 +3,7 @@
 //! registry and the checked front, and every rank's result asserted.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use comm_core::{BackendFactory, Device, Registry, Result};
 
@@ -106,11 +106,14 @@ impl Report {
     }
 }
 
-/// One rank's outcome.
+/// One rank's outcome ([`Kit::run_rank`]).
 #[derive(Debug, Clone, Default)]
-struct RankReport {
-    checks: usize,
-    skipped: Vec<String>,
+#[non_exhaustive]
+pub struct RankReport {
+    /// Checks this rank passed.
+    pub checks: usize,
+    /// What was skipped and why.
+    pub skipped: Vec<String>,
 }
 
 /// The conformance kit for one backend: a factory, a world size, a
@@ -224,9 +227,8 @@ impl Kit {
 
     /// Runs the ranks as threads of this process over one in-memory store.
     pub fn run_threads(&self) -> Report {
-        let start = Instant::now();
         let kit = self.clone();
-        let results = ranks::try_threads(self.world, self.job_deadline(), move |ctx| {
+        let results = ranks::timed_threads(self.world, self.job_deadline(), move |ctx| {
             let rank = ctx.rank;
             kit.member(&ctx, &mut |line: &str| {
                 if rank == 0 {
@@ -235,12 +237,12 @@ impl Kit {
             })
         });
         let label = self.label("threads");
-        let results = match results {
+        let (results, elapsed) = match results {
             Ok(r) => r,
             Err(e) => panic!("{label}: {e}"),
         };
         let mut failures = Vec::new();
-        let mut report = self.report(false, start);
+        let mut report = self.report(false);
         for (r, res) in results.into_iter().enumerate() {
             match res {
                 Ok(rr) => {
@@ -253,7 +255,7 @@ impl Kit {
         if !failures.is_empty() {
             panic!("{label}: FAILED:\n{}", failures.join("\n"));
         }
-        report.elapsed = start.elapsed();
+        report.elapsed = elapsed;
         self.announce(&report, &label);
         report
     }
@@ -262,7 +264,6 @@ impl Kit {
     /// re-executed once per rank (see [`ranks`](crate::ranks)), the ranks
     /// meet through the launcher's store, and every rank must pass.
     pub fn run_processes(&self) -> Report {
-        let start = Instant::now();
         let procs = self
             .processes
             .clone()
@@ -282,7 +283,7 @@ impl Kit {
             Ok(())
         });
         let label = self.label("processes");
-        let mut report = self.report(true, start);
+        let mut report = self.report(true);
         for (r, lines) in out.stdout.iter().enumerate() {
             for l in lines {
                 // libtest may have started the line ("test name ... ").
@@ -299,12 +300,12 @@ impl Kit {
             }
         }
         print!("{}", out.logs());
-        report.elapsed = start.elapsed();
+        report.elapsed = out.elapsed;
         self.announce(&report, &label);
         report
     }
 
-    fn report(&self, processes: bool, start: Instant) -> Report {
+    fn report(&self, processes: bool) -> Report {
         Report {
             backend: self.factory.name().to_string(),
             world: self.world,
@@ -312,7 +313,7 @@ impl Kit {
             processes,
             checks: vec![0; self.world],
             skipped: Vec::new(),
-            elapsed: start.elapsed(),
+            elapsed: Duration::ZERO,
         }
     }
 
@@ -350,18 +351,19 @@ impl Kit {
         let rank = ctx.rank;
         let buffers = match buffer_device(self.device, ctx.local_rank) {
             Ok(d) => d,
-            Err(skip) => {
-                return Ok(RankReport {
-                    checks: 0,
-                    skipped: vec![skip],
-                })
-            }
+            Err(why) => return unavailable(rank, why),
         };
         let comm_device = if self.factory.serves(buffers) {
             buffers
         } else {
             Device::Cpu
         };
+        if let Err(e) = self.factory.available(comm_device) {
+            return unavailable(
+                rank,
+                format!("{} on {comm_device}: {e}", self.factory.name()),
+            );
+        }
         let mut registry = Registry::new();
         registry.register_arc(self.factory.clone());
         let mut m = Member {
@@ -387,6 +389,25 @@ impl Kit {
             skipped: m.skipped,
         })
     }
+}
+
+/// Set to `1` to make a run that cannot happen here (no device, backend
+/// unavailable) fail instead of being skipped with a message: for CI
+/// machines that must run it (a GPU runner).
+pub const REQUIRE_ENV: &str = "COMM_CONFORMANCE_REQUIRE";
+
+/// A whole run that cannot happen here: skipped with `why`, or a failure
+/// with [`REQUIRE_ENV`]` = 1`.
+fn unavailable(rank: usize, why: String) -> std::result::Result<RankReport, Failure> {
+    if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
+        return Err(format!(
+            "rank {rank}: {why} (and {REQUIRE_ENV}=1 says it must run)"
+        ));
+    }
+    Ok(RankReport {
+        checks: 0,
+        skipped: vec![why],
+    })
 }
 
 /// Line prefixes a rank of a process run reports with.

@@ -69,7 +69,9 @@
 //! With [`Kit::device`]`(Device::Cuda(n))` the buffers are tensors on the
 //! GPU ([`Tensor::to_device`](comm_core::Tensor::to_device)); the process
 //! needs an installed device allocator (e.g. `comm_nccl::install()`), and
-//! the run is skipped with a message without one.
+//! the run is skipped with a message without one (as is a run whose
+//! backend says it is unavailable here); set [`REQUIRE_ENV`]`=1` on
+//! machines where such runs must happen.
 //!
 //! ## Running N ranks in any test
 //!
@@ -91,7 +93,7 @@ pub mod suite;
 
 pub use bufs::{Holder, TestBuf};
 pub use failures::GLOBAL_OFFSET;
-pub use kit::{run_processes, run_threads, Kit, Mode, Report};
+pub use kit::{run_processes, run_threads, Kit, Mode, RankReport, Report, REQUIRE_ENV};
 pub use member::meet;
 pub use ranks::{join, Processes, RankCtx};
 pub use suite::check_communicator;
@@ -102,20 +104,24 @@ pub use comm_core;
 
 /// Writes one `#[test]` per line: a kit run of `factory` with a world size
 /// and a [`Mode`], as threads (`run_threads`) or processes
-/// (`run_processes`).
+/// (`run_processes`). Attributes before a line (`#[ignore = "slow"]`) go
+/// on its test.
 ///
 /// ```no_run
 /// use comm_core::SingleFactory;
 /// comm_conformance::conformance_tests! { SingleFactory;
 ///     basic_threads: run_threads(1, Basic),
 ///     basic_processes: run_processes(1, Basic),
+///     #[ignore = "64 MiB per rank"]
+///     large_threads: run_threads(1, Large),
 /// }
 /// ```
 #[macro_export]
 macro_rules! conformance_tests {
-    ($factory:expr; $($name:ident: $how:ident($world:expr, $mode:ident)),* $(,)?) => {
+    ($factory:expr; $($(#[$attr:meta])* $name:ident: $how:ident($world:expr, $mode:ident)),* $(,)?) => {
         $(
             #[test]
+            $(#[$attr])*
             fn $name() {
                 let factory: ::std::sync::Arc<dyn $crate::comm_core::BackendFactory> =
                     ::std::sync::Arc::new($factory);

@@ -144,10 +144,25 @@ where
     F: Fn(RankCtx) -> R + Send + Sync + 'static,
     R: Send + 'static,
 {
+    timed_threads(world, deadline, f).map(|(v, _)| v)
+}
+
+/// [`try_threads`] with the run's wall time (not counting the wait for
+/// another run of this process to finish).
+pub(crate) fn timed_threads<R, F>(
+    world: usize,
+    deadline: Duration,
+    f: F,
+) -> std::result::Result<(Vec<R>, Duration), String>
+where
+    F: Fn(RankCtx) -> R + Send + Sync + 'static,
+    R: Send + 'static,
+{
     if world == 0 {
         return Err("a job needs at least one rank".into());
     }
     let _serial = serial();
+    let start = Instant::now();
     let store: Arc<dyn Store> = Arc::new(HashStore::new());
     let f = Arc::new(f);
     let (tx, rx) = mpsc::channel();
@@ -192,7 +207,7 @@ where
     if !panicked.is_empty() {
         return Err(format!("a rank thread panicked{}", panics_text(&panicked)));
     }
-    Ok(results.into_iter().flatten().collect())
+    Ok((results.into_iter().flatten().collect(), start.elapsed()))
 }
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {

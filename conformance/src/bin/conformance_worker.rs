@@ -1,18 +1,24 @@
-//! One rank of the conformance suite. Started by `executor::launch` (or
-//! `distrun`), it joins the job, builds the backend named by `--backend NAME`
-//! (or `CONFORMANCE_BACKEND`), runs the suite (`--mode basic|large`, or
-//! `CONFORMANCE_MODE`) and prints `rank R: N checks passed`. On the first
-//! wrong result or backend error it prints what and where and exits 1.
+//! One rank of the conformance kit over the built-in backends, for jobs
+//! started by a launcher (`distrun`, torchrun, Slurm, mpirun):
 //!
-//! `--device cuda` (or `CONFORMANCE_DEVICE=cuda`; needs the tests crate's
-//! `nccl` feature) runs it on CUDA tensors, rank `LOCAL_RANK` on GPU
-//! `LOCAL_RANK % device_count`: `nccl` natively, `tcp` / `shm` staged
-//! through host memory (several processes sharing one GPU).
+//! ```text
+//! cargo build -p comm-conformance --features builtin [--features nccl]
+//! distrun --nproc-per-node 3 -- target/debug/conformance_worker \
+//!     --backend tcp [--mode basic|large|mismatch|failures] [--device cpu|cuda]
+//! ```
+//!
+//! `--backend` (or `CONFORMANCE_BACKEND`): single, tcp, shm, and nccl with
+//! the `nccl` feature. `--device cuda` (or `CONFORMANCE_DEVICE`) puts the
+//! buffers on `cuda:(LOCAL_RANK % device count)` (needs the `nccl` feature,
+//! which installs the CUDA allocator): nccl moves them natively, tcp / shm
+//! stage them through host memory. Prints `rank R: N checks passed` and
+//! exits 0, or prints the first failure and exits 1.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use tests::suite::{self, Mode};
+use comm_conformance::{Kit, Mode};
+use comm_core::{Device, Registry, SingleFactory};
 
 /// Environment fallback for `--backend`.
 const BACKEND_ENV: &str = "CONFORMANCE_BACKEND";
@@ -27,6 +33,21 @@ fn arg_or_env(flag: &str, env: &str) -> Option<String> {
         .position(|a| a == flag)
         .and_then(|i| args.get(i + 1).cloned())
         .or_else(|| std::env::var(env).ok())
+}
+
+/// The built-in backends of this build.
+fn registry() -> Registry {
+    #[allow(unused_mut)]
+    let mut r = Registry::new()
+        .with(SingleFactory)
+        .with(comm_cpu::TcpFactory::default())
+        .with(comm_shm::ShmFactory::default());
+    #[cfg(feature = "nccl")]
+    {
+        comm_nccl::install();
+        r.register(comm_nccl::NcclFactory::default());
+    }
+    r
 }
 
 fn main() -> ExitCode {
@@ -45,46 +66,32 @@ fn run() -> Result<(), String> {
     let mode: Mode = arg_or_env("--mode", MODE_ENV)
         .unwrap_or_else(|| "basic".into())
         .parse()?;
-    let timeout = comm_core::default_timeout().min(Duration::from_secs(60));
-    let start = Instant::now();
-    let job = tests::rendezvous::join(timeout).map_err(|e| format!("rendezvous: {e}"))?;
-    let rank = job.rank;
     let device = match arg_or_env("--device", DEVICE_ENV).as_deref() {
-        None | Some("cpu") => comm_core::Device::Cpu,
-        Some("cuda") => tests::registry::local_cuda_device(job.info.local_rank)
-            .map_err(|e| format!("rank {rank}: {e}"))?,
+        None | Some("cpu") => Device::Cpu,
+        Some("cuda") => Device::Cuda(0),
         Some(other) => return Err(format!("unknown device `{other}`; expected cpu or cuda")),
     };
-    let place = tests::registry::placement(device).map_err(|e| format!("rank {rank}: {e}"))?;
-    let mut comm = tests::registry::make_communicator_on(
-        &backend,
-        job.store.clone(),
-        rank,
-        job.world,
-        timeout,
-        device,
-    )
-    .map_err(|e| format!("rank {rank}: creating the {backend} communicator: {e}"))?;
-    let setup = start.elapsed().as_secs_f64();
-    let mut log = |line: &str| {
+    let start = Instant::now();
+    let ctx =
+        comm_conformance::join(Duration::from_secs(60)).map_err(|e| format!("rendezvous: {e}"))?;
+    let rank = ctx.rank;
+    let kit = Kit::from_registry(&registry(), &backend)
+        .map_err(|e| format!("rank {rank}: {e}"))?
+        .world(ctx.world)
+        .mode(mode)
+        .device(device);
+    let report = kit.run_rank(&ctx, &mut |line| {
         if rank == 0 {
             println!("rank {rank}: {line}");
         }
-    };
-    let checks = suite::run_on(
-        comm.as_mut(),
-        Some(job.store.as_ref()),
-        mode,
-        place.as_ref(),
-        &mut log,
-    )?;
-    // Leave together, so that no rank tears its connections down while
-    // another is still in its last operation.
-    comm.barrier()
-        .map_err(|e| format!("rank {rank}: final barrier: {e}"))?;
+    })?;
+    for s in &report.skipped {
+        println!("rank {rank}: skipped: {s}");
+    }
     println!(
-        "rank {rank}: {checks} checks passed ({backend}, world {}, {mode:?}, {device}, set-up {setup:.2} s, total {:.2} s)",
-        job.world,
+        "rank {rank}: {} checks passed ({backend}, world {}, {mode}, {device}, {:.2} s)",
+        report.checks,
+        ctx.world,
         start.elapsed().as_secs_f64()
     );
     Ok(())
