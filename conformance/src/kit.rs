@@ -329,6 +329,26 @@ impl Kit {
         );
     }
 
+    /// Runs this rank's part of the kit in a job started elsewhere (a
+    /// launcher such as `distrun`, Slurm or mpirun; see [`crate::join`]):
+    /// every rank of the job calls it with its own context, and the kit's
+    /// world size must be the job's. `log` receives one line per section.
+    /// A failure is also recorded in the job's store, so that the other
+    /// ranks stop at their next meeting point instead of at their deadline.
+    pub fn run_rank(
+        &self,
+        ctx: &RankCtx,
+        log: &mut dyn FnMut(&str),
+    ) -> std::result::Result<RankReport, Failure> {
+        if ctx.world != self.world {
+            return Err(format!(
+                "rank {}: the job has {} ranks but the kit was set up for {}",
+                ctx.rank, ctx.world, self.world
+            ));
+        }
+        self.member(ctx, log)
+    }
+
     /// One rank's whole run; a failure is also recorded in the store, so
     /// that the other ranks stop at their next meeting point.
     fn member(

@@ -406,7 +406,8 @@ impl Processes {
             let timeout = self.setup_timeout;
             worker_exit(move || {
                 let ctx = join(timeout).map_err(|e| format!("joining the job: {e}"))?;
-                f(&ctx)
+                f(&ctx)?;
+                leave(&ctx, timeout)
             });
         }
         if LAUNCHED.with(|l| l.replace(true)) {
@@ -483,6 +484,13 @@ fn current_test() -> Option<String> {
         .map(str::to_string)
 }
 
+/// True in a process started as a rank of the calling test (by
+/// [`Processes`] or [`worker_command`]): a test with set-up that only the
+/// parent should do (building network namespaces, say) skips it then.
+pub fn is_worker() -> bool {
+    matches!((worker_for(), current_test()), (Some(w), Some(t)) if w == t)
+}
+
 /// The test this process runs as a rank, if it is a rank.
 fn worker_for() -> Option<String> {
     std::env::var(WORKER_ENV).ok().filter(|s| !s.is_empty())
@@ -524,6 +532,28 @@ pub fn if_worker(f: impl FnOnce() -> std::result::Result<(), String>) {
             worker_exit(f);
         }
     }
+}
+
+/// Tells the job this rank is done with the store; rank 0 waits until
+/// every rank is, since the store may live in its process (when it hosts
+/// it: [`Processes::master`]).
+fn leave(ctx: &RankCtx, timeout: Duration) -> std::result::Result<(), String> {
+    let key = |r: usize| format!("ranks/left/{r}");
+    let told = ctx.store.set(&key(ctx.rank), b"");
+    if ctx.rank != 0 {
+        // Rank 0 may stop its store between storing the key and replying:
+        // the work is done either way, and rank 0 checks every key arrived.
+        return Ok(());
+    }
+    told.map_err(|e| format!("telling the job this rank is done: {e}"))?;
+    {
+        let keys: Vec<String> = (0..ctx.world).map(key).collect();
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        ctx.store
+            .wait(&refs, timeout)
+            .map_err(|e| format!("waiting for every rank to be done with the store: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Runs a rank's body and ends the process with its outcome.
