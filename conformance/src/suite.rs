@@ -3,8 +3,8 @@
 //! size, a medium size that crosses the backends' small/large algorithm
 //! switches, and about 1 MiB (f32); broadcast and gather from every root;
 //! send/recv rings, every ordered pair, and batches; then strided
-//! all_to_all ([`crate::strided`]) and non-blocking operations
-//! ([`crate::nonblocking`]). A separate large mode moves >= 64 MiB.
+//! all_to_all and non-blocking operations
+//! (`Communicator::scope`). A separate large mode moves >= 64 MiB.
 //!
 //! Every check goes through the checked front ([`Communicator`]) and rotates
 //! through the buffer forms of [`Holder`] (tensors, vectors, sub-slices; or
