@@ -308,14 +308,16 @@ impl Store for C10dStore {
     }
 
     fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let k = prefixed(key);
-        let check = Query::Check(vec![k.clone()]);
-        let get = Query::Get(k);
-        self.request_many(&format!("try_get `{key}`"), &[&check, &get], |c| {
-            let present = check_reply(read_u8(c, "try_get")?)?;
-            let v = read_bytes(c, MAX_VALUE_LEN, "try_get")?;
-            Ok(present.then_some(v))
-        })
+        // CHECK first: PyTorch's classic server closes the connection on a
+        // GET of an absent key, so GET only what exists.
+        if !self.check(&[key])? {
+            return Ok(None);
+        }
+        self.request(
+            &format!("try_get `{key}`"),
+            &Query::Get(prefixed(key)),
+            |c| read_bytes(c, MAX_VALUE_LEN, "try_get").map(Some),
+        )
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
