@@ -531,7 +531,7 @@ pub enum InitMethod {
 }
 
 /// Splits `url?k=v&k2=v2` and returns the `store` option (the only one).
-fn split_options<'a>(init_method: &'a str) -> Result<(&'a str, Option<StoreProtocol>)> {
+fn split_options(init_method: &str) -> Result<(&str, Option<StoreProtocol>)> {
     let Some((base, query)) = init_method.split_once('?') else {
         return Ok((init_method, None));
     };

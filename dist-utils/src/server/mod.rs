@@ -437,7 +437,10 @@ impl<P: Protocol> Loop<P> {
         }
         let _ = stream.set_nodelay(true);
         let mut greeting = Vec::new();
-        let deadline = Instant::now() + self.opts.handshake_timeout;
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(self.opts.handshake_timeout)
+            .unwrap_or(now + Duration::from_secs(86_400));
         let session = match self.protocol.open(deadline, &mut greeting) {
             Ok(s) => s,
             Err(e) => {
