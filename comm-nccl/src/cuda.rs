@@ -5,7 +5,8 @@
 //! cudarc (with dynamic loading) panics when libcuda or one of its symbols
 //! is missing; every entry point here first checks that the library is
 //! present and runs the first driver calls under `catch_unwind`, so the
-//! outcome is `Err(BackendUnavailable)` instead.
+//! outcome is `Err(BackendUnavailable)` instead. The checks use the dynamic
+//! loader directly, so they work with any cudarc linking mode.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -43,10 +44,20 @@ pub(crate) fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
     })
 }
 
+/// True when one of `names` can be opened by the dynamic loader (it is
+/// closed again). Works whatever linking mode the application chose for
+/// cudarc (with `dynamic-linking` the library is already loaded).
+pub(crate) fn lib_present(names: &[&str]) -> bool {
+    names.iter().any(|n| {
+        // SAFETY: opening a CUDA library runs its initialisers, which are
+        // sound at any time; nothing from it is called here.
+        unsafe { libloading::Library::new(*n) }.is_ok()
+    })
+}
+
 /// True when the CUDA driver library (libcuda) can be opened. Never panics.
 pub fn libcuda_present() -> bool {
-    // SAFETY: only tries to dlopen the driver library by name and closes it.
-    unsafe { cudarc::driver::sys::is_culib_present() }
+    lib_present(&["libcuda.so.1", "libcuda.so"])
 }
 
 /// Number of CUDA devices, or `BackendUnavailable` saying why there are none

@@ -523,11 +523,20 @@ pub fn entry_point_names() -> Vec<String> {
     v
 }
 
+/// The names NVRTC is looked for under (cudarc's loader tries its own list
+/// and reports what it cannot find).
+const NVRTC_NAMES: [&str; 5] = [
+    "libnvrtc.so",
+    "libnvrtc.so.13",
+    "libnvrtc.so.12",
+    "libnvrtc.so.11.2",
+    "libnvrtc.so.11",
+];
+
 /// Compiles [`KERNEL_SRC`] to PTX with NVRTC (no GPU needed), for `arch`
 /// (`compute_90`; `None`: NVRTC's default).
 pub fn compile_ptx(arch: Option<&str>) -> Result<String> {
-    // SAFETY: only tries to dlopen libnvrtc by name.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+    if !crate::cuda::lib_present(&NVRTC_NAMES) {
         return Err(CommError::unavailable(
             "nvrtc",
             "libnvrtc was not found (install the CUDA toolkit's NVRTC or the \

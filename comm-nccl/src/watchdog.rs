@@ -34,7 +34,10 @@ use crate::raw::RawComm;
 
 /// How often an idle watchdog still asks NCCL for asynchronous errors.
 const IDLE_POLL: Duration = Duration::from_millis(100);
-/// Longest sleep between polls while work is pending.
+/// Sleep between polls while work is pending: from the first to the
+/// longest, doubling. Deadlines are seconds; finer polling would only add
+/// event records to a busy stream.
+const BUSY_POLL_MIN: Duration = Duration::from_micros(100);
 const BUSY_POLL_MAX: Duration = Duration::from_millis(1);
 
 /// One enqueued call the watchdog has not yet seen complete.
@@ -305,7 +308,7 @@ fn run<T: Tracker>(sh: &Shared, mut tracker: T) {
         covered: 0,
         completed: 0,
     };
-    let mut nap = Duration::from_micros(20);
+    let mut nap = BUSY_POLL_MIN;
     loop {
         {
             let mut w = sh.lock();
@@ -323,7 +326,7 @@ fn run<T: Tracker>(sh: &Shared, mut tracker: T) {
                 if w.stop || w.error.is_some() {
                     return;
                 }
-                nap = Duration::from_micros(20);
+                nap = BUSY_POLL_MIN;
             }
             if !w.capturing && w.enqueued > marks.covered {
                 let upto = w.enqueued;
@@ -373,7 +376,7 @@ fn run<T: Tracker>(sh: &Shared, mut tracker: T) {
                 w.pending.pop_front();
             }
             if w.pending.len() < before {
-                nap = Duration::from_micros(20);
+                nap = BUSY_POLL_MIN;
             }
             if let Some(p) = w.pending.front().filter(|p| p.deadline.expired()) {
                 let e = CommError::timeout(
