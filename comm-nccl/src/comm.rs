@@ -319,7 +319,6 @@ impl NcclCommunicator {
             .map_err(|e| cuda_err("creating the graph-capture stream", e))?;
         let ctx = self.dev.context();
         let tracking_was_on = ctx.is_event_tracking();
-        self.watchdog.set_capturing(true);
         // SAFETY: turning tracking off only skips cudarc's automatic
         // cross-stream waits and records; the documented contract above
         // hands that ordering to the caller until `end_capture` restores it.
@@ -367,7 +366,6 @@ impl NcclCommunicator {
             // SAFETY: restores the state `begin_capture` found.
             unsafe { self.dev.context().enable_event_tracking() };
         }
-        self.watchdog.set_capturing(false);
     }
 
     /// Before a call: the stored error, the context, the stream to use.
@@ -436,12 +434,15 @@ fn enqueue(
     f: impl FnOnce(&'static NcclLibrary, NcclCommHandle, CudaStreamHandle) -> Result<Progress>,
 ) -> Result<()> {
     let raw = watchdog.raw();
-    let progress = raw.with(|lib, h| f(lib, h, cs(stream)))?;
     let sh = watchdog.shared();
     let (group, world) = (&sh.group, sh.world);
+    // When the watchdog aborted meanwhile, its error says why.
+    let why = |e: CommError| watchdog.error().unwrap_or(e);
+    let progress = raw.with(|lib, h| f(lib, h, cs(stream))).map_err(why)?;
     raw.settle(progress, &call.deadline, &|| call.name(), &|| {
         vec![members(group, world)]
-    })?;
+    })
+    .map_err(why)?;
     if !capturing {
         watchdog.watch(call.desc, call.deadline);
     }

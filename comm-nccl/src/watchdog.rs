@@ -11,10 +11,14 @@
 //! kernels waiting on absent peers exit). The next call or fence returns
 //! the stored error.
 //!
-//! While a graph is being captured the watchdog records nothing (an event
-//! recorded on a capturing stream would join the graph), and captured calls
-//! are not watched: they run when the graph is launched, under the
-//! launcher's ordering.
+//! Graph capture happens on a stream of its own
+//! ([`NcclCommunicator::begin_capture`](crate::NcclCommunicator::begin_capture)),
+//! never on the tracked one, and captured calls are not watched: they run
+//! when the graph is launched, under the launcher's ordering. The watchdog
+//! thread runs in relaxed capture mode, so its event calls cannot disturb
+//! a capture another thread makes in global mode.
+//! [`Watchdog::set_capturing`] stops marks for users who capture the
+//! tracked stream itself.
 //!
 //! Completion is learnt through a [`Tracker`] ([`StreamTracker`]: CUDA
 //! events), so the watchdog's logic is tested without a GPU against a stub
@@ -27,6 +31,7 @@ use std::time::Duration;
 
 use comm_core::{CallDesc, CommError, Deadline, Fence, Result};
 
+use cudarc::driver::sys::CUstreamCaptureMode;
 use cudarc::driver::{CudaEvent, CudaStream};
 
 use crate::cuda::cuda_err;
@@ -102,7 +107,16 @@ impl Tracker for StreamTracker {
         self.stream
             .context()
             .bind_to_thread()
-            .map_err(|e| cuda_err("NCCL watchdog: binding the CUDA context", e))
+            .map_err(|e| cuda_err("NCCL watchdog: binding the CUDA context", e))?;
+        // Relaxed capture mode for this thread: its event records and
+        // queries must neither fail nor invalidate a graph another thread
+        // captures in global mode (what PyTorch's NCCL watchdog does too).
+        let mut mode = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        // SAFETY: `mode` is a valid in/out pointer; this only changes the
+        // calling (watchdog) thread's capture mode.
+        unsafe { cudarc::driver::sys::cuThreadExchangeStreamCaptureMode(&mut mode) }
+            .result()
+            .map_err(|e| cuda_err("NCCL watchdog: cuThreadExchangeStreamCaptureMode", e))
     }
     fn mark(&mut self) -> Result<CudaEvent> {
         let ev = match self.free.pop() {
@@ -254,9 +268,10 @@ impl Watchdog {
         self.shared.lock().pending.len()
     }
 
-    /// Starts or ends a graph capture: no marks are made meanwhile. Taken
-    /// under the lock marks are made under, so none lands on a stream after
-    /// its capture began.
+    /// Starts or ends a graph capture of the tracked stream itself: no marks
+    /// are made meanwhile (an event recorded on a capturing stream would
+    /// join the graph). Taken under the lock marks are made under, so none
+    /// lands on the stream after its capture began.
     pub fn set_capturing(&self, yes: bool) {
         self.shared.lock().capturing = yes;
     }
