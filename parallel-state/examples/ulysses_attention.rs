@@ -162,11 +162,9 @@ fn to_device(t: Tensor, device: Device) -> parallel_state::Result<Tensor> {
 
 fn run_rank(a: &Args) -> parallel_state::Result<bool> {
     let device: Device = a.device.parse()?;
-    let backend = a.backend.as_deref().map(str::parse).transpose()?;
-    let ps = ParallelState::init_from_env(InitOptions {
-        backend,
-        ..Default::default()
-    })?;
+    let mut opts = InitOptions::default().with_device(device);
+    opts.backend = a.backend.clone();
+    let ps = ParallelState::init_from_env(opts)?;
     let device = match device {
         Device::Cuda(_) => Device::Cuda(ps.local_rank()),
         d => d,
