@@ -11,55 +11,94 @@ use comm_core::{CommError, Device, Result, Store, Tensor};
 /// local rank's GPU) or `cuda:N`.
 pub const DEVICE_ENV: &str = "DIST_DEVICE";
 
-/// Chooses this process's device: `requested` (from `InitOptions::device`)
-/// wins, then [`DEVICE_ENV`], then FastVideo's rule: `cuda:{local_rank %
-/// count}` when CUDA devices are visible (needs the `nccl` feature, which
-/// installs the CUDA allocator), else the CPU. Logs one line saying what was
-/// chosen and why.
-pub fn choose_device(requested: Option<Device>, local_rank: usize) -> Result<Device> {
-    let visible = comm_core::visible_devices();
-    let from_env = std::env::var(DEVICE_ENV)
-        .ok()
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty());
-    let (device, why) = match (requested, from_env) {
-        (Some(d), _) => (d, "requested by InitOptions::device".to_string()),
-        (None, Some(s)) if s == "cpu" => (Device::Cpu, format!("{DEVICE_ENV}=cpu")),
-        (None, Some(s)) if s == "cuda" => {
-            if visible == 0 {
-                return Err(CommError::unavailable(
-                    "cuda",
-                    format!(
-                        "{DEVICE_ENV}=cuda but no CUDA device is usable in this process (build \
-                         with the `nccl` feature and check the NVIDIA driver)"
-                    ),
-                ));
-            }
-            (
-                Device::Cuda(local_rank % visible),
-                format!(
-                    "{DEVICE_ENV}=cuda, local rank {local_rank} of {visible} visible device(s)"
-                ),
-            )
+/// A device as users ask for it: by name (`auto`, `cpu`, `cuda` for the
+/// local rank's GPU, `cuda:N`), resolved by [`choose_device`].
+///
+/// ```
+/// use parallel_state::{Device, DeviceRequest};
+/// assert_eq!("cuda".parse::<DeviceRequest>().unwrap(), DeviceRequest::LocalCuda);
+/// assert_eq!("cuda:1".parse::<DeviceRequest>().unwrap(), DeviceRequest::Exact(Device::Cuda(1)));
+/// assert!("gpu".parse::<DeviceRequest>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceRequest {
+    /// FastVideo's rule: the local rank's GPU when CUDA devices are visible,
+    /// else the CPU ([`DEVICE_ENV`] overrides it).
+    #[default]
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// `cuda:{local_rank % count}`; an error when no GPU is usable.
+    LocalCuda,
+    /// Exactly this device.
+    Exact(Device),
+}
+
+impl std::str::FromStr for DeviceRequest {
+    type Err = CommError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(DeviceRequest::Auto),
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "cuda" | "gpu:local" => Ok(DeviceRequest::LocalCuda),
+            other => other
+                .parse::<Device>()
+                .map(DeviceRequest::Exact)
+                .map_err(|_| {
+                    CommError::invalid(format!(
+                        "`{s}` is not a device; expected auto, cpu, cuda or cuda:N"
+                    ))
+                }),
         }
-        (None, Some(s)) => (
-            s.parse::<Device>().map_err(|_| {
-                CommError::invalid(format!(
-                    "{DEVICE_ENV}=`{s}` is not a device; expected cpu, cuda or cuda:N"
-                ))
-            })?,
-            format!("{DEVICE_ENV}={s}"),
-        ),
-        (None, None) if visible > 0 => (
+    }
+}
+
+impl From<Device> for DeviceRequest {
+    fn from(d: Device) -> Self {
+        DeviceRequest::Exact(d)
+    }
+}
+
+/// Resolves this process's device: an explicit `requested` wins, then
+/// [`DEVICE_ENV`] (when `requested` is `Auto`), then FastVideo's rule:
+/// `cuda:{local_rank % count}` when CUDA devices are visible (needs the
+/// `nccl` feature, which installs the CUDA allocator), else the CPU. Logs one
+/// line saying what was chosen and why.
+pub fn choose_device(requested: DeviceRequest, local_rank: usize) -> Result<Device> {
+    let visible = comm_core::visible_devices();
+    let (req, source) = match requested {
+        DeviceRequest::Auto => match std::env::var(DEVICE_ENV) {
+            Ok(s) if !s.trim().is_empty() => (s.parse()?, format!("{DEVICE_ENV}={s}")),
+            _ => (DeviceRequest::Auto, String::new()),
+        },
+        r => (r, "requested by InitOptions::device".to_string()),
+    };
+    let local = |why: String| -> Result<(Device, String)> {
+        if visible == 0 {
+            return Err(CommError::unavailable(
+                "cuda",
+                format!(
+                    "{why} asks for the local GPU, but no CUDA device is usable in this process \
+                     (build with the `nccl` feature and check the NVIDIA driver)"
+                ),
+            ));
+        }
+        Ok((
             Device::Cuda(local_rank % visible),
-            format!(
-                "{visible} CUDA device(s) visible, local rank {local_rank} (FastVideo's \
-                 cuda:{{local_rank % count}}; override with {DEVICE_ENV})"
-            ),
-        ),
-        (None, None) => (
+            format!("{why}: local rank {local_rank} of {visible} visible device(s)"),
+        ))
+    };
+    let (device, why) = match req {
+        DeviceRequest::Cpu => (Device::Cpu, source),
+        DeviceRequest::LocalCuda => local(source)?,
+        DeviceRequest::Exact(d) => (d, source),
+        DeviceRequest::Auto if visible > 0 => local(format!(
+            "{visible} CUDA device(s) visible (FastVideo's cuda:{{local_rank % count}}; override \
+             with {DEVICE_ENV})"
+        ))?,
+        DeviceRequest::Auto => (
             Device::Cpu,
-            "no CUDA device visible to this build (override with DIST_DEVICE)".to_string(),
+            format!("no CUDA device visible to this build (override with {DEVICE_ENV})"),
         ),
     };
     if let Device::Cuda(n) = device {

@@ -32,7 +32,7 @@ mod tensor_dict;
 
 pub use backend::{default_registry, registry_with, BACKEND_ENV};
 pub use coordinator::{GroupCoordinator, GroupOptions, RingTimes, VERIFY_ENV};
-pub use device::{choose_device, to_device, GraphCaptureContext, DEVICE_ENV};
+pub use device::{choose_device, to_device, DeviceRequest, GraphCaptureContext, DEVICE_ENV};
 pub use global::*;
 pub use layout::{GroupLayout, LayoutKind};
 pub use state::{InitOptions, ModelGroups, ParallelState, TpPatch};

@@ -11,6 +11,7 @@ use dist_utils::rendezvous::RankInfo;
 use dist_utils::{HashStore, PrefixStore};
 
 use crate::coordinator::{GroupCoordinator, GroupOptions};
+use crate::device::DeviceRequest;
 use crate::layout::{self, GroupLayout, LayoutKind};
 
 /// Options of [`ParallelState::init`]. `#[non_exhaustive]`: start from
@@ -29,11 +30,11 @@ pub struct InitOptions {
     /// Forces a backend by name for every group (`None`: automatic, or
     /// `DIST_BACKEND`); any registered backend can be named.
     pub backend: Option<String>,
-    /// Device whose tensors the data planes move. `None` (the default)
+    /// Device whose tensors the data planes move. `Auto` (the default)
     /// chooses as FastVideo does: `cuda:{local_rank % count}` when CUDA
     /// devices are visible (feature `nccl`), else the CPU; `DIST_DEVICE`
     /// overrides it.
-    pub device: Option<Device>,
+    pub device: DeviceRequest,
     /// Use the shared-memory message queue for `broadcast_object` from rank 0
     /// of groups that live on one host.
     pub use_message_queue_broadcaster: bool,
@@ -47,7 +48,7 @@ impl Default for InitOptions {
         InitOptions {
             timeout: comm_core::default_timeout(),
             backend: None,
-            device: None,
+            device: DeviceRequest::Auto,
             use_message_queue_broadcaster: false,
             backends: Vec::new(),
         }
@@ -65,9 +66,11 @@ impl InitOptions {
         self.backend = Some(name.into());
         self
     }
-    /// With an explicit device instead of the automatic choice.
-    pub fn with_device(mut self, device: Device) -> Self {
-        self.device = Some(device);
+    /// With a device (`Device::Cuda(1)`, or a [`DeviceRequest`] such as
+    /// `"cuda".parse()?` for the local rank's GPU) instead of the automatic
+    /// choice.
+    pub fn with_device(mut self, device: impl Into<DeviceRequest>) -> Self {
+        self.device = device.into();
         self
     }
     /// With the message-queue broadcaster on host groups.

@@ -253,9 +253,11 @@ impl GroupCoordinator {
                 }
                 let splits = match seq_splits {
                     Some(v) if v.len() == p && v.iter().sum::<usize>() == s => v.to_vec(),
-                    Some(v) => return Err(CommError::invalid(format!(
+                    Some(v) => {
+                        return Err(CommError::invalid(format!(
                         "seq_splits {v:?} must have {p} entries summing to the sequence length {s}"
-                    ))),
+                    )))
+                    }
                     None => even_splits(s, p),
                 };
                 (splits, 1usize, heads.clone())
