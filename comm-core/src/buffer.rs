@@ -160,7 +160,7 @@ pub struct BufMut<'a> {
 }
 
 fn whole_elements(bytes: usize, dtype: DType) -> Result<()> {
-    if bytes % dtype.size() != 0 {
+    if !bytes.is_multiple_of(dtype.size()) {
         return Err(CommError::invalid(format!(
             "a buffer of {bytes} bytes does not hold whole {dtype} elements"
         )));

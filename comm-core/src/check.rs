@@ -89,7 +89,7 @@ pub fn scattered(op: &str, input: &BufRef<'_>, output: &BufMut<'_>, world: usize
 /// Equal element counts divisible by `world`, same dtype.
 pub fn all_to_all(input: &BufRef<'_>, output: &BufMut<'_>, world: usize) -> Result<()> {
     same_dtype("all_to_all", input.dtype(), output.dtype())?;
-    if input.numel() != output.numel() || input.numel() % world != 0 {
+    if input.numel() != output.numel() || !input.numel().is_multiple_of(world) {
         return Err(CommError::shape(
             "all_to_all",
             format!("input and output of equal size divisible by {world}"),

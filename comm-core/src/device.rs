@@ -47,6 +47,14 @@ pub trait DeviceAllocator: Send + Sync + fmt::Debug {
     fn device_count(&self) -> Result<usize>;
     /// Zeroed storage of `len_bytes` on `device`.
     fn alloc_zeroed(&self, device: Device, len_bytes: usize) -> Result<Box<dyn DeviceStorage>>;
+    /// A stable identifier of the physical device behind `device` in this
+    /// process (the GPU's UUID), so processes can tell whether they share
+    /// one device whatever their `CUDA_VISIBLE_DEVICES`. The default is the
+    /// device's name (`cuda:0`), right only when every process sees the
+    /// same devices in the same order.
+    fn device_uuid(&self, device: Device) -> Result<String> {
+        Ok(device.to_string())
+    }
     /// Storage on `device` holding a copy of `bytes`.
     fn upload(&self, device: Device, bytes: &[u8]) -> Result<Box<dyn DeviceStorage>> {
         let mut s = self.alloc_zeroed(device, bytes.len())?;

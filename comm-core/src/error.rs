@@ -160,7 +160,7 @@ pub enum CommError {
     /// survivors name the rank at fault, not the messenger.
     #[error(
         "`{operation}` was aborted by {peer}: {reason}{}",
-        if culprits.is_empty() { String::new() } else { format!("; it was waiting for {}", list(culprits)) }
+        if culprits.is_empty() { String::new() } else { format!("; it blamed {}", list(culprits)) }
     )]
     PeerAborted {
         /// Who sent the abort.

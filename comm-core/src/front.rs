@@ -721,6 +721,7 @@ impl Inner {
         }
         // Numbered only once every message passed its checks.
         let mut st = self.numbers.lock().map_err(poisoned_lock)?;
+        let st_seq = st.seq;
         for p in &mut out {
             match p {
                 P2p::Send { peer, desc, .. } => {
@@ -733,7 +734,9 @@ impl Inner {
                 }
             }
         }
-        let batch = CallDesc::new(Collective::SendRecv, 0, dtype, out.len());
+        // Numbered with the group's next collective (not consumed): the
+        // flight recorder then places the batch in the call sequence.
+        let batch = CallDesc::new(Collective::SendRecv, st_seq, dtype, out.len());
         let nonempty = out.iter().any(|p| match p {
             P2p::Send { buf, .. } => buf.numel() > 0,
             P2p::Recv { buf, .. } => buf.numel() > 0,
@@ -815,20 +818,7 @@ impl Inner {
             return Ok(());
         }
         if let Op::SendRecv(ops) = op {
-            // Each pair swaps the descriptions of its messages.
-            let mine: Vec<[u8; 64]> = ops.iter().map(|p| p.desc().to_wire()).collect();
-            let mut theirs = vec![[0u8; 64]; ops.len()];
-            let mut batch = Vec::with_capacity(2 * ops.len());
-            for (p, (m, t)) in ops.iter().zip(mine.iter().zip(theirs.iter_mut())) {
-                batch.push(P2pOp::send(&m[..], p.peer())?);
-                batch.push(P2pOp::recv(&mut t[..], p.peer())?);
-            }
-            v.batch_send_recv(batch)?;
-            for (p, t) in ops.iter().zip(&theirs) {
-                let t = CallDesc::from_wire(t)?;
-                p.desc().check_peer(&t, p.peer(), &p.desc().to_string())?;
-            }
-            return Ok(());
+            return verify_p2p(v, ops);
         }
         let mine = desc.to_wire();
         let mut all = vec![0u8; 64 * self.world];
@@ -1065,6 +1055,81 @@ fn packed_all_to_all(
     let dst = output.expect_host("all_to_all")?;
     for (i, s) in exchanged.as_bytes().chunks_exact(block.max(1)).enumerate() {
         recv.scatter(s, i, es, dst);
+    }
+    Ok(())
+}
+
+/// Out-of-band check of point-to-point messages: each pair swaps the
+/// descriptions of the messages it has for the other, and every message must
+/// find its mirror (our send #n to them, their receive #n from us).
+fn verify_p2p(v: &Communicator, ops: &[P2p<'_>]) -> Result<()> {
+    let mut peers: Vec<usize> = ops.iter().map(P2p::peer).collect();
+    peers.sort_unstable();
+    peers.dedup();
+    let mine: Vec<Vec<u8>> = peers
+        .iter()
+        .map(|&p| {
+            ops.iter()
+                .filter(|o| o.peer() == p)
+                .flat_map(|o| o.desc().to_wire())
+                .collect()
+        })
+        .collect();
+    let counts: Vec<[i64; 1]> = mine.iter().map(|m| [(m.len() / 64) as i64]).collect();
+    let mut their_counts = vec![[0i64; 1]; peers.len()];
+    let mut batch = Vec::new();
+    for ((&p, c), t) in peers.iter().zip(&counts).zip(their_counts.iter_mut()) {
+        batch.push(P2pOp::send(&c[..], p)?);
+        batch.push(P2pOp::recv(&mut t[..], p)?);
+    }
+    v.batch_send_recv(batch)?;
+    let mut theirs: Vec<Vec<u8>> = Vec::with_capacity(peers.len());
+    for t in &their_counts {
+        let n = usize::try_from(t[0])
+            .ok()
+            .filter(|&n| n <= 1 << 20)
+            .ok_or_else(|| CommError::Protocol(format!("a peer announced {} messages", t[0])))?;
+        theirs.push(vec![0u8; 64 * n]);
+    }
+    let mut batch = Vec::new();
+    for ((&p, m), t) in peers.iter().zip(&mine).zip(theirs.iter_mut()) {
+        batch.push(P2pOp::send(&m[..], p)?);
+        batch.push(P2pOp::recv(&mut t[..], p)?);
+    }
+    v.batch_send_recv(batch)?;
+    for (&p, t) in peers.iter().zip(&theirs) {
+        let descs = t
+            .chunks_exact(64)
+            .map(CallDesc::from_wire)
+            .collect::<Result<Vec<_>>>()?;
+        for o in ops.iter().filter(|o| o.peer() == p) {
+            let d = o.desc();
+            let mirror = if d.op == Collective::Send {
+                Collective::Recv
+            } else {
+                Collective::Send
+            };
+            let found = descs.iter().find(|t| t.op == mirror && t.seq == d.seq);
+            match found {
+                Some(t) => d.check_peer(t, p, &d.to_string())?,
+                None => {
+                    return Err(CommError::CallMismatch {
+                        operation: d.to_string(),
+                        peer: crate::RankId::local(p),
+                        mine: d.to_string(),
+                        theirs: format!(
+                            "no matching {mirror} #{} (its messages for us: {})",
+                            d.seq,
+                            descs
+                                .iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    })
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -181,7 +181,7 @@ reduce_half!(reduce_f16, f16_to_f32, f32_to_f16);
 reduce_half!(reduce_bf16, bf16_to_f32, f32_to_bf16);
 
 fn check_lens(dst: &[u8], src: &[u8], dtype: DType) -> Result<()> {
-    if dst.len() != src.len() || dst.len() % dtype.size() != 0 {
+    if dst.len() != src.len() || !dst.len().is_multiple_of(dtype.size()) {
         return Err(CommError::shape(
             "reduce_into",
             format!(
@@ -354,7 +354,7 @@ pub fn finish_avg(buf: &mut [u8], dtype: DType, count: usize) -> Result<()> {
     if count == 0 {
         return Err(CommError::invalid("finish_avg with count 0"));
     }
-    if buf.len() % dtype.size() != 0 {
+    if !buf.len().is_multiple_of(dtype.size()) {
         return Err(CommError::invalid(
             "finish_avg: buffer is not whole elements",
         ));

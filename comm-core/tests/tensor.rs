@@ -18,7 +18,7 @@ fn device_tensor<T: Element>(data: &[T], shape: &[usize]) -> Tensor {
 }
 
 fn aligned(t: &Tensor) -> bool {
-    t.as_bytes().unwrap().as_ptr() as usize % 64 == 0
+    (t.as_bytes().unwrap().as_ptr() as usize).is_multiple_of(64)
 }
 
 // ---------------------------------------------------------------- constructors

@@ -2,23 +2,27 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use comm_core::reduce::{finish_avg, reduce_into, reduce_pair_into};
+use comm_core::reduce::{reduce_into, reduce_pair_into};
 use comm_core::{
-    check, CommError, DType, Deadline, Device, DeviceCommunicator, HostBuffer, ReduceOp, Result,
-    Store, Tensor,
+    BlockLayout, BufMut, BufRef, Call, Capabilities, CommError, DType, Device, DeviceCommunicator,
+    HostBuffer, Missing, P2p, ReduceOp, Result, Store,
 };
 
-use crate::mesh::{Kind, Mesh, RecvOp, SendOp};
+use crate::mesh::{Mesh, RecvOp, SendOp};
 use crate::setup::connect_mesh;
 use crate::TcpOptions;
 
-/// A [`DeviceCommunicator`] for host tensors over TCP, for ranks on one or
-/// many hosts.
-///
-/// Device tensors are refused with an error; wrap the communicator in
-/// [`comm_core::HostStaged`] to move them through host memory.
+/// Runs of a strided all-to-all shorter than this are packed into a
+/// per-peer workspace instead of one iovec each (the kernel's per-iovec cost
+/// then outweighs a copy).
+const MIN_IOV_RUN: usize = 1024;
+
+/// The raw TCP backend: a [`DeviceCommunicator`] over host memory for ranks
+/// on one or many hosts. Build it with [`crate::TcpFactory`] (or
+/// [`TcpCommunicator::new`]) and use it through [`comm_core::Communicator`],
+/// which checks arguments, answers one-member groups and empty calls,
+/// computes `Avg` and stages device memory.
 ///
 /// Algorithms (any world size):
 /// - all_reduce: recursive doubling (with the usual fold of the extra ranks
@@ -32,9 +36,14 @@ use crate::TcpOptions;
 /// - broadcast: binomial tree up to [`TcpOptions::small_broadcast`] bytes, else
 ///   a chain that forwards each piece as soon as it arrives.
 /// - gather: every member sends straight to the root.
-/// - all_to_all: every pair exchanges at once (pairwise exchange, all steps
-///   progressed together by the poll loop).
+/// - all_to_all (flat and strided): every pair exchanges at once (all steps
+///   progressed together by the poll loop); strided blocks go straight from
+///   and to their places with scatter-gather I/O.
 /// - barrier: dissemination (log2 rounds of empty messages).
+///
+/// Every call's description travels with its first message to each peer
+/// and is checked on arrival (see [`crate::mesh`]); a member that fails
+/// tells the others over the control connections whom it blames.
 #[derive(Debug)]
 pub struct TcpCommunicator {
     mesh: Mesh,
@@ -44,8 +53,8 @@ pub struct TcpCommunicator {
     scratch: HostBuffer,
     /// Accumulators of reduce_scatter, reused across calls.
     acc: [HostBuffer; 2],
-    /// Set by the first fatal error; later calls fail at once.
-    broken: Option<String>,
+    /// Per-peer workspaces of strided all-to-alls with tiny runs.
+    stage: Vec<HostBuffer>,
 }
 
 /// Grows `b` to at least `len` bytes (contents are not kept).
@@ -85,6 +94,44 @@ fn combine_ordered(
     }
 }
 
+/// The ranks `why` holds responsible, with what each did, for an abort.
+fn blame(why: &CommError) -> Vec<Missing> {
+    match why {
+        CommError::Timeout { missing, .. } => missing.clone(),
+        CommError::PeerLost { peer, detail, .. } => vec![Missing {
+            rank: *peer,
+            detail: format!("lost: {detail}"),
+        }],
+        CommError::PeerAborted { peer, culprits, .. } if culprits.is_empty() => vec![Missing {
+            rank: *peer,
+            detail: "aborted".into(),
+        }],
+        CommError::PeerAborted { culprits, .. } => culprits.clone(),
+        CommError::CallMismatch { peer, theirs, .. } => vec![Missing {
+            rank: *peer,
+            detail: format!("called {theirs}"),
+        }],
+        _ => Vec::new(),
+    }
+}
+
+/// True when the blocks of `l` (for `world` members) never overlap, so they
+/// can be received concurrently: runs apart within a block, and blocks
+/// either apart or interleaved row by row.
+fn disjoint(l: &BlockLayout, world: usize) -> bool {
+    let runs_apart = l.runs <= 1 || l.stride >= l.run;
+    let span = (l.runs.saturating_sub(1))
+        .saturating_mul(l.stride)
+        .saturating_add(l.run);
+    let blocks_apart = l.block_step >= span;
+    let interleaved = l.block_step >= l.run
+        && (world - 1)
+            .saturating_mul(l.block_step)
+            .saturating_add(l.run)
+            <= l.stride;
+    world <= 1 || (runs_apart && (blocks_apart || interleaved))
+}
+
 impl TcpCommunicator {
     /// Joins group `opts.group_name` as `rank` of `world_size`: binds a
     /// listener, publishes its address and (rank 0) a random group secret in
@@ -111,7 +158,7 @@ impl TcpCommunicator {
             opts,
             scratch: HostBuffer::zeroed(0),
             acc: [HostBuffer::zeroed(0), HostBuffer::zeroed(0)],
-            broken: None,
+            stage: Vec::new(),
         })
     }
 
@@ -125,123 +172,49 @@ impl TcpCommunicator {
         &self.opts
     }
 
-    fn name(&self, what: &str) -> String {
-        format!(
-            "{what} on tcp group `{}` (rank {} of {})",
-            self.opts.group_name, self.mesh.rank, self.mesh.world
-        )
-    }
-
-    fn usable(&self, what: &str) -> Result<()> {
-        match &self.broken {
-            None => Ok(()),
-            Some(e) => Err(CommError::Aborted(format!(
-                "{}: this communicator is unusable after an earlier error ({e}); drop it and \
-                 build a new group",
-                self.name(what)
-            ))),
-        }
-    }
-
-    /// Records a fatal error and tells the peers, so they fail fast too.
-    fn fail(&mut self, e: CommError) -> CommError {
-        if e.is_fatal() && self.broken.is_none() {
-            let lost = match &e {
-                CommError::PeerLost { rank, .. } => Some(*rank),
-                _ => None,
-            };
-            self.mesh.send_abort(lost);
-            self.broken = Some(e.to_string());
-        }
-        e
-    }
-
-    fn host(&self, what: &str, t: &Tensor) -> Result<()> {
-        check::device(what, t, Device::Cpu)
-    }
-
-    /// Sends `send` to `dst` while receiving `recv` from `src`, both at once
-    /// (so two members exchanging large buffers cannot deadlock). Uses the
-    /// point-to-point channel: it pairs with [`DeviceCommunicator::send`] /
-    /// [`DeviceCommunicator::recv`] on the peers.
-    pub fn send_recv(
+    /// Runs one collective's algorithm after [`Mesh::begin`] (which sets
+    /// up the call-description checks).
+    fn collective(
         &mut self,
-        send: &Tensor,
-        dst: usize,
-        recv: &mut Tensor,
-        src: usize,
+        call: &Call<'_>,
+        f: impl FnOnce(&mut Self) -> Result<()>,
     ) -> Result<()> {
-        let (r, w) = (self.mesh.rank, self.mesh.world);
-        check::peer("send", dst, r, w)?;
-        check::peer("recv", src, r, w)?;
-        self.host("send_recv", send)?;
-        self.host("send_recv", recv)?;
-        self.usable("send_recv")?;
-        let sb = send.as_bytes()?;
-        let rb = recv.as_bytes_mut()?;
-        self.p2p(
-            "send_recv",
-            &mut [SendOp::new(dst, sb)],
-            &mut [RecvOp::new(src, rb)],
-        )
-    }
-
-    /// One point-to-point exchange on the p2p channel, with the op deadline.
-    fn p2p(&mut self, what: &str, sends: &mut [SendOp], recvs: &mut [RecvOp]) -> Result<()> {
-        let deadline = Deadline::after(self.opts.timeout);
-        let name = self.name(what);
-        let res = self.mesh.exchange(
-            Kind::P2p,
-            &|| name.clone(),
-            sends,
-            recvs,
-            &deadline,
-            usize::MAX,
-            |_, _, _| Ok(()),
-        );
-        res.map_err(|e| self.fail(e))
+        let _ = call;
+        self.mesh.begin();
+        f(self)
     }
 
     fn all_reduce_small(
         &mut self,
+        call: &Call<'_>,
         buf: &mut [u8],
         dt: DType,
         op: ReduceOp,
-        deadline: &Deadline,
     ) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
         let n = buf.len();
         ensure(&mut self.scratch, n);
         let scratch = &mut self.scratch.as_bytes_mut()[..n];
-        let name = format!(
-            "all_reduce on tcp group `{}` (rank {r} of {w})",
-            self.opts.group_name
-        );
-        let name = &|| name.clone();
         let p = prev_pow2(w);
         let rem = w - p;
-        let k = Kind::AllReduce;
         let nop = |_: usize, _: usize, _: &[u8]| Ok(());
+        let mesh = &mut self.mesh;
         // Fold: in the first 2*rem ranks, even ranks hand their data to the next odd one.
         let newrank = if r < 2 * rem {
             if r % 2 == 0 {
-                self.mesh.exchange(
-                    k,
-                    name,
+                mesh.exchange(
+                    call,
                     &mut [SendOp::new(r + 1, buf)],
                     &mut [],
-                    deadline,
                     usize::MAX,
                     nop,
                 )?;
                 None
             } else {
-                self.mesh.exchange(
-                    k,
-                    name,
+                mesh.exchange(
+                    call,
                     &mut [],
                     &mut [RecvOp::new(r - 1, scratch)],
-                    deadline,
                     usize::MAX,
                     nop,
                 )?;
@@ -256,12 +229,10 @@ impl TcpCommunicator {
             while mask < p {
                 let pn = nr ^ mask;
                 let partner = if pn < rem { pn * 2 + 1 } else { pn + rem };
-                self.mesh.exchange(
-                    k,
-                    name,
+                mesh.exchange(
+                    call,
                     &mut [SendOp::new(partner, buf)],
                     &mut [RecvOp::new(partner, scratch)],
-                    deadline,
                     usize::MAX,
                     nop,
                 )?;
@@ -272,29 +243,22 @@ impl TcpCommunicator {
         // Unfold: odd ranks return the result to their even neighbour.
         if r < 2 * rem {
             if r % 2 == 0 {
-                self.mesh.exchange(
-                    k,
-                    name,
+                mesh.exchange(
+                    call,
                     &mut [],
                     &mut [RecvOp::new(r + 1, buf)],
-                    deadline,
                     usize::MAX,
                     nop,
                 )?;
             } else {
-                self.mesh.exchange(
-                    k,
-                    name,
+                mesh.exchange(
+                    call,
                     &mut [SendOp::new(r - 1, buf)],
                     &mut [],
-                    deadline,
                     usize::MAX,
                     nop,
                 )?;
             }
-        }
-        if op == ReduceOp::Avg {
-            finish_avg(buf, dt, w)?;
         }
         Ok(())
     }
@@ -310,17 +274,15 @@ impl TcpCommunicator {
     ///
     /// After step `s` of the reduce-scatter, block `r - s - 1` holds the
     /// partial of `s + 2` members; the last one, block `r + 1`, is complete
-    /// (and averaged here for Avg) and starts the all-gather.
+    /// and starts the all-gather.
     fn all_reduce_ring(
         &mut self,
+        call: &Call<'_>,
         buf: &mut [u8],
         dt: DType,
         op: ReduceOp,
-        deadline: &Deadline,
     ) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
-        let name = self.name("all_reduce");
-        let name = &|| name.clone();
         let es = dt.size();
         let n = buf.len() / es;
         let right = (r + 1) % w;
@@ -361,45 +323,26 @@ impl TcpCommunicator {
         // block r - s, which send s (this member's partial of that block) read
         // earlier: the complete block cannot arrive before every member's
         // partial of it was sent, and sent bytes are never read again.
-        self.mesh.exchange(
-            Kind::AllReduce,
-            name,
-            &mut sends,
-            &mut recvs,
-            deadline,
-            seg,
-            |i, off, bytes| {
+        self.mesh
+            .exchange(call, &mut sends, &mut recvs, seg, |i, off, bytes| {
                 if i >= steps {
                     return Ok(());
                 }
                 let (p, len) = at((r + 2 * w - i - 1) % w);
-                debug_assert!(off + bytes.len() <= len);
+                assert!(off + bytes.len() <= len, "a ring piece past its block");
                 // SAFETY: `off + bytes.len() <= len`, inside block r - i - 1,
                 // which nothing else touches while this piece is reduced (above).
                 let dst = unsafe { std::slice::from_raw_parts_mut(p.add(off), bytes.len()) };
-                reduce_into(dst, bytes, dt, op)?;
-                if i == steps - 1 && op == ReduceOp::Avg {
-                    finish_avg(dst, dt, w)?;
-                }
-                Ok(())
-            },
-        )
+                reduce_into(dst, bytes, dt, op)
+            })
     }
 
-    /// Ring all-gather over `buf` in place, where this member holds block
-    /// `(rank + shift) % world` and the others arrive; one pipelined exchange
+    /// Ring all-gather over `buf` in place (`w` blocks of `buf.len() / w`
+    /// bytes), where this member holds block `rank`; one pipelined exchange
     /// whose sends forward each segment as soon as it has arrived.
-    fn ring_all_gather_inplace(
-        &mut self,
-        kind: Kind,
-        name: &dyn Fn() -> String,
-        buf: &mut [u8],
-        es: usize,
-        shift: usize,
-        deadline: &Deadline,
-    ) -> Result<()> {
+    fn ring_all_gather(&mut self, call: &Call<'_>, buf: &mut [u8]) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
-        let n = buf.len() / es;
+        let n = buf.len();
         let right = (r + 1) % w;
         let left = (r + w - 1) % w;
         let base = buf.as_mut_ptr();
@@ -407,34 +350,27 @@ impl TcpCommunicator {
         let mut sends: Vec<SendOp> = Vec::with_capacity(w - 1);
         let mut recvs: Vec<RecvOp> = Vec::with_capacity(w - 1);
         for s in 0..w - 1 {
-            let sb = (r + shift + w - s) % w;
-            let rb = (r + shift + 2 * w - s - 1) % w;
+            let sb = (r + w - s) % w;
+            let rb = (r + 2 * w - s - 1) % w;
             let (s0, sc) = block(n, w, sb);
             let (r0, rc) = block(n, w, rb);
             // All blocks are disjoint ranges of `buf`; block `rb` is written by
             // receive s and read by send s + 1, gated on that receive.
-            let send = SendOp::raw(right, base.wrapping_add(s0 * es), sc * es);
+            let send = SendOp::raw(right, base.wrapping_add(s0), sc);
             sends.push(if s == 0 { send } else { send.gated(s - 1) });
-            recvs.push(RecvOp::raw(left, base.wrapping_add(r0 * es), rc * es));
+            recvs.push(RecvOp::raw(left, base.wrapping_add(r0), rc));
         }
-        self.mesh.exchange(
-            kind,
-            name,
-            &mut sends,
-            &mut recvs,
-            deadline,
-            seg,
-            |_, _, _| Ok(()),
-        )
+        self.mesh
+            .exchange(call, &mut sends, &mut recvs, seg, |_, _, _| Ok(()))
     }
 
     fn reduce_scatter_ring(
         &mut self,
+        call: &Call<'_>,
         input: &[u8],
         output: &mut [u8],
         dt: DType,
         op: ReduceOp,
-        deadline: &Deadline,
     ) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
         let m = output.len();
@@ -445,8 +381,6 @@ impl TcpCommunicator {
         ensure(&mut self.scratch, seg);
         ensure(&mut self.acc[0], m);
         ensure(&mut self.acc[1], m);
-        let name = self.name("reduce_scatter");
-        let name = &|| name.clone();
         let sp = self.scratch.as_bytes_mut().as_mut_ptr();
         let accp = [
             self.acc[0].as_bytes_mut().as_mut_ptr(),
@@ -467,43 +401,30 @@ impl TcpCommunicator {
             let own = &input[rb * m..(rb + 1) * m];
             let mut sends = [SendOp::raw(right, send_ptr, m)];
             let mut recvs = [RecvOp::streaming(left, sp, seg, m, es)];
-            self.mesh.exchange(
-                Kind::ReduceScatter,
-                name,
-                &mut sends,
-                &mut recvs,
-                deadline,
-                seg,
-                |_, off, bytes| {
+            self.mesh
+                .exchange(call, &mut sends, &mut recvs, seg, |_, off, bytes| {
+                    assert!(off + bytes.len() <= m, "a ring piece past its block");
                     // SAFETY: `dst0` is `output` or the accumulator not being sent in
                     // this step, `m` bytes long; `off + bytes.len() <= m`.
                     let dst = unsafe { std::slice::from_raw_parts_mut(dst0.add(off), bytes.len()) };
                     reduce_pair_into(dst, &own[off..off + bytes.len()], bytes, dt, op)
-                },
-            )?;
-        }
-        if op == ReduceOp::Avg {
-            finish_avg(output, dt, w)?;
+                })?;
         }
         Ok(())
     }
 
-    fn broadcast_tree(&mut self, buf: &mut [u8], root: usize, deadline: &Deadline) -> Result<()> {
+    fn broadcast_tree(&mut self, call: &Call<'_>, buf: &mut [u8], root: usize) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
         let vr = (r + w - root) % w;
-        let name = self.name("broadcast");
-        let name = &|| name.clone();
         let nop = |_: usize, _: usize, _: &[u8]| Ok(());
         let mut mask = 1;
         while mask < w {
             if vr & mask != 0 {
                 let parent = (vr - mask + root) % w;
                 self.mesh.exchange(
-                    Kind::Broadcast,
-                    name,
+                    call,
                     &mut [],
                     &mut [RecvOp::new(parent, buf)],
-                    deadline,
                     usize::MAX,
                     nop,
                 )?;
@@ -520,68 +441,77 @@ impl TcpCommunicator {
             mask >>= 1;
         }
         if !sends.is_empty() {
-            self.mesh.exchange(
-                Kind::Broadcast,
-                name,
-                &mut sends,
-                &mut [],
-                deadline,
-                usize::MAX,
-                nop,
-            )?;
+            self.mesh
+                .exchange(call, &mut sends, &mut [], usize::MAX, nop)?;
         }
         Ok(())
     }
 
-    fn broadcast_chain(&mut self, buf: &mut [u8], root: usize, deadline: &Deadline) -> Result<()> {
+    fn broadcast_chain(&mut self, call: &Call<'_>, buf: &mut [u8], root: usize) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
         let vr = (r + w - root) % w;
         let next = (r + 1) % w;
         let prev = (r + w - 1) % w;
-        let name = self.name("broadcast");
-        let name = &|| name.clone();
         let seg = self.opts.segment;
         let nop = |_: usize, _: usize, _: &[u8]| Ok(());
         let p = buf.as_mut_ptr();
         let len = buf.len();
+        let mesh = &mut self.mesh;
         if vr == 0 {
-            self.mesh.exchange(
-                Kind::Broadcast,
-                name,
-                &mut [SendOp::raw(next, p, len)],
-                &mut [],
-                deadline,
-                seg,
-                nop,
-            )
+            mesh.exchange(call, &mut [SendOp::raw(next, p, len)], &mut [], seg, nop)
         } else if vr == w - 1 {
-            self.mesh.exchange(
-                Kind::Broadcast,
-                name,
-                &mut [],
-                &mut [RecvOp::raw(prev, p, len)],
-                deadline,
-                seg,
-                nop,
-            )
+            mesh.exchange(call, &mut [], &mut [RecvOp::raw(prev, p, len)], seg, nop)
         } else {
             // Forward each piece as soon as it has arrived: the send reads only
             // bytes the receive has completed (gate).
-            self.mesh.exchange(
-                Kind::Broadcast,
-                name,
+            mesh.exchange(
+                call,
                 &mut [SendOp::raw(next, p, len).gated(0)],
                 &mut [RecvOp::raw(prev, p, len)],
-                deadline,
                 seg,
                 nop,
             )
         }
     }
+
+    /// Pairwise exchange: step k sends block r+k and receives block r-k;
+    /// the poll loop runs every step at once, and this member's own block
+    /// is copied (`own(done_so_far, piece)`) while the sockets are idle.
+    fn pairwise(
+        &mut self,
+        call: &Call<'_>,
+        sends: &mut [SendOp],
+        recvs: &mut [RecvOp],
+        own_len: usize,
+        mut own: impl FnMut(usize, usize),
+    ) -> Result<()> {
+        let piece = self.opts.segment.max(1);
+        let mut done = 0;
+        let res = self.mesh.exchange_idle(
+            call,
+            sends,
+            recvs,
+            usize::MAX,
+            |_, _, _| Ok(()),
+            &mut || {
+                if done >= own_len {
+                    return false;
+                }
+                let end = (done + piece).min(own_len);
+                own(done, end);
+                done = end;
+                true
+            },
+        );
+        if done < own_len {
+            own(done, own_len);
+        }
+        res
+    }
 }
 
 impl DeviceCommunicator for TcpCommunicator {
-    fn backend(&self) -> &'static str {
+    fn backend(&self) -> &str {
         "tcp"
     }
     fn rank(&self) -> usize {
@@ -593,170 +523,133 @@ impl DeviceCommunicator for TcpCommunicator {
     fn device(&self) -> Device {
         Device::Cpu
     }
-    fn timeout(&self) -> Duration {
-        self.opts.timeout
-    }
-    fn set_timeout(&mut self, timeout: Duration) {
-        self.opts.timeout = timeout;
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::default();
+        c.checks_calls = true;
+        c.strided_all_to_all = true;
+        c
     }
 
-    fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
-        self.host("all_reduce", tensor)?;
-        self.usable("all_reduce")?;
+    fn all_reduce(&mut self, call: &Call<'_>, buf: BufMut<'_>, op: ReduceOp) -> Result<()> {
+        let dt = buf.dtype();
         let w = self.mesh.world;
-        let dt = tensor.dtype();
-        let buf = tensor.as_bytes_mut()?;
-        if w == 1 {
-            if op == ReduceOp::Avg {
-                finish_avg(buf, dt, 1)?;
+        let buf = buf
+            .into_host_bytes()
+            .ok_or_else(|| CommError::invalid("all_reduce: the tcp backend moves host memory"))?;
+        let small = buf.len() <= self.opts.small_all_reduce || buf.len() / dt.size() < w;
+        tracing::debug!(
+            group = call.group,
+            "{}: {}",
+            call.desc,
+            if small {
+                "recursive doubling"
+            } else {
+                "pipelined ring"
             }
-            return Ok(());
-        }
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let deadline = Deadline::after(self.opts.timeout);
-        let res = if buf.len() <= self.opts.small_all_reduce || buf.len() / dt.size() < w {
-            self.all_reduce_small(buf, dt, op, &deadline)
-        } else {
-            self.all_reduce_ring(buf, dt, op, &deadline)
-        };
-        res.map_err(|e| self.fail(e))
+        );
+        self.collective(call, |me| {
+            if small {
+                me.all_reduce_small(call, buf, dt, op)
+            } else {
+                me.all_reduce_ring(call, buf, dt, op)
+            }
+        })
     }
 
-    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
-        let w = self.mesh.world;
-        check::gathered("all_gather", input, output, w)?;
-        self.host("all_gather", input)?;
-        self.host("all_gather", output)?;
-        self.usable("all_gather")?;
-        let n = input.nbytes();
-        let r = self.mesh.rank;
-        let out = output.as_bytes_mut()?;
-        out[r * n..(r + 1) * n].copy_from_slice(input.as_bytes()?);
-        if w == 1 || n == 0 {
-            return Ok(());
-        }
-        let deadline = Deadline::after(self.opts.timeout);
-        let name = self.name("all_gather");
-        // Blocks of `n` bytes: treat the output as `w * n` one-byte elements
-        // split evenly, which `block` does exactly.
-        let res =
-            self.ring_all_gather_inplace(Kind::AllGather, &|| name.clone(), out, 1, 0, &deadline);
-        res.map_err(|e| self.fail(e))
+    fn all_gather(&mut self, call: &Call<'_>, input: BufRef<'_>, output: BufMut<'_>) -> Result<()> {
+        let inp = input.expect_host("all_gather")?;
+        let mut output = output;
+        let out = output.expect_host("all_gather")?;
+        let (r, n) = (self.mesh.rank, inp.len());
+        out[r * n..(r + 1) * n].copy_from_slice(inp);
+        tracing::debug!(group = call.group, "{}: pipelined ring", call.desc);
+        self.collective(call, |me| me.ring_all_gather(call, out))
     }
 
-    fn reduce_scatter(&mut self, input: &Tensor, output: &mut Tensor, op: ReduceOp) -> Result<()> {
-        let w = self.mesh.world;
-        check::scattered("reduce_scatter", input, output, w)?;
-        self.host("reduce_scatter", input)?;
-        self.host("reduce_scatter", output)?;
-        self.usable("reduce_scatter")?;
+    fn reduce_scatter(
+        &mut self,
+        call: &Call<'_>,
+        input: BufRef<'_>,
+        output: BufMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()> {
         let dt = input.dtype();
-        if w == 1 {
-            output.copy_from(input)?;
-            if op == ReduceOp::Avg {
-                finish_avg(output.as_bytes_mut()?, dt, 1)?;
+        let inp = input.expect_host("reduce_scatter")?;
+        let mut output = output;
+        let out = output.expect_host("reduce_scatter")?;
+        tracing::debug!(group = call.group, "{}: ring", call.desc);
+        self.collective(call, |me| me.reduce_scatter_ring(call, inp, out, dt, op))
+    }
+
+    fn broadcast(&mut self, call: &Call<'_>, buf: BufMut<'_>, root: usize) -> Result<()> {
+        let buf = buf
+            .into_host_bytes()
+            .ok_or_else(|| CommError::invalid("broadcast: the tcp backend moves host memory"))?;
+        let tree = buf.len() <= self.opts.small_broadcast || self.mesh.world == 2;
+        tracing::debug!(
+            group = call.group,
+            "{}: {}",
+            call.desc,
+            if tree {
+                "binomial tree"
+            } else {
+                "pipelined chain"
             }
-            return Ok(());
-        }
-        if output.numel() == 0 {
-            return Ok(());
-        }
-        let deadline = Deadline::after(self.opts.timeout);
-        let res =
-            self.reduce_scatter_ring(input.as_bytes()?, output.as_bytes_mut()?, dt, op, &deadline);
-        res.map_err(|e| self.fail(e))
+        );
+        self.collective(call, |me| {
+            if tree {
+                me.broadcast_tree(call, buf, root)
+            } else {
+                me.broadcast_chain(call, buf, root)
+            }
+        })
     }
 
-    fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<()> {
-        let w = self.mesh.world;
-        check::root("broadcast", root, w)?;
-        self.host("broadcast", tensor)?;
-        self.usable("broadcast")?;
-        let buf = tensor.as_bytes_mut()?;
-        if w == 1 || buf.is_empty() {
-            return Ok(());
-        }
-        let deadline = Deadline::after(self.opts.timeout);
-        let res = if buf.len() <= self.opts.small_broadcast || w == 2 {
-            self.broadcast_tree(buf, root, &deadline)
-        } else {
-            self.broadcast_chain(buf, root, &deadline)
-        };
-        res.map_err(|e| self.fail(e))
-    }
-
-    fn gather(&mut self, input: &Tensor, output: Option<&mut Tensor>, root: usize) -> Result<()> {
-        let (r, w) = (self.mesh.rank, self.mesh.world);
-        check::root("gather", root, w)?;
-        self.host("gather", input)?;
-        let n = input.nbytes();
-        let deadline = Deadline::after(self.opts.timeout);
-        let name = self.name("gather");
+    fn gather(
+        &mut self,
+        call: &Call<'_>,
+        input: BufRef<'_>,
+        output: Option<BufMut<'_>>,
+        root: usize,
+    ) -> Result<()> {
+        let r = self.mesh.rank;
+        let inp = input.expect_host("gather")?;
+        let n = inp.len();
         let nop = |_: usize, _: usize, _: &[u8]| Ok(());
-        if r == root {
-            let out =
-                output.ok_or_else(|| CommError::invalid("gather: the root must pass an output"))?;
-            check::gathered("gather", input, out, w)?;
-            self.host("gather", out)?;
-            self.usable("gather")?;
-            let ob = out.as_bytes_mut()?;
-            ob[r * n..(r + 1) * n].copy_from_slice(input.as_bytes()?);
-            if w == 1 || n == 0 {
-                return Ok(());
+        tracing::debug!(group = call.group, "{}: direct to the root", call.desc);
+        match output {
+            Some(mut out) if r == root => {
+                let ob = out.expect_host("gather")?;
+                ob[r * n..(r + 1) * n].copy_from_slice(inp);
+                self.collective(call, |me| {
+                    let mut recvs: Vec<RecvOp> = ob
+                        .chunks_mut(n)
+                        .enumerate()
+                        .filter(|(i, _)| *i != r)
+                        .map(|(i, c)| RecvOp::new(i, c))
+                        .collect();
+                    me.mesh.exchange(call, &mut [], &mut recvs, usize::MAX, nop)
+                })
             }
-            let mut recvs: Vec<RecvOp> = ob
-                .chunks_mut(n)
-                .enumerate()
-                .filter(|(i, _)| *i != r)
-                .map(|(i, c)| RecvOp::new(i, c))
-                .collect();
-            let res = self.mesh.exchange(
-                Kind::Gather,
-                &|| name.clone(),
-                &mut [],
-                &mut recvs,
-                &deadline,
-                usize::MAX,
-                nop,
-            );
-            res.map_err(|e| self.fail(e))
-        } else {
-            self.usable("gather")?;
-            if n == 0 {
-                return Ok(());
-            }
-            let res = self.mesh.exchange(
-                Kind::Gather,
-                &|| name.clone(),
-                &mut [SendOp::new(root, input.as_bytes()?)],
-                &mut [],
-                &deadline,
-                usize::MAX,
-                nop,
-            );
-            res.map_err(|e| self.fail(e))
+            _ => self.collective(call, |me| {
+                me.mesh.exchange(
+                    call,
+                    &mut [SendOp::new(root, inp)],
+                    &mut [],
+                    usize::MAX,
+                    nop,
+                )
+            }),
         }
     }
 
-    fn all_to_all(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+    fn all_to_all(&mut self, call: &Call<'_>, input: BufRef<'_>, output: BufMut<'_>) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
-        check::all_to_all(input, output, w)?;
-        self.host("all_to_all", input)?;
-        self.host("all_to_all", output)?;
-        self.usable("all_to_all")?;
-        let m = input.nbytes() / w;
-        let ib = input.as_bytes()?;
-        let ob = output.as_bytes_mut()?;
-        if w == 1 || m == 0 {
-            ob[r * m..(r + 1) * m].copy_from_slice(&ib[r * m..(r + 1) * m]);
-            return Ok(());
-        }
-        let deadline = Deadline::after(self.opts.timeout);
-        let name = self.name("all_to_all");
-        // Pairwise exchange: step k sends to r+k and receives from r-k; the
-        // poll loop runs every step at once.
+        let ib = input.expect_host("all_to_all")?;
+        let mut output = output;
+        let ob = output.expect_host("all_to_all")?;
+        let m = ib.len() / w;
+        tracing::debug!(group = call.group, "{}: pairwise exchange", call.desc);
         let mut sends: Vec<SendOp> = (1..w)
             .map(|k| {
                 let to = (r + k) % w;
@@ -776,81 +669,190 @@ impl DeviceCommunicator for TcpCommunicator {
         // work), the rest after.
         let own = &ib[r * m..(r + 1) * m];
         let own_dst = obp.wrapping_add(r * m);
-        let piece = self.opts.segment.max(1);
-        let mut copied = 0;
-        let mut copy_some = |upto: usize| {
-            let end = upto.min(m);
-            if copied < end {
+        self.collective(call, |me| {
+            me.pairwise(call, &mut sends, &mut recvs, m, |a, b| {
                 // SAFETY: block `r` of `ob` is a range that no receive writes
-                // (receives fill the blocks of the other members).
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(own_dst.add(copied), end - copied) };
-                dst.copy_from_slice(&own[copied..end]);
-                copied = end;
-            }
-        };
-        let mut done = 0;
-        let res = self.mesh.exchange_idle(
-            Kind::AllToAll,
-            &|| name.clone(),
-            &mut sends,
-            &mut recvs,
-            &deadline,
-            usize::MAX,
-            |_, _, _| Ok(()),
-            &mut || {
-                if done >= m {
-                    return false;
-                }
-                done = (done + piece).min(m);
-                copy_some(done);
-                true
-            },
-        );
-        copy_some(m);
-        res.map_err(|e| self.fail(e))
+                // (receives fill the blocks of the other members); `b <= m`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(own_dst.add(a), b - a) };
+                dst.copy_from_slice(&own[a..b]);
+            })
+        })
     }
 
-    fn send(&mut self, tensor: &Tensor, dst: usize) -> Result<()> {
-        check::peer("send", dst, self.mesh.rank, self.mesh.world)?;
-        self.host("send", tensor)?;
-        self.usable("send")?;
-        self.p2p("send", &mut [SendOp::new(dst, tensor.as_bytes()?)], &mut [])
-    }
-
-    fn recv(&mut self, tensor: &mut Tensor, src: usize) -> Result<()> {
-        check::peer("recv", src, self.mesh.rank, self.mesh.world)?;
-        self.host("recv", tensor)?;
-        self.usable("recv")?;
-        self.p2p(
-            "recv",
-            &mut [],
-            &mut [RecvOp::new(src, tensor.as_bytes_mut()?)],
-        )
-    }
-
-    fn barrier(&mut self) -> Result<()> {
-        self.usable("barrier")?;
+    fn all_to_all_strided(
+        &mut self,
+        call: &Call<'_>,
+        input: BufRef<'_>,
+        send: &BlockLayout,
+        output: BufMut<'_>,
+        recv: &BlockLayout,
+    ) -> Result<()> {
         let (r, w) = (self.mesh.rank, self.mesh.world);
-        if w == 1 {
-            return Ok(());
+        let es = input.dtype().size();
+        let ib = input.expect_host("all_to_all")?;
+        let mut output = output;
+        let ob = output.expect_host("all_to_all")?;
+        // The front checked both layouts against their buffers; bounds that
+        // protect memory are checked again here.
+        send.check(ib.len() / es, w)?;
+        recv.check(ob.len() / es, w)?;
+        let block = send.block_len() * es;
+        assert_eq!(
+            block,
+            recv.block_len() * es,
+            "strided all_to_all block sizes"
+        );
+        let (srun, rrun) = (send.run * es, recv.run * es);
+        let stage_send = srun < MIN_IOV_RUN;
+        let stage_recv = rrun < MIN_IOV_RUN || !disjoint(recv, w);
+        tracing::debug!(
+            group = call.group,
+            "{}: pairwise exchange of strided blocks (send {}, receive {})",
+            call.desc,
+            if stage_send {
+                "packed"
+            } else {
+                "scatter-gather"
+            },
+            if stage_recv {
+                "packed"
+            } else {
+                "scatter-gather"
+            }
+        );
+        // Workspaces: one per peer and direction, reused across calls.
+        let mut stage = std::mem::take(&mut self.stage);
+        stage.resize_with(stage.len().max(2 * w), || HostBuffer::zeroed(0));
+        let (sst, rst) = stage.split_at_mut(w);
+        let ibp = ib.as_ptr();
+        let obp = ob.as_mut_ptr();
+        let mut sends: Vec<SendOp> = Vec::with_capacity(w - 1);
+        for k in 1..w {
+            let to = (r + k) % w;
+            sends.push(if stage_send {
+                let ws = &mut sst[to];
+                ws.reuse(block);
+                send.gather(ib, to, es, ws.as_bytes_mut());
+                SendOp::new(to, ws.as_bytes())
+            } else {
+                let off = to * send.block_step * es;
+                SendOp::strided(to, ibp.wrapping_add(off), send.runs, srun, send.stride * es)
+            });
         }
-        let deadline = Deadline::after(self.opts.timeout);
-        let name = self.name("barrier");
-        let mut k = 1;
-        while k < w {
-            let res = self.mesh.exchange(
-                Kind::Barrier,
-                &|| name.clone(),
-                &mut [SendOp::new((r + k) % w, &[])],
-                &mut [RecvOp::new((r + w - k) % w, &mut [])],
-                &deadline,
-                usize::MAX,
-                |_, _, _| Ok(()),
-            );
-            res.map_err(|e| self.fail(e))?;
-            k <<= 1;
+        let mut recvs: Vec<RecvOp> = Vec::with_capacity(w - 1);
+        for k in 1..w {
+            let from = (r + w - k) % w;
+            recvs.push(if stage_recv {
+                let ws = &mut rst[from];
+                ws.reuse(block);
+                RecvOp::new(from, ws.as_bytes_mut())
+            } else {
+                let off = from * recv.block_step * es;
+                // Blocks of a disjoint layout never overlap (checked above).
+                RecvOp::strided(
+                    from,
+                    obp.wrapping_add(off),
+                    recv.runs,
+                    rrun,
+                    recv.stride * es,
+                )
+            });
         }
-        Ok(())
+        // The own block, run by run, while the sockets are idle.
+        let (sl, rl) = (*send, *recv);
+        let own_len = block;
+        let res = self.collective(call, |me| {
+            me.pairwise(call, &mut sends, &mut recvs, own_len, |a, b| {
+                copy_block_range(ibp, &sl, obp, &rl, r, es, a, b);
+            })
+        });
+        drop(sends);
+        drop(recvs);
+        if res.is_ok() && stage_recv {
+            for k in 1..w {
+                let from = (r + w - k) % w;
+                recv.scatter(rst[from].as_bytes(), from, es, ob);
+            }
+        }
+        self.stage = stage;
+        res
+    }
+
+    fn send_recv(&mut self, call: &Call<'_>, ops: &mut [P2p<'_>]) -> Result<()> {
+        let mut sends: Vec<SendOp> = Vec::new();
+        let mut recvs: Vec<RecvOp> = Vec::new();
+        for p in ops.iter_mut() {
+            match p {
+                P2p::Send { peer, buf, desc } => {
+                    let b = buf.expect_host("send")?;
+                    sends.push(SendOp::new(*peer, b).p2p(*desc));
+                }
+                P2p::Recv { peer, buf, desc } => {
+                    let b = buf.expect_host("recv")?;
+                    recvs.push(RecvOp::raw(*peer, b.as_mut_ptr(), b.len()).p2p(*desc));
+                }
+            }
+        }
+        self.mesh
+            .exchange(call, &mut sends, &mut recvs, usize::MAX, |_, _, _| Ok(()))
+    }
+
+    fn barrier(&mut self, call: &Call<'_>) -> Result<()> {
+        let (r, w) = (self.mesh.rank, self.mesh.world);
+        self.collective(call, |me| {
+            let mut k = 1;
+            while k < w {
+                me.mesh.exchange(
+                    call,
+                    &mut [SendOp::new((r + k) % w, &[])],
+                    &mut [RecvOp::new((r + w - k) % w, &mut [])],
+                    usize::MAX,
+                    |_, _, _| Ok(()),
+                )?;
+                k <<= 1;
+            }
+            Ok(())
+        })
+    }
+
+    fn abort(&mut self, why: &CommError) {
+        let culprits = blame(why);
+        tracing::debug!("tcp: aborting the group, blaming {culprits:?}: {why}");
+        self.mesh.abort(&why.to_string(), &culprits);
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+}
+
+/// Copies bytes `a..b` of block `r` from the strided input to the strided
+/// output (this member's own block of a strided all-to-all).
+#[allow(clippy::too_many_arguments)]
+fn copy_block_range(
+    src: *const u8,
+    sl: &BlockLayout,
+    dst: *mut u8,
+    rl: &BlockLayout,
+    r: usize,
+    es: usize,
+    a: usize,
+    b: usize,
+) {
+    let (srun, rrun) = (sl.run * es, rl.run * es);
+    let mut off = a;
+    while off < b {
+        let (sk, sw) = (off / srun, off % srun);
+        let (rk, rw) = (off / rrun, off % rrun);
+        let take = (srun - sw).min(rrun - rw).min(b - off);
+        let s = (r * sl.block_step + sk * sl.stride) * es + sw;
+        let d = (r * rl.block_step + rk * rl.stride) * es + rw;
+        // SAFETY: both layouts were checked against their buffers, so these
+        // runs lie inside them; block `r` of the output is written by no
+        // receive (receives fill the other members' blocks, which a disjoint
+        // layout keeps apart, and a packed one writes only after the
+        // exchange).
+        unsafe { std::ptr::copy_nonoverlapping(src.add(s), dst.add(d), take) };
+        off += take;
     }
 }

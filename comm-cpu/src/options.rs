@@ -1,12 +1,11 @@
 //! Configuration of the TCP backend and the choice of the address to bind.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
-use comm_core::{CommError, Result};
-
-/// Environment variable naming the network interface to bind (the counterpart
-/// of `GLOO_SOCKET_IFNAME`), e.g. `eth0`. Its first IPv4 address is used.
+/// Environment variable selecting the network interface to bind, with
+/// `NCCL_SOCKET_IFNAME`'s rules (see [`crate::IfnameSpec`]): `eth0`, `eth`
+/// (prefix), `=eth0` (exact), `eth,ib` (list), `^lo,docker` (exclusions).
 pub const SOCKET_IFNAME_ENV: &str = "DIST_SOCKET_IFNAME";
 
 /// Environment variable giving the IP address to bind and advertise directly.
@@ -41,24 +40,28 @@ fn env_size(name: &str) -> Option<usize> {
 
 /// Options of a [`crate::TcpCommunicator`].
 ///
-/// `TcpOptions::default()` reads [`SOCKET_ADDR_ENV`] and [`SOCKET_IFNAME_ENV`]
-/// (an unset environment gives `127.0.0.1`, which only works on one host; set
-/// one of them, or [`TcpOptions::addr`] / [`TcpOptions::interface`], for
-/// multi-host groups), [`comm_core::TIMEOUT_ENV`] for the deadline and the
-/// tuning overrides of [`TUNING_ENV`].
+/// `TcpOptions::default()` reads [`SOCKET_ADDR_ENV`], [`SOCKET_IFNAME_ENV`]
+/// and `MASTER_ADDR` / `MASTER_PORT` (the bind address rules are in
+/// [`crate::addr`]: with none of them, `127.0.0.1`, one host only),
+/// [`comm_core::TIMEOUT_ENV`] for the deadline and the tuning overrides of
+/// [`TUNING_ENV`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TcpOptions {
     /// IP address to bind and advertise. Wins over `interface`.
     pub addr: Option<IpAddr>,
-    /// Network interface whose IPv4 address is bound and advertised.
+    /// Interface list selecting the address to bind (see
+    /// [`crate::IfnameSpec`]). Wins over `master`.
     pub interface: Option<String>,
+    /// Host and port of the job's master (`MASTER_ADDR`, `MASTER_PORT`):
+    /// with no `addr` or `interface`, the local address of the route towards
+    /// it is bound.
+    pub master: Option<(String, u16)>,
     /// Port to listen on; 0 (default) picks a free one.
     pub port: u16,
     /// Group identity: part of every store key and of every handshake. Two
     /// communicators on one store need different names.
     pub group_name: String,
-    /// Deadline of every operation (changeable later with `set_timeout`).
-    pub timeout: Duration,
     /// Deadline of the connection set-up (store exchange, connect, accept).
     pub connect_timeout: Duration,
     /// SO_SNDBUF / SO_RCVBUF of each connection in bytes; 0 keeps the kernel
@@ -92,14 +95,25 @@ impl Default for TcpOptions {
             .ok()
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty());
+        let master = std::env::var("MASTER_ADDR")
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .map(|h| {
+                let port = std::env::var("MASTER_PORT")
+                    .ok()
+                    .and_then(|p| p.trim().parse().ok())
+                    .unwrap_or(29500);
+                (h, port)
+            });
         let timeout = comm_core::default_timeout();
         let [seg, sockbuf, busy, small_ar, small_bc] = TUNING_ENV;
         TcpOptions {
             addr,
             interface,
+            master,
             port: 0,
             group_name: "tcp".into(),
-            timeout,
             connect_timeout: timeout,
             socket_buffer: env_size(sockbuf).unwrap_or(512 << 10),
             busy_poll: Duration::from_micros(env_size(busy).unwrap_or(50) as u64),
@@ -111,78 +125,12 @@ impl Default for TcpOptions {
 }
 
 impl TcpOptions {
-    /// Defaults with one deadline for set-up and operations.
+    /// Defaults with a set-up deadline of `timeout` (each operation's comes
+    /// with the call, from the front).
     pub fn with_timeout(timeout: Duration) -> Self {
         TcpOptions {
-            timeout,
             connect_timeout: timeout,
             ..Self::default()
         }
-    }
-
-    /// The address to bind: `addr`, else the IPv4 address of `interface`,
-    /// else `127.0.0.1`.
-    pub fn resolve_ip(&self) -> Result<IpAddr> {
-        if let Some(a) = self.addr {
-            return Ok(a);
-        }
-        if let Some(name) = &self.interface {
-            return interface_ipv4(name).map(IpAddr::V4);
-        }
-        Ok(IpAddr::V4(Ipv4Addr::LOCALHOST))
-    }
-}
-
-/// The IPv4 address of network interface `name` (`SIOCGIFADDR`).
-pub fn interface_ipv4(name: &str) -> Result<Ipv4Addr> {
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; 16],
-        addr: [u8; 24],
-    }
-    const SIOCGIFADDR: rustix::ioctl::Opcode = 0x8915;
-
-    let bytes = name.as_bytes();
-    if bytes.is_empty() || bytes.len() >= 16 || bytes.contains(&0) {
-        return Err(CommError::invalid(format!(
-            "network interface name `{name}` is not a valid interface name (1 to 15 bytes)"
-        )));
-    }
-    let mut req = IfReq {
-        name: [0; 16],
-        addr: [0; 24],
-    };
-    req.name[..bytes.len()].copy_from_slice(bytes);
-    let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-        .map_err(|e| CommError::io("opening a socket to query interfaces", e))?;
-    // SAFETY: SIOCGIFADDR reads and writes a `struct ifreq` (16-byte name then a
-    // 24-byte union whose first member is a `sockaddr`); `IfReq` has that exact
-    // layout and lives for the whole call.
-    let r = unsafe {
-        rustix::ioctl::ioctl(
-            &sock,
-            rustix::ioctl::Updater::<SIOCGIFADDR, IfReq>::new(&mut req),
-        )
-    };
-    r.map_err(|e| {
-        CommError::invalid(format!(
-            "network interface `{name}` (from {SOCKET_IFNAME_ENV} or TcpOptions::interface) has no \
-             IPv4 address or does not exist: {e}. Set {SOCKET_ADDR_ENV} to an IP address instead"
-        ))
-    })?;
-    // sockaddr_in: family (2 bytes), port (2 bytes), address (4 bytes).
-    let a = &req.addr;
-    Ok(Ipv4Addr::new(a[4], a[5], a[6], a[7]))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_interface_resolves() {
-        assert_eq!(interface_ipv4("lo").unwrap(), Ipv4Addr::LOCALHOST);
-        assert!(interface_ipv4("no-such-if0").is_err());
-        assert!(interface_ipv4("").is_err());
     }
 }

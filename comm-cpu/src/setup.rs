@@ -1,72 +1,35 @@
-//! Connection set-up through the store: one listen address per rank, a full
-//! mesh where the higher rank connects to the lower, and a handshake on every
-//! connection carrying the group secret, the group identity and both ranks.
+//! Connection set-up through the store: each member binds one listener
+//! (address chosen by [`crate::addr`]), publishes it with its host identity,
+//! and the members connect as a full mesh, the higher rank calling the
+//! lower, two connections per pair (data and control). Every connection is
+//! authenticated by [`crate::handshake`] with a random secret rank 0
+//! publishes in the store. Incoming handshakes run concurrently with the
+//! outgoing connections, each bounded on its own.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use comm_core::{CommError, Deadline, Result, Store};
+use comm_core::{CommError, Deadline, Missing, Result, Store};
 use rustix::event::{PollFd, PollFlags};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
+use crate::addr;
+use crate::handshake::{self, ClientError, Pending, Server, Step, HANDSHAKE_TIMEOUT, MAX_PENDING};
 use crate::mesh::Peer;
+use crate::options::{SOCKET_ADDR_ENV, SOCKET_IFNAME_ENV};
+use crate::wire::{AddrRecord, ClientHeader, CHANNEL_CONTROL, CHANNEL_DATA};
 use crate::TcpOptions;
 
-const HELLO_MAGIC: &[u8; 8] = b"DISTTCP1";
 const SECRET_LEN: usize = 32;
-/// magic + secret + group hash + world + from + to.
-const HELLO_LEN: usize = 8 + SECRET_LEN + 8 + 4 + 4 + 4;
-const ACCEPTED: u8 = 1;
-const REFUSED: u8 = 0;
-/// Longest a single incoming connection may take to say hello, so a silent
-/// stranger cannot hold up the group for long.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// FNV-1a of the group name: the group identity carried by handshakes.
-fn group_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-fn random_secret() -> Result<[u8; SECRET_LEN]> {
-    let mut s = [0u8; SECRET_LEN];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut s))
-        .map_err(|e| CommError::io("reading /dev/urandom for the group secret", e))?;
-    Ok(s)
-}
-
-fn hello(secret: &[u8], group: u64, world: usize, from: usize, to: usize) -> [u8; HELLO_LEN] {
-    let mut h = [0u8; HELLO_LEN];
-    h[..8].copy_from_slice(HELLO_MAGIC);
-    h[8..8 + SECRET_LEN].copy_from_slice(secret);
-    let mut o = 8 + SECRET_LEN;
-    h[o..o + 8].copy_from_slice(&group.to_le_bytes());
-    o += 8;
-    for v in [world, from, to] {
-        h[o..o + 4].copy_from_slice(&(v as u32).to_le_bytes());
-        o += 4;
-    }
-    h
-}
-
-fn tune(sock: &Socket, opts: &TcpOptions) -> Result<()> {
+fn tune(sock: &Socket, opts: &TcpOptions) {
     if opts.socket_buffer > 0 {
         // Best effort: the kernel caps these at net.core.{w,r}mem_max.
         let _ = sock.set_send_buffer_size(opts.socket_buffer);
         let _ = sock.set_recv_buffer_size(opts.socket_buffer);
     }
-    Ok(())
-}
-
-fn finish(stream: &TcpStream) -> Result<()> {
-    stream
-        .set_nodelay(true)
-        .map_err(|e| CommError::io("setting TCP_NODELAY", e))?;
-    Ok(())
 }
 
 /// Everything `new` needs from set-up.
@@ -75,43 +38,51 @@ pub(crate) struct Connected {
     pub(crate) local_addr: SocketAddr,
 }
 
-/// Binds, publishes, connects and accepts; returns one connection per peer.
+/// Binds, publishes, connects and accepts; returns both connections to
+/// every peer.
 pub(crate) fn connect_mesh(
     store: &Arc<dyn Store>,
     rank: usize,
     world: usize,
     opts: &TcpOptions,
 ) -> Result<Connected> {
+    let start = Instant::now();
     let deadline = Deadline::after(opts.connect_timeout);
     let g = &opts.group_name;
-    let ip = opts.resolve_ip()?;
-    let bind = SocketAddr::new(ip, opts.port);
+    let master = opts.master.as_ref().map(|(h, p)| (h.as_str(), *p));
+    let chosen = addr::choose(opts.addr, opts.interface.as_deref(), master)?;
+    let bind = SocketAddr::new(chosen.ip, opts.port);
     let lsock = Socket::new(Domain::for_address(bind), Type::STREAM, Some(Protocol::TCP))
         .map_err(|e| CommError::io("creating the listening socket", e))?;
     let _ = lsock.set_reuse_address(true);
-    tune(&lsock, opts)?;
+    tune(&lsock, opts);
     lsock.bind(&SockAddr::from(bind)).map_err(|e| {
         CommError::io(
-            format!("binding {bind} (see DIST_SOCKET_ADDR / DIST_SOCKET_IFNAME)"),
+            format!(
+                "binding {bind} ({}; see {SOCKET_ADDR_ENV} / {SOCKET_IFNAME_ENV})",
+                chosen.why
+            ),
             e,
         )
     })?;
     lsock
-        .listen(world.max(16) as i32 * 2)
+        .listen((4 * world).max(128) as i32)
         .map_err(|e| CommError::io(format!("listening on {bind}"), e))?;
     let listener: TcpListener = lsock.into();
     let local_addr = listener
         .local_addr()
         .map_err(|e| CommError::io("reading the listening address", e))?;
+    tracing::debug!(group = %g, rank, world, "tcp set-up: listening on {local_addr} ({})", chosen.why);
 
     let secret_key = format!("{g}/secret");
     if rank == 0 {
-        store.set(&secret_key, &random_secret()?)?;
+        store.set(&secret_key, &comm_core::auth::random_bytes::<SECRET_LEN>()?)?;
     }
-    store.set(
-        &format!("{g}/addr/{rank}"),
-        local_addr.to_string().as_bytes(),
-    )?;
+    let me = AddrRecord {
+        addr: local_addr,
+        host: addr::host_identity(),
+    };
+    store.set(&format!("{g}/addr/{rank}"), &me.encode())?;
     let secret = store.get(&secret_key, deadline.remaining())?;
     if secret.len() != SECRET_LEN {
         return Err(CommError::Protocol(format!(
@@ -119,184 +90,335 @@ pub(crate) fn connect_mesh(
             secret.len()
         )));
     }
-    let gh = group_hash(g);
-    let mut peers: Vec<Option<Peer>> = (0..world).map(|_| None).collect();
+    let records = read_records(store, g, world, &deadline)?;
+    check_reachable(g, rank, &records)?;
+    tracing::debug!(group = %g, rank, "tcp set-up: every member published its address");
 
-    // Higher ranks connect to lower ones.
-    #[allow(clippy::needless_range_loop)]
-    for to in 0..rank {
-        let key = format!("{g}/addr/{to}");
-        let raw = store.get(&key, deadline.remaining())?;
-        let addr: SocketAddr = std::str::from_utf8(&raw)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| {
-                CommError::Protocol(format!("store key `{key}` does not hold a socket address"))
-            })?;
-        let stream = connect_one(addr, opts, &deadline, to)?;
-        let mut stream = stream;
-        stream
-            .set_write_timeout(Some(deadline.remaining().max(Duration::from_millis(1))))
-            .and_then(|_| {
-                stream.set_read_timeout(Some(deadline.remaining().max(Duration::from_millis(1))))
+    let stop = AtomicBool::new(false);
+    let srv = Server {
+        secret: &secret,
+        group: g,
+        world,
+        rank,
+    };
+    let (outgoing, incoming) = std::thread::scope(|s| {
+        let acceptor = std::thread::Builder::new()
+            .name(format!("tcp-accept-{rank}"))
+            .spawn_scoped(s, || accept_all(&listener, &srv, &deadline, &stop));
+        let out = (0..rank)
+            .map(|to| {
+                connect_pair(
+                    &records[to].addr,
+                    rank,
+                    to,
+                    world,
+                    &secret,
+                    g,
+                    opts,
+                    &deadline,
+                )
             })
-            .map_err(|e| CommError::io("setting handshake timeouts", e))?;
-        stream
-            .write_all(&hello(&secret, gh, world, rank, to))
-            .map_err(|e| {
-                CommError::io(format!("sending the handshake to rank {to} at {addr}"), e)
-            })?;
-        let mut ack = [REFUSED];
-        match stream.read_exact(&mut ack) {
-            Ok(()) if ack[0] == ACCEPTED => {}
-            Ok(()) | Err(_) if deadline.expired() => {
-                return Err(CommError::timeout(
-                    format!("tcp set-up of group `{g}`: handshake with rank {to} at {addr}"),
-                    deadline.elapsed(),
-                    [format!("rank {to}")],
-                ))
-            }
-            _ => {
-                return Err(CommError::Protocol(format!(
-                    "rank {to} at {addr} refused the handshake of rank {rank} in group `{g}` \
-                     (different secret, group name or world size: is another job on that port?)"
-                )))
-            }
+            .collect::<Result<Vec<_>>>();
+        if out.is_err() {
+            stop.store(true, Ordering::Relaxed);
         }
-        finish(&stream)?;
-        peers[to] = Some(Peer::new(stream));
+        let inc = match acceptor {
+            Ok(h) => h.join().unwrap_or_else(|_| {
+                Err(CommError::State("the tcp acceptor thread panicked".into()))
+            }),
+            Err(e) => Err(CommError::io("starting the tcp acceptor thread", e)),
+        };
+        (out, inc)
+    });
+    let outgoing = outgoing?;
+    let incoming = incoming?;
+    let mut peers: Vec<Option<Peer>> = (0..world).map(|_| None).collect();
+    for (to, (data, ctl)) in outgoing.into_iter().enumerate() {
+        peers[to] = Some(finish(data, ctl)?);
     }
-
-    // Accept the higher ranks, refusing strangers.
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| CommError::io("making the listener non-blocking", e))?;
-    let mut expected = world - 1 - rank;
-    while expected > 0 {
-        let (stream, from_addr) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if deadline.expired() {
-                    let missing: Vec<String> = (rank + 1..world)
-                        .filter(|&r| peers[r].is_none())
-                        .map(|r| format!("rank {r}"))
-                        .collect();
-                    return Err(CommError::timeout(
-                        format!("tcp set-up of group `{g}`: rank {rank} accepting connections on {local_addr}"),
-                        deadline.elapsed(),
-                        missing,
-                    ));
-                }
-                let rem = deadline.remaining().min(Duration::from_millis(200));
-                let ts = rustix::time::Timespec {
-                    tv_sec: rem.as_secs() as i64,
-                    tv_nsec: rem.subsec_nanos() as i64,
-                };
-                let mut fds = [PollFd::new(&listener, PollFlags::IN)];
-                let _ = rustix::event::poll(&mut fds, Some(&ts));
-                continue;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(CommError::io(format!("accepting on {local_addr}"), e)),
-        };
-        let Ok(from) = accept_hello(&stream, &secret, gh, world, rank, &deadline) else {
-            // A stranger, another job or a stale process: refuse and go on.
-            let mut s = &stream;
-            let _ = s.write_all(&[REFUSED]);
-            let _ = from_addr;
-            continue;
-        };
-        if peers[from].is_some() {
-            let mut s = &stream;
-            let _ = s.write_all(&[REFUSED]);
-            continue;
+    for (from, slot) in incoming.into_iter().enumerate() {
+        if let (Some(data), Some(ctl)) = slot {
+            peers[from] = Some(finish(data, ctl)?);
         }
-        let mut s = &stream;
-        s.write_all(&[ACCEPTED])
-            .map_err(|e| CommError::io(format!("acknowledging rank {from}"), e))?;
-        stream
-            .set_nonblocking(false)
-            .map_err(|e| CommError::io("configuring an accepted socket", e))?;
-        finish(&stream)?;
-        peers[from] = Some(Peer::new(stream));
-        expected -= 1;
     }
-    for p in peers.iter().flatten() {
-        p.sock
-            .set_nonblocking(true)
-            .map_err(|e| CommError::io("making a connection non-blocking", e))?;
-        p.sock
-            .set_read_timeout(None)
-            .and_then(|_| p.sock.set_write_timeout(None))
-            .map_err(|e| CommError::io("clearing socket timeouts", e))?;
-    }
+    tracing::debug!(group = %g, rank, world, "tcp set-up done in {:.1?}", start.elapsed());
     Ok(Connected { peers, local_addr })
+}
+
+/// Every member's published address and host.
+fn read_records(
+    store: &Arc<dyn Store>,
+    g: &str,
+    world: usize,
+    deadline: &Deadline,
+) -> Result<Vec<AddrRecord>> {
+    let keys: Vec<String> = (0..world).map(|r| format!("{g}/addr/{r}")).collect();
+    let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    store
+        .wait(&refs, deadline.remaining())
+        .map_err(|e| match e {
+            CommError::Timeout {
+                operation, waited, ..
+            } => {
+                let missing: Vec<Missing> = keys
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, k)| !matches!(store.try_get(k), Ok(Some(_))))
+                    .map(|(r, _)| Missing::new(r, "did not publish its address"))
+                    .collect();
+                CommError::timeout_ranks(
+                    format!("tcp set-up of group `{g}`: {operation}"),
+                    waited,
+                    missing,
+                )
+            }
+            e => e,
+        })?;
+    keys.iter()
+        .map(|k| AddrRecord::decode(k, &store.get(k, deadline.remaining())?))
+        .collect()
+}
+
+/// A group whose members sit on different network stacks cannot use
+/// loopback addresses: fail now, saying what to set, instead of waiting
+/// out the deadline for connections that cannot come.
+fn check_reachable(g: &str, rank: usize, records: &[AddrRecord]) -> Result<()> {
+    let hosts: Vec<&str> = {
+        let mut h: Vec<&str> = records.iter().map(|r| r.host.as_str()).collect();
+        h.sort_unstable();
+        h.dedup();
+        h
+    };
+    if hosts.len() < 2 {
+        return Ok(());
+    }
+    let on_loopback: Vec<usize> = (0..records.len())
+        .filter(|&r| records[r].addr.ip().is_loopback())
+        .collect();
+    if on_loopback.is_empty() {
+        return Ok(());
+    }
+    let describe = |r: usize| {
+        format!(
+            "rank {r} on {} at {}",
+            addr::host_name(&records[r].host),
+            records[r].addr
+        )
+    };
+    let other = (0..records.len())
+        .find(|&r| records[r].host != records[on_loopback[0]].host)
+        .unwrap_or(0);
+    Err(CommError::invalid(format!(
+        "tcp set-up of group `{g}` (rank {rank}): the group spans {} hosts or network \
+         namespaces, but {} bound a loopback address that the others cannot reach ({} vs {}). \
+         Set {SOCKET_IFNAME_ENV} (e.g. `eth0` or `^lo,docker`) or {SOCKET_ADDR_ENV} on every \
+         rank, or make MASTER_ADDR an address of the master's host that the other hosts reach",
+        hosts.len(),
+        on_loopback
+            .iter()
+            .map(|r| format!("rank {r}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        describe(on_loopback[0]),
+        describe(other),
+    )))
+}
+
+/// Makes a pair's connections ready for the data plane.
+fn finish(data: TcpStream, ctl: TcpStream) -> Result<Peer> {
+    for s in [&data, &ctl] {
+        s.set_nonblocking(true)
+            .and_then(|()| s.set_read_timeout(None))
+            .and_then(|()| s.set_write_timeout(None))
+            .and_then(|()| s.set_nodelay(true))
+            .map_err(|e| CommError::io("configuring a connection", e))?;
+    }
+    Ok(Peer::new(data, ctl))
+}
+
+/// Connects the data then the control connection to lower rank `to`.
+#[allow(clippy::too_many_arguments)]
+fn connect_pair(
+    addr: &SocketAddr,
+    rank: usize,
+    to: usize,
+    world: usize,
+    secret: &[u8],
+    g: &str,
+    opts: &TcpOptions,
+    deadline: &Deadline,
+) -> Result<(TcpStream, TcpStream)> {
+    let one = |channel| {
+        let hdr = ClientHeader {
+            world: world as u32,
+            from: rank as u32,
+            to: to as u32,
+            channel,
+        };
+        connect_one(*addr, &hdr, secret, g, opts, deadline)
+    };
+    let data = one(CHANNEL_DATA)?;
+    let ctl = one(CHANNEL_CONTROL)?;
+    tracing::debug!(group = %g, rank, "tcp set-up: connected to rank {to} at {addr}");
+    Ok((data, ctl))
 }
 
 fn connect_one(
     addr: SocketAddr,
+    hdr: &ClientHeader,
+    secret: &[u8],
+    g: &str,
     opts: &TcpOptions,
     deadline: &Deadline,
-    to: usize,
 ) -> Result<TcpStream> {
-    let mut last_err = None;
+    let mut last_err = String::new();
     while !deadline.expired() {
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
             .map_err(|e| CommError::io("creating a socket", e))?;
-        tune(&sock, opts)?;
-        match sock.connect_timeout(
-            &SockAddr::from(addr),
-            deadline.remaining().max(Duration::from_millis(1)),
-        ) {
-            Ok(()) => return Ok(sock.into()),
-            Err(e) => {
-                last_err = Some(e);
-                std::thread::sleep(Duration::from_millis(20).min(deadline.remaining()));
+        tune(&sock, opts);
+        let bound = deadline.remaining().min(HANDSHAKE_TIMEOUT);
+        match sock.connect_timeout(&SockAddr::from(addr), bound.max(Duration::from_millis(1))) {
+            Ok(()) => {
+                let stream: TcpStream = sock.into();
+                match handshake::client(&stream, hdr, secret, g, bound) {
+                    Ok(()) => return Ok(stream),
+                    Err(ClientError::Refused(e)) => return Err(e),
+                    Err(ClientError::Retry(e)) => last_err = e,
+                }
             }
+            Err(e) => last_err = e.to_string(),
         }
+        std::thread::sleep(Duration::from_millis(20).min(deadline.remaining()));
     }
-    Err(CommError::timeout(
+    Err(CommError::timeout_ranks(
         format!(
-            "tcp set-up: connecting to rank {to} at {addr}{}",
-            last_err
-                .map(|e| format!(" (last error: {e})"))
-                .unwrap_or_default()
+            "tcp set-up of group `{g}`: connecting to rank {} at {addr} (last error: {last_err})",
+            hdr.to
         ),
         deadline.elapsed(),
-        [format!("rank {to}")],
+        vec![Missing::new(
+            hdr.to as usize,
+            "did not accept the connection",
+        )],
     ))
 }
 
-/// Reads and checks one handshake; returns the peer's rank.
-fn accept_hello(
-    stream: &TcpStream,
-    secret: &[u8],
-    gh: u64,
-    world: usize,
-    rank: usize,
+/// Both connections of each higher rank, indexed by rank.
+type Incoming = Vec<(Option<TcpStream>, Option<TcpStream>)>;
+
+/// Accepts and authenticates the higher ranks' connections, any number of
+/// handshakes at once, each bounded by [`HANDSHAKE_TIMEOUT`]; at most
+/// [`MAX_PENDING`] unauthenticated connections are held (the oldest is
+/// dropped for a new one).
+fn accept_all(
+    listener: &TcpListener,
+    srv: &Server<'_>,
     deadline: &Deadline,
-) -> std::result::Result<usize, ()> {
-    stream.set_nonblocking(false).map_err(|_| ())?;
-    let t = deadline
-        .remaining()
-        .min(HELLO_TIMEOUT)
-        .max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(t)).map_err(|_| ())?;
-    stream.set_write_timeout(Some(t)).map_err(|_| ())?;
-    let mut h = [0u8; HELLO_LEN];
-    let mut s = stream;
-    s.read_exact(&mut h).map_err(|_| ())?;
-    let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes")) as usize;
-    let o = 8 + SECRET_LEN;
-    let ok = &h[..8] == HELLO_MAGIC
-        && comm_core::secrets_equal(&h[8..o], secret)
-        && u64::from_le_bytes(h[o..o + 8].try_into().expect("8 bytes")) == gh
-        && u32_at(o + 8) == world
-        && u32_at(o + 16) == rank;
-    let from = u32_at(o + 12);
-    if ok && from > rank && from < world {
-        Ok(from)
-    } else {
-        Err(())
+    stop: &AtomicBool,
+) -> Result<Incoming> {
+    let (rank, world) = (srv.rank, srv.world);
+    let mut slots: Incoming = (0..world).map(|_| (None, None)).collect();
+    let complete =
+        |slots: &Incoming| (rank + 1..world).all(|r| slots[r].0.is_some() && slots[r].1.is_some());
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| CommError::io("making the listener non-blocking", e))?;
+    let mut pending: Vec<(Pending, PollFlags)> = Vec::new();
+    let local = listener.local_addr().ok();
+    while !complete(&slots) {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(slots);
+        }
+        // New connections: all that are waiting.
+        loop {
+            match listener.accept() {
+                Ok((sock, _)) => {
+                    if pending.len() >= MAX_PENDING {
+                        let (old, _) = pending.remove(0);
+                        tracing::debug!(
+                            "tcp set-up: dropping an unauthenticated connection held for {:.1?} \
+                             (more than {MAX_PENDING} pending)",
+                            old.since.elapsed()
+                        );
+                    }
+                    pending.push((Pending::new(sock)?, PollFlags::IN));
+                }
+                Err(e) if handshake::accept_error(&e).is_none() => break,
+                Err(e) => {
+                    return Err(CommError::io(
+                        format!(
+                            "accepting on {}",
+                            local.map_or("?".into(), |a| a.to_string())
+                        ),
+                        e,
+                    ))
+                }
+            }
+        }
+        // Progress every handshake; drop the finished, refused and expired.
+        let now = Instant::now();
+        let mut i = 0;
+        while i < pending.len() {
+            let expired = now.duration_since(pending[i].0.since) > HANDSHAKE_TIMEOUT;
+            match pending[i].0.step(srv) {
+                Step::Wait(f) if !expired => {
+                    pending[i].1 = f;
+                    i += 1;
+                }
+                Step::Wait(_) => {
+                    tracing::debug!(
+                        "tcp set-up: dropping a connection whose handshake took too long"
+                    );
+                    pending.swap_remove(i);
+                }
+                Step::Done(hdr) => {
+                    let (p, _) = pending.swap_remove(i);
+                    let from = hdr.from as usize;
+                    let slot = &mut slots[from];
+                    // A later authenticated connection replaces an earlier one
+                    // (a member that retried after its own timeout).
+                    if hdr.channel == CHANNEL_DATA {
+                        slot.0 = Some(p.sock);
+                    } else {
+                        slot.1 = Some(p.sock);
+                    }
+                }
+                Step::Drop(why) => {
+                    tracing::debug!("tcp set-up: refused a connection: {why}");
+                    pending.swap_remove(i);
+                }
+            }
+        }
+        if complete(&slots) {
+            break;
+        }
+        if deadline.expired() {
+            let missing: Vec<Missing> = (rank + 1..world)
+                .filter_map(|r| match &slots[r] {
+                    (Some(_), Some(_)) => None,
+                    (None, _) => Some(Missing::new(r, "did not connect")),
+                    (Some(_), None) => Some(Missing::new(r, "did not open its control connection")),
+                })
+                .collect();
+            return Err(CommError::timeout_ranks(
+                format!(
+                    "tcp set-up of group `{}`: rank {rank} accepting connections on {}",
+                    srv.group,
+                    local.map_or("?".into(), |a| a.to_string())
+                ),
+                deadline.elapsed(),
+                missing,
+            ));
+        }
+        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(pending.len() + 1);
+        fds.push(PollFd::new(listener, PollFlags::IN));
+        fds.extend(pending.iter().map(|(p, f)| PollFd::new(&p.sock, *f)));
+        let rem = deadline.remaining().min(Duration::from_millis(100));
+        let ts = rustix::time::Timespec {
+            tv_sec: rem.as_secs() as i64,
+            tv_nsec: i64::from(rem.subsec_nanos()),
+        };
+        let _ = rustix::event::poll(&mut fds, Some(&ts));
     }
+    Ok(slots)
 }

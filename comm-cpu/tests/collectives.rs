@@ -4,8 +4,7 @@
 
 mod common;
 
-use comm_core::{bf16, f16, DType, DeviceCommunicator, Element, ReduceOp, Tensor};
-use comm_cpu::TcpCommunicator;
+use comm_core::{bf16, f16, Communicator, DType, Element, ReduceOp, Tensor};
 
 const OPS: [ReduceOp; 5] = [
     ReduceOp::Sum,
@@ -91,7 +90,7 @@ fn values<T: Element>(t: &Tensor) -> Vec<f64> {
         .collect()
 }
 
-fn check_all<T: Element>(c: &mut TcpCommunicator) {
+fn check_all<T: Element>(c: &Communicator) {
     let (r, w) = (c.rank(), c.world_size());
     let dt = T::DTYPE;
     for n in sizes(dt) {
@@ -125,7 +124,7 @@ fn check_all<T: Element>(c: &mut TcpCommunicator) {
                 c.gather(&input, Some(&mut out), root).unwrap();
                 assert_eq!(values::<T>(&out), want, "{}", ctx("gather"));
             } else {
-                c.gather(&input, None, root).unwrap();
+                c.gather::<Tensor, Tensor>(&input, None, root).unwrap();
             }
         }
         // broadcast from every root.
@@ -166,18 +165,18 @@ fn check_all<T: Element>(c: &mut TcpCommunicator) {
 }
 
 fn suite(world: usize) {
-    let mut o = common::opts(60.0);
+    let mut o = common::opts();
     // Small pieces so the large size goes through several pipelined segments.
     o.segment = 16 << 10;
-    common::run(world, o, |_, mut c| {
-        check_all::<f32>(&mut c);
-        check_all::<f64>(&mut c);
-        check_all::<f16>(&mut c);
-        check_all::<bf16>(&mut c);
-        check_all::<i8>(&mut c);
-        check_all::<u8>(&mut c);
-        check_all::<i32>(&mut c);
-        check_all::<i64>(&mut c);
+    common::run(world, o, 60.0, |_, c| {
+        check_all::<f32>(&c);
+        check_all::<f64>(&c);
+        check_all::<f16>(&c);
+        check_all::<bf16>(&c);
+        check_all::<i8>(&c);
+        check_all::<u8>(&c);
+        check_all::<i32>(&c);
+        check_all::<i64>(&c);
     });
 }
 
@@ -207,7 +206,7 @@ fn world_5() {
 #[test]
 fn all_reduce_results_are_bit_identical_across_ranks() {
     for world in [3, 4] {
-        let res = common::run(world, common::opts(30.0), |r, mut c| {
+        let res = common::run(world, common::opts(), 30.0, |r, c| {
             let mut out = Vec::new();
             for n in [5usize, 3000, 300_000] {
                 for op in [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Avg] {

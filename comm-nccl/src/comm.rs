@@ -1,5 +1,11 @@
-//! [`NcclCommunicator`]: the [`DeviceCommunicator`] for CUDA tensors.
+//! [`NcclCommunicator`]: comm-core's raw [`DeviceCommunicator`] over NCCL.
+//!
+//! It only moves bytes: the checked front (`comm_core::Communicator`) owns
+//! argument checks, shortcuts, poisoning and call cross-checks. Calls
+//! enqueue on the communicator's stream and return; a watchdog enforces
+//! each call's deadline ([`crate::watchdog`]).
 
+use std::any::Any;
 use std::cell::Cell;
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -7,55 +13,79 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use comm_core::{
-    check, CommError, DType, Deadline, Device, DeviceCommunicator, ReduceOp, Result, Store, Tensor,
+    BufMut, BufRef, Call, Capabilities, CommError, Deadline, Device, DeviceCommunicator, Fence,
+    Mem, MemMut, P2p, ReduceOp, Result, Store,
 };
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaEvent, CudaGraph, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaStream, DevicePtrMut, SyncOnDrop};
 
-use crate::cuda::{cuda_err, CudaDevice, CudaStorage};
+use crate::cuda::{cuda_err, CudaDevice};
 use crate::raw::{
-    Backoff, CudaStreamHandle, NcclDataType, NcclLibrary, NcclRedOp, NcclResultCode, NcclUniqueId,
-    RawComm, NCCL_IN_PROGRESS, NCCL_SUCCESS,
+    CudaStreamHandle, NcclCommHandle, NcclDataType, NcclLibrary, NcclRedOp, NcclUniqueId, Progress,
+    RawComm,
 };
+use crate::watchdog::{self, members, NcclFence, StreamTracker, Watchdog};
 
-/// How an [`NcclCommunicator`] is set up.
+/// How an [`NcclCommunicator`] is set up. Start from [`NcclOptions::new`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct NcclOptions {
     /// CUDA device ordinal this member uses.
     pub device: usize,
-    /// Deadline for set-up and for each blocking operation.
+    /// Deadline of set-up, and the default of [`NcclCommunicator::synchronize`].
     pub timeout: Duration,
     /// Store key under which rank 0 publishes the unique id. Use a distinct
     /// key (or a prefixed store) per communicator sharing one store.
     pub key: String,
-    /// Name used in error messages (e.g. `tp:0`).
+    /// The group's name, used in errors (`tp:0`).
     pub label: String,
-    /// When true (default) every operation waits, with the deadline, until
-    /// its work on the stream is complete, so a missing peer is a `Timeout`.
-    /// When false operations only enqueue; ordering with other streams is
-    /// kept by cudarc's per-buffer events, and errors surface at the next
-    /// blocking call (barrier, copies to host).
-    pub synchronous: bool,
 }
 
-impl Default for NcclOptions {
-    fn default() -> Self {
+impl NcclOptions {
+    /// Options for device `device` with the default deadline.
+    pub fn new(device: usize) -> Self {
         NcclOptions {
-            device: 0,
+            device,
             timeout: comm_core::default_timeout(),
             key: "nccl/unique_id".into(),
             label: "nccl".into(),
-            synchronous: true,
         }
+    }
+    /// With a deadline.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+    /// With a store key for the unique id.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = key.into();
+        self
+    }
+    /// With a group name for errors.
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
     }
 }
 
-/// A member of an NCCL communicator, moving CUDA tensors made by
-/// [`CudaDevice`].
+/// A graph capture in progress.
+#[derive(Debug)]
+struct Capture {
+    stream: Arc<CudaStream>,
+    tracking_was_on: bool,
+}
+
+/// A member of an NCCL communicator: comm-core's raw
+/// [`DeviceCommunicator`] for CUDA memory (cudarc slices and views, CUDA
+/// tensors), asynchronous.
 ///
-/// Operations are enqueued on the communicator's own stream; by default
-/// each then waits for completion while polling `ncclCommGetAsyncError`,
-/// and aborts the communicator when the deadline passes.
+/// Every call enqueues its work on [`stream`](Self::stream) and returns;
+/// cudarc's per-buffer events order it after earlier work on the buffers
+/// and later work after it. A watchdog thread aborts the communicator when
+/// a call passes its deadline or NCCL reports an error, and the next call
+/// returns that error. Wait with [`synchronize`](Self::synchronize) (or the
+/// front's `Communicator::synchronize`), or order other streams after
+/// [`record_event`](Self::record_event).
 ///
 /// `Send` but not `Sync`: one thread drives it at a time.
 ///
@@ -70,33 +100,83 @@ impl Default for NcclOptions {
 /// ```
 #[derive(Debug)]
 pub struct NcclCommunicator {
-    lib: &'static NcclLibrary,
-    comm: RawComm,
+    watchdog: Watchdog,
     dev: Arc<CudaDevice>,
-    main_stream: Arc<CudaStream>,
     stream: Arc<CudaStream>,
-    done: CudaEvent,
-    barrier_buf: Option<Tensor>,
+    capture: Option<Capture>,
+    barrier: CudaSlice<f32>,
     rank: usize,
     world: usize,
     timeout: Duration,
-    synchronous: bool,
-    capturing: bool,
-    label: String,
-    broken: Option<String>,
     _not_sync: PhantomData<Cell<()>>,
+}
+
+fn not_cuda(op: &str) -> CommError {
+    CommError::invalid(format!(
+        "{op}: the NCCL backend moves CUDA memory (cudarc slices and views, CUDA tensors); \
+         this buffer is not"
+    ))
+}
+
+/// The address of a buffer to read on `stream`, ordered after its writes.
+fn read_ptr<'a>(op: &str, b: &BufRef<'a>, stream: &'a CudaStream) -> Result<(u64, SyncOnDrop<'a>)> {
+    match b.mem() {
+        Mem::Device(d) => d.cuda_read(stream).ok_or_else(|| not_cuda(op)),
+        Mem::Host(_) => Err(not_cuda(op)),
+    }
+}
+
+/// The address of a buffer to write on `stream`, ordered after its uses.
+fn write_ptr<'a>(
+    op: &str,
+    b: &'a mut BufMut<'_>,
+    stream: &'a CudaStream,
+) -> Result<(u64, SyncOnDrop<'a>)> {
+    match b.mem() {
+        MemMut::Device(d) => d.cuda_write(stream).ok_or_else(|| not_cuda(op)),
+        MemMut::Host(_) => Err(not_cuda(op)),
+    }
+}
+
+fn cs(stream: &CudaStream) -> CudaStreamHandle {
+    stream.cu_stream() as CudaStreamHandle
+}
+
+/// Runs `body` between `ncclGroupStart` and `ncclGroupEnd`; the group is
+/// closed even when `body` fails (NCCL requires it), and the first error wins.
+fn grouped(lib: &NcclLibrary, body: impl FnOnce() -> Result<Progress>) -> Result<Progress> {
+    lib.group_start()?;
+    let r = body();
+    let end = lib.group_end();
+    let inner = r?;
+    let end = end?;
+    Ok(
+        if inner == Progress::InProgress || end == Progress::InProgress {
+            Progress::InProgress
+        } else {
+            Progress::Done
+        },
+    )
+}
+
+/// Merges the progress of calls made inside one group.
+fn both(a: Progress, b: Result<Progress>) -> Result<Progress> {
+    let b = b?;
+    Ok(if a == Progress::InProgress || b == Progress::InProgress {
+        Progress::InProgress
+    } else {
+        Progress::Done
+    })
 }
 
 impl NcclCommunicator {
     /// Joins the communicator: rank 0 creates the unique id and publishes it
-    /// in `store` under `opts.key`, every member initialises non-blocking and
-    /// polls until ready or `opts.timeout` (then `Timeout`, communicator
-    /// aborted), then a warm-up all_reduce runs.
+    /// in `store` under `opts.key`, every member initialises a non-blocking
+    /// communicator and polls until ready or `opts.timeout` (then `Timeout`,
+    /// communicator aborted), then a warm-up all_reduce runs and completes.
     ///
     /// `BackendUnavailable` when libcuda or libnccl cannot be used.
-    /// `store` is any [`Store`] (e.g. an `Arc<dyn Store>`, usually prefixed
-    /// per group); it is only used during set-up.
-    pub fn new(store: impl Store, rank: usize, world: usize, opts: NcclOptions) -> Result<Self> {
+    pub fn new(store: &dyn Store, rank: usize, world: usize, opts: NcclOptions) -> Result<Self> {
         if world == 0 || rank >= world {
             return Err(CommError::invalid(format!(
                 "NCCL communicator: rank {rank} is out of range for a group of {world}"
@@ -106,49 +186,41 @@ impl NcclCommunicator {
         let dev = CudaDevice::get(opts.device)?;
         let lib = NcclLibrary::load()?;
         dev.bind()?;
-        let id = if rank == 0 {
-            let id = lib.get_unique_id()?;
-            store.set(&opts.key, id.as_bytes())?;
-            id
-        } else {
-            let bytes = store.get(&opts.key, deadline.remaining())?;
-            let id = NcclUniqueId::from_bytes(&bytes)?;
-            let readers_key = format!("{}/readers", opts.key);
-            if store.add(&readers_key, 1)? == (world - 1) as i64 {
-                let _ = store.delete(&opts.key);
-                let _ = store.delete(&readers_key);
-            }
-            id
-        };
-        let comm = RawComm::init(lib, &id, rank, world, &deadline, &opts.label)?;
-        let main_stream = dev
+        let id = exchange_id(lib, store, &opts.key, rank, world, &deadline)?;
+        let raw = RawComm::init(lib, &id, rank, world, &deadline, &opts.label)?;
+        let stream = dev
             .context()
             .new_stream()
             .map_err(|e| cuda_err("creating the NCCL stream", e))?;
-        let done = dev
-            .context()
-            .new_event(None)
-            .map_err(|e| cuda_err("creating an event", e))?;
+        let barrier = stream
+            .alloc_zeros::<f32>(1)
+            .map_err(|e| cuda_err("allocating the barrier buffer", e))?;
+        let watchdog = Watchdog::start(raw, opts.label, world, StreamTracker::new(stream.clone()))?;
         let mut c = NcclCommunicator {
-            lib,
-            comm,
-            dev: dev.clone(),
-            stream: main_stream.clone(),
-            main_stream,
-            done,
-            barrier_buf: None,
+            watchdog,
+            dev,
+            stream,
+            capture: None,
+            barrier,
             rank,
             world,
             timeout: opts.timeout,
-            synchronous: opts.synchronous,
-            capturing: false,
-            label: opts.label,
-            broken: None,
             _not_sync: PhantomData,
         };
-        c.barrier_buf = Some(dev.zeros([1], DType::F32)?);
         // Warm-up: the first collective sets up NCCL's connections.
-        c.barrier()?;
+        let group = c.watchdog.shared().group.clone();
+        let call = Call::new(
+            comm_core::CallDesc::new(comm_core::Collective::Barrier, 0, comm_core::DType::F32, 1),
+            deadline.remaining(),
+            &group,
+        );
+        let desc = call.desc;
+        c.barrier_enqueue(&call)?;
+        let mut fence = NcclFence::new(c.watchdog.shared().clone(), &c.stream)?;
+        if let Err(e) = watchdog::wait(&mut fence, &deadline, &format!("warm-up {desc}")) {
+            c.watchdog.fail(e.clone());
+            return Err(e);
+        }
         Ok(c)
     }
 
@@ -156,188 +228,254 @@ impl NcclCommunicator {
     pub fn cuda_device(&self) -> &Arc<CudaDevice> {
         &self.dev
     }
-    /// The stream operations are enqueued on (the side stream during graph capture).
+    /// The stream calls are enqueued on (outside graph capture).
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
+    /// The stream calls go to now: the capture stream while capturing.
+    pub fn active_stream(&self) -> &Arc<CudaStream> {
+        self.capture.as_ref().map_or(&self.stream, |c| &c.stream)
+    }
     /// The NCCL library in use.
     pub fn library(&self) -> &'static NcclLibrary {
-        self.lib
+        self.watchdog.raw().lib()
     }
-    /// Why the communicator is unusable, after a fatal error.
-    pub fn broken(&self) -> Option<&str> {
-        self.broken.as_deref()
+    /// The raw communicator (for direct NCCL calls on [`stream`](Self::stream)).
+    pub fn raw(&self) -> &RawComm {
+        self.watchdog.raw()
+    }
+    /// The group's name.
+    pub fn label(&self) -> &str {
+        &self.watchdog.shared().group
+    }
+    /// The default deadline of [`synchronize`](Self::synchronize).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+    /// Changes that deadline.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+    /// The error that made the communicator unusable (a deadline that
+    /// passed, an NCCL asynchronous error, an abort), if any.
+    pub fn error(&self) -> Option<CommError> {
+        self.watchdog.error()
     }
 
-    /// Aborts the communicator (`ncclCommAbort`); every later call fails.
-    pub fn abort(&mut self, why: &str) {
-        self.comm.abort();
-        if self.broken.is_none() {
-            self.broken = Some(why.to_string());
-        }
+    /// An event recorded on the active stream after everything enqueued so
+    /// far: make another stream wait on it (`stream.wait(&event)`) to order
+    /// work after the collectives.
+    pub fn record_event(&self) -> Result<CudaEvent> {
+        self.active_stream()
+            .record_event(None)
+            .map_err(|e| cuda_err("recording an event on the NCCL stream", e))
     }
 
-    /// Blocks until all work enqueued so far has completed, with the deadline.
+    /// Waits, with the deadline ([`timeout`](Self::timeout)), until
+    /// everything enqueued so far has completed. A passed deadline aborts the
+    /// communicator.
     pub fn synchronize(&mut self) -> Result<()> {
-        self.ready("synchronize")?;
-        self.wait_stream("synchronize")
+        self.watchdog.check()?;
+        if self.capture.is_some() {
+            return Err(CommError::State(
+                "synchronize during graph capture: end the capture first".into(),
+            ));
+        }
+        self.dev.bind()?;
+        let mut fence = NcclFence::new(self.watchdog.shared().clone(), &self.stream)?;
+        let r = watchdog::wait(&mut fence, &Deadline::after(self.timeout), "synchronize");
+        if let Err(e) = &r {
+            self.watchdog.fail(e.clone());
+        }
+        r
     }
 
-    /// A graph-capture context: operations on this communicator go to a side
-    /// stream (forked from the main stream) until the context is dropped, and
-    /// [`GraphCapture::begin_capture`] / [`GraphCapture::end_capture`] record
-    /// them into a CUDA graph. While capturing, operations do not wait.
-    pub fn graph_capture(&mut self) -> Result<GraphCapture<'_>> {
-        self.ready("graph_capture")?;
+    /// Starts capturing this communicator's calls into a CUDA graph and
+    /// returns the stream they now go to: capture other work on it too (or
+    /// order it with events recorded during the capture). The capture is
+    /// thread-local (`CU_STREAM_CAPTURE_MODE_THREAD_LOCAL`): drive the
+    /// communicator from this thread until [`end_capture`](Self::end_capture).
+    ///
+    /// While capturing, cudarc's event tracking is turned off on this
+    /// device's context (a capturing stream must not wait on events recorded
+    /// outside the capture), so order other streams' work on the same
+    /// buffers yourself until the capture ends, and allocate nothing during
+    /// the capture. Captured calls are not watched by the deadline (they run
+    /// when the graph is launched).
+    pub fn begin_capture(&mut self) -> Result<Arc<CudaStream>> {
+        self.watchdog.check()?;
+        if self.capture.is_some() {
+            return Err(CommError::State(
+                "a graph capture is already in progress".into(),
+            ));
+        }
+        self.dev.bind()?;
+        // Compile and load the permute kernels now: loading a module during
+        // the capture would invalidate it.
+        let _ = self.dev.kernels();
         let side = self
-            .main_stream
+            .stream
             .fork()
             .map_err(|e| cuda_err("creating the graph-capture stream", e))?;
-        self.stream = side.clone();
-        Ok(GraphCapture {
-            comm: self,
-            side,
-            capturing: false,
-        })
-    }
-
-    fn ready(&self, op: &str) -> Result<()> {
-        if let Some(why) = &self.broken {
-            return Err(CommError::Aborted(format!(
-                "{op} on NCCL communicator {}: it was aborted earlier ({why})",
-                self.label
-            )));
+        let ctx = self.dev.context();
+        let tracking_was_on = ctx.is_event_tracking();
+        // SAFETY: turning tracking off only skips cudarc's automatic
+        // cross-stream waits and records; the documented contract above
+        // hands that ordering to the caller until `end_capture` restores it.
+        unsafe { ctx.disable_event_tracking() };
+        if let Err(e) = side.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            self.restore_tracking(tracking_was_on);
+            return Err(cuda_err("cuStreamBeginCapture", e));
         }
-        self.dev.bind()
+        self.capture = Some(Capture {
+            stream: side.clone(),
+            tracking_was_on,
+        });
+        Ok(side)
     }
 
-    fn op_name(&self, op: &str) -> String {
-        format!(
-            "{op} on {} (rank {} of {})",
-            self.label, self.rank, self.world
+    /// Ends the capture and instantiates the graph. An empty capture or a
+    /// failed one is an error (the capture is over either way).
+    pub fn end_capture(&mut self) -> Result<CudaGraph> {
+        let cap = self
+            .capture
+            .take()
+            .ok_or_else(|| CommError::State("end_capture without begin_capture".into()))?;
+        self.dev.bind()?;
+        let r = cap.stream.end_capture(CUgraphInstantiate_flags(0));
+        self.restore_tracking(cap.tracking_was_on);
+        let _ = self.stream.join(&cap.stream);
+        match r {
+            Ok(Some(g)) => Ok(g),
+            Ok(None) => Err(CommError::State(
+                "the graph capture recorded nothing".into(),
+            )),
+            Err(e) => Err(cuda_err("cuStreamEndCapture", e)),
+        }
+    }
+
+    /// True between [`begin_capture`](Self::begin_capture) and
+    /// [`end_capture`](Self::end_capture).
+    pub fn is_capturing(&self) -> bool {
+        self.capture.is_some()
+    }
+
+    fn restore_tracking(&self, was_on: bool) {
+        if was_on {
+            // SAFETY: restores the state `begin_capture` found.
+            unsafe { self.dev.context().enable_event_tracking() };
+        }
+    }
+
+    /// Before a call: the stored error, the context, the stream to use.
+    fn begin(&self) -> Result<Arc<CudaStream>> {
+        self.watchdog.check()?;
+        self.dev.bind()?;
+        Ok(self.active_stream().clone())
+    }
+
+    /// [`enqueue`] for this communicator.
+    fn enqueue(
+        &self,
+        call: &Call<'_>,
+        stream: &CudaStream,
+        f: impl FnOnce(&'static NcclLibrary, NcclCommHandle, CudaStreamHandle) -> Result<Progress>,
+    ) -> Result<()> {
+        enqueue(&self.watchdog, self.capture.is_some(), call, stream, f)
+    }
+
+    fn barrier_enqueue(&mut self, call: &Call<'_>) -> Result<()> {
+        let stream = self.begin()?;
+        let (p, _w) = self.barrier.device_ptr_mut(&stream);
+        // SAFETY: in-place sum of the one f32 of our own barrier buffer,
+        // ordered on `stream` by its guard.
+        enqueue(
+            &self.watchdog,
+            self.capture.is_some(),
+            call,
+            &stream,
+            |lib, h, s| unsafe {
+                lib.all_reduce(
+                    p as *const c_void,
+                    p as *mut c_void,
+                    1,
+                    NcclDataType::Float32,
+                    NcclRedOp::Sum,
+                    h,
+                    s,
+                )
+            },
         )
     }
 
-    fn fail(&mut self, e: CommError) -> CommError {
-        if e.is_fatal() {
-            self.abort(&e.to_string());
-        }
-        e
-    }
-
-    /// After an NCCL call: map errors, let a non-blocking call settle, then
-    /// (synchronous mode) wait for the stream.
-    fn finish(&mut self, op: &str, rc: NcclResultCode) -> Result<()> {
-        let name = self.op_name(op);
-        if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
-            let e = self.comm.error(rc, &name);
-            return Err(self.fail(e));
-        }
-        if rc == NCCL_IN_PROGRESS {
-            let deadline = Deadline::after(self.timeout);
-            let world = self.world;
-            let r = self.comm.wait_ready(&deadline, &name, &|| {
-                vec![format!("some of the {world} members")]
-            });
-            if let Err(e) = r {
-                return Err(self.fail(e));
-            }
-        }
-        if self.synchronous && !self.capturing {
-            self.wait_stream(op)?;
-        }
-        Ok(())
-    }
-
-    fn wait_stream(&mut self, op: &str) -> Result<()> {
-        if self.capturing {
-            return Ok(());
-        }
-        let name = self.op_name(op);
-        if let Err(e) = self.done.record(&self.stream) {
-            let e = cuda_err(&name, e);
-            return Err(self.fail(e));
-        }
-        let deadline = Deadline::after(self.timeout);
-        let mut backoff = Backoff::default();
-        loop {
-            match self.done.try_is_complete() {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                Err(e) => {
-                    let e = cuda_err(&name, e);
-                    return Err(self.fail(e));
-                }
-            }
-            match self.comm.async_state() {
-                Ok(NCCL_SUCCESS) | Ok(NCCL_IN_PROGRESS) => {}
-                Ok(code) => {
-                    let e = self.comm.error(code, &name);
-                    return Err(self.fail(e));
-                }
-                Err(e) => return Err(self.fail(e)),
-            }
-            if deadline.expired() {
-                let e = CommError::timeout(
-                    name,
-                    deadline.elapsed(),
-                    [format!(
-                        "one or more of the {} members of {} (the NCCL communicator was aborted)",
-                        self.world, self.label
-                    )],
-                );
-                return Err(self.fail(e));
-            }
-            backoff.snooze();
-        }
-    }
-
-    fn check_cuda(&self, op: &str, t: &Tensor) -> Result<()> {
-        check::device(op, t, Device::Cuda(self.dev.ordinal()))
-    }
-
-    fn cs(stream: &CudaStream) -> CudaStreamHandle {
-        stream.cu_stream() as CudaStreamHandle
-    }
-
-    /// Runs `body` between ncclGroupStart and ncclGroupEnd; the first
-    /// failing code wins, and the group is always closed.
-    fn grouped(&self, body: impl FnOnce() -> NcclResultCode) -> NcclResultCode {
-        let api = self.lib.api();
-        // SAFETY: no arguments; opens a group on this thread.
-        let rc = unsafe { (api.group_start)() };
-        if rc != NCCL_SUCCESS {
-            return rc;
-        }
-        let rc = body();
-        // SAFETY: closes the group opened above.
-        let end = unsafe { (api.group_end)() };
-        if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
-            rc
-        } else {
-            end
-        }
-    }
-
-    fn copy_dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+    /// A device-to-device copy on `stream`.
+    ///
+    /// # Safety
+    /// Both ranges hold `bytes` bytes of live device memory ordered on `stream`.
+    unsafe fn copy(stream: &CudaStream, dst: u64, src: u64, bytes: usize) -> Result<()> {
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: both ranges lie inside live allocations whose uses are
-        // ordered on `self.stream` by the caller's pointer guards.
-        unsafe {
-            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
-        }
-        .map_err(|e| cuda_err("device-to-device copy", e))
+        // SAFETY: the caller's guarantees.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, stream.cu_stream()) }
+            .map_err(|e| cuda_err("device-to-device copy", e))
     }
 }
 
-fn dt(t: &Tensor) -> NcclDataType {
-    t.dtype().into()
+/// Runs `f` with the live handle and the stream, lets a non-blocking call
+/// settle within the call's deadline, and (outside graph capture) hands the
+/// call to the watchdog.
+fn enqueue(
+    watchdog: &Watchdog,
+    capturing: bool,
+    call: &Call<'_>,
+    stream: &CudaStream,
+    f: impl FnOnce(&'static NcclLibrary, NcclCommHandle, CudaStreamHandle) -> Result<Progress>,
+) -> Result<()> {
+    let raw = watchdog.raw();
+    let sh = watchdog.shared();
+    let (group, world) = (&sh.group, sh.world);
+    // When the watchdog aborted meanwhile, its error says why.
+    let why = |e: CommError| watchdog.error().unwrap_or(e);
+    let progress = raw.with(|lib, h| f(lib, h, cs(stream))).map_err(why)?;
+    raw.settle(progress, &call.deadline, &|| call.name(), &|| {
+        vec![members(group, world)]
+    })
+    .map_err(why)?;
+    if !capturing {
+        watchdog.watch(call.desc, call.deadline);
+    }
+    Ok(())
+}
+
+/// Rank 0 creates the unique id and publishes it; the others read it (the
+/// last reader deletes the key, so a store can serve the next group).
+fn exchange_id(
+    lib: &NcclLibrary,
+    store: &dyn Store,
+    key: &str,
+    rank: usize,
+    world: usize,
+    deadline: &Deadline,
+) -> Result<NcclUniqueId> {
+    if rank == 0 {
+        let id = lib.get_unique_id()?;
+        store.set(key, id.as_bytes())?;
+        return Ok(id);
+    }
+    let bytes = store.get(key, deadline.remaining())?;
+    let id = NcclUniqueId::from_bytes(&bytes)?;
+    let readers = format!("{key}/readers");
+    if store.add(&readers, 1)? == (world - 1) as i64 {
+        let _ = store.delete(key);
+        let _ = store.delete(&readers);
+    }
+    Ok(id)
 }
 
 impl DeviceCommunicator for NcclCommunicator {
-    fn backend(&self) -> &'static str {
+    fn backend(&self) -> &str {
         "nccl"
     }
     fn rank(&self) -> usize {
@@ -349,374 +487,243 @@ impl DeviceCommunicator for NcclCommunicator {
     fn device(&self) -> Device {
         Device::Cuda(self.dev.ordinal())
     }
-    fn timeout(&self) -> Duration {
-        self.timeout
-    }
-    fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
-    }
-
-    fn all_reduce(&mut self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
-        self.ready("all_reduce")?;
-        self.check_cuda("all_reduce", tensor)?;
-        if tensor.numel() == 0 {
-            return Ok(());
-        }
-        let (n, d) = (tensor.numel(), dt(tensor));
-        let stream = self.stream.clone();
-        let (api, h) = (self.lib.api(), self.comm.handle());
-        let rc = {
-            let buf = CudaStorage::of_mut(tensor)?;
-            let (p, _g) = buf.slice_mut().device_ptr_mut(&stream);
-            // SAFETY: in-place all-reduce over `n` elements of the buffer
-            // `p` (exactly `n * size` bytes), enqueued on `stream`; the guard
-            // records the write after the call.
-            unsafe {
-                (api.all_reduce)(
-                    p as *const c_void,
-                    p as *mut c_void,
-                    n,
-                    d,
-                    NcclRedOp::from(op),
-                    h,
-                    Self::cs(&stream),
-                )
-            }
-        };
-        self.finish("all_reduce", rc)
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::default();
+        c.native_avg = true;
+        c.asynchronous = true;
+        c.checks_calls = false;
+        c
     }
 
-    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
-        self.ready("all_gather")?;
-        self.check_cuda("all_gather", input)?;
-        self.check_cuda("all_gather", output)?;
-        check::gathered("all_gather", input, output, self.world)?;
-        if input.numel() == 0 {
-            return Ok(());
-        }
-        let (n, d) = (input.numel(), dt(input));
-        let stream = self.stream.clone();
-        let (api, h) = (self.lib.api(), self.comm.handle());
-        let rc = {
-            let src = CudaStorage::of(input)?;
-            let dst = CudaStorage::of_mut(output)?;
-            let (sp, _g1) = src.slice().device_ptr(&stream);
-            let (dp, _g2) = dst.slice_mut().device_ptr_mut(&stream);
-            // SAFETY: `sp` holds `n` elements and `dp` `world * n` (checked).
-            unsafe {
-                (api.all_gather)(
-                    sp as *const c_void,
-                    dp as *mut c_void,
-                    n,
-                    d,
-                    h,
-                    Self::cs(&stream),
-                )
-            }
-        };
-        self.finish("all_gather", rc)
+    fn all_reduce(&mut self, call: &Call<'_>, mut buf: BufMut<'_>, op: ReduceOp) -> Result<()> {
+        let stream = self.begin()?;
+        let (n, dt) = (buf.numel(), NcclDataType::from(buf.dtype()));
+        let (p, _w) = write_ptr("all_reduce", &mut buf, &stream)?;
+        // SAFETY: in place over the buffer's `n` elements, ordered on
+        // `stream` by the guard, which records the write after the call.
+        self.enqueue(call, &stream, |lib, h, s| unsafe {
+            lib.all_reduce(p as *const c_void, p as *mut c_void, n, dt, op.into(), h, s)
+        })
     }
 
-    fn reduce_scatter(&mut self, input: &Tensor, output: &mut Tensor, op: ReduceOp) -> Result<()> {
-        self.ready("reduce_scatter")?;
-        self.check_cuda("reduce_scatter", input)?;
-        self.check_cuda("reduce_scatter", output)?;
-        check::scattered("reduce_scatter", input, output, self.world)?;
-        if output.numel() == 0 {
-            return Ok(());
-        }
-        let (n, d) = (output.numel(), dt(output));
-        let stream = self.stream.clone();
-        let (api, h) = (self.lib.api(), self.comm.handle());
-        let rc = {
-            let src = CudaStorage::of(input)?;
-            let dst = CudaStorage::of_mut(output)?;
-            let (sp, _g1) = src.slice().device_ptr(&stream);
-            let (dp, _g2) = dst.slice_mut().device_ptr_mut(&stream);
-            // SAFETY: `sp` holds `world * n` elements and `dp` `n` (checked).
-            unsafe {
-                (api.reduce_scatter)(
-                    sp as *const c_void,
-                    dp as *mut c_void,
-                    n,
-                    d,
-                    NcclRedOp::from(op),
-                    h,
-                    Self::cs(&stream),
-                )
-            }
-        };
-        self.finish("reduce_scatter", rc)
+    fn all_gather(
+        &mut self,
+        call: &Call<'_>,
+        input: BufRef<'_>,
+        mut output: BufMut<'_>,
+    ) -> Result<()> {
+        let stream = self.begin()?;
+        let (n, dt) = (input.numel(), NcclDataType::from(input.dtype()));
+        let (sp, _r) = read_ptr("all_gather", &input, &stream)?;
+        let (dp, _w) = write_ptr("all_gather", &mut output, &stream)?;
+        // SAFETY: the input holds `n` elements, the output `world * n` (the
+        // front checked), both ordered on `stream` by their guards.
+        self.enqueue(call, &stream, |lib, h, s| unsafe {
+            lib.all_gather(sp as *const c_void, dp as *mut c_void, n, dt, h, s)
+        })
     }
 
-    fn broadcast(&mut self, tensor: &mut Tensor, root: usize) -> Result<()> {
-        self.ready("broadcast")?;
-        self.check_cuda("broadcast", tensor)?;
-        check::root("broadcast", root, self.world)?;
-        if tensor.numel() == 0 {
-            return Ok(());
-        }
-        let (n, d) = (tensor.numel(), dt(tensor));
-        let stream = self.stream.clone();
-        let (api, h) = (self.lib.api(), self.comm.handle());
-        let rc = {
-            let buf = CudaStorage::of_mut(tensor)?;
-            let (p, _g) = buf.slice_mut().device_ptr_mut(&stream);
-            // SAFETY: in-place broadcast of `n` elements of `p`.
-            unsafe {
-                (api.broadcast)(
-                    p as *const c_void,
-                    p as *mut c_void,
-                    n,
-                    d,
-                    root as i32,
-                    h,
-                    Self::cs(&stream),
-                )
-            }
-        };
-        self.finish("broadcast", rc)
+    fn reduce_scatter(
+        &mut self,
+        call: &Call<'_>,
+        input: BufRef<'_>,
+        mut output: BufMut<'_>,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let stream = self.begin()?;
+        let (n, dt) = (output.numel(), NcclDataType::from(output.dtype()));
+        let (sp, _r) = read_ptr("reduce_scatter", &input, &stream)?;
+        let (dp, _w) = write_ptr("reduce_scatter", &mut output, &stream)?;
+        // SAFETY: the input holds `world * n` elements, the output `n`.
+        self.enqueue(call, &stream, |lib, h, s| unsafe {
+            lib.reduce_scatter(
+                sp as *const c_void,
+                dp as *mut c_void,
+                n,
+                dt,
+                op.into(),
+                h,
+                s,
+            )
+        })
     }
 
-    fn gather(&mut self, input: &Tensor, output: Option<&mut Tensor>, root: usize) -> Result<()> {
-        self.ready("gather")?;
-        self.check_cuda("gather", input)?;
-        check::root("gather", root, self.world)?;
-        let (n, d) = (input.numel(), dt(input));
+    fn broadcast(&mut self, call: &Call<'_>, mut buf: BufMut<'_>, root: usize) -> Result<()> {
+        let stream = self.begin()?;
+        let (n, dt) = (buf.numel(), NcclDataType::from(buf.dtype()));
+        let (p, _w) = write_ptr("broadcast", &mut buf, &stream)?;
+        // SAFETY: in place over the buffer's `n` elements.
+        self.enqueue(call, &stream, |lib, h, s| unsafe {
+            lib.broadcast(p as *const c_void, p as *mut c_void, n, dt, root, h, s)
+        })
+    }
+
+    fn gather(
+        &mut self,
+        call: &Call<'_>,
+        input: BufRef<'_>,
+        output: Option<BufMut<'_>>,
+        root: usize,
+    ) -> Result<()> {
+        let stream = self.begin()?;
+        let (n, dt) = (input.numel(), NcclDataType::from(input.dtype()));
         let bytes = input.nbytes();
-        let stream = self.stream.clone();
-        let (api, h) = (self.lib.api(), self.comm.handle());
-        let rc = if self.rank == root {
-            let out =
-                output.ok_or_else(|| CommError::invalid("gather: the root must pass an output"))?;
-            self.check_cuda("gather", out)?;
-            check::gathered("gather", input, out, self.world)?;
-            if n == 0 {
-                return Ok(());
+        let (world, me) = (self.world, self.rank);
+        let (sp, _r) = read_ptr("gather", &input, &stream)?;
+        match output {
+            Some(mut out) => {
+                let (dp, _w) = write_ptr("gather", &mut out, &stream)?;
+                // SAFETY: the output holds `world` blocks of `bytes` (the
+                // front checked); this member's block is a copy of its input.
+                unsafe { Self::copy(&stream, dp + (me * bytes) as u64, sp, bytes) }?;
+                self.enqueue(call, &stream, |lib, h, s| {
+                    grouped(lib, || {
+                        let mut p = Progress::Done;
+                        for r in (0..world).filter(|&r| r != me) {
+                            let at = dp + (r * bytes) as u64;
+                            // SAFETY: block `r` of the output lies inside it.
+                            p = both(p, unsafe { lib.recv(at as *mut c_void, n, dt, r, h, s) })?;
+                        }
+                        Ok(p)
+                    })
+                })
             }
-            let src = CudaStorage::of(input)?;
-            let dst = CudaStorage::of_mut(out)?;
-            let (sp, _g1) = src.slice().device_ptr(&stream);
-            let (dp, _g2) = dst.slice_mut().device_ptr_mut(&stream);
-            self.copy_dtod(dp + (root * bytes) as u64, sp, bytes)?;
-            self.grouped(|| {
-                for r in (0..self.world).filter(|&r| r != root) {
-                    // SAFETY: block `r` of the output (`n` elements) lies
-                    // inside `dp`, which holds `world * n` (checked).
-                    let rc = unsafe {
-                        (api.recv)(
-                            (dp + (r * bytes) as u64) as *mut c_void,
-                            n,
-                            d,
-                            r as i32,
-                            h,
-                            Self::cs(&stream),
-                        )
-                    };
-                    if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
-                        return rc;
-                    }
-                }
-                NCCL_SUCCESS
-            })
-        } else {
-            if n == 0 {
-                return Ok(());
-            }
-            let src = CudaStorage::of(input)?;
-            let (sp, _g1) = src.slice().device_ptr(&stream);
-            // SAFETY: sends the `n` elements of `sp` to the root.
-            unsafe { (api.send)(sp as *const c_void, n, d, root as i32, h, Self::cs(&stream)) }
-        };
-        self.finish("gather", rc)
+            // SAFETY: sends the input's `n` elements to the root.
+            None => self.enqueue(call, &stream, |lib, h, s| unsafe {
+                lib.send(sp as *const c_void, n, dt, root, h, s)
+            }),
+        }
     }
 
-    fn all_to_all(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
-        self.ready("all_to_all")?;
-        self.check_cuda("all_to_all", input)?;
-        self.check_cuda("all_to_all", output)?;
-        check::all_to_all(input, output, self.world)?;
-        if input.numel() == 0 {
-            return Ok(());
-        }
-        let n = input.numel() / self.world;
-        let d = dt(input);
-        let bytes = input.nbytes() / self.world;
-        let stream = self.stream.clone();
-        let (api, h, me) = (self.lib.api(), self.comm.handle(), self.rank);
-        let rc = {
-            let src = CudaStorage::of(input)?;
-            let dst = CudaStorage::of_mut(output)?;
-            let (sp, _g1) = src.slice().device_ptr(&stream);
-            let (dp, _g2) = dst.slice_mut().device_ptr_mut(&stream);
-            self.copy_dtod(dp + (me * bytes) as u64, sp + (me * bytes) as u64, bytes)?;
-            self.grouped(|| {
-                for p in (0..self.world).filter(|&p| p != me) {
-                    let off = (p * bytes) as u64;
-                    // SAFETY: block `p` (`n` elements) of both buffers lies
-                    // inside them (equal sizes of `world * n`, checked).
-                    let rc = unsafe {
-                        (api.send)(
-                            (sp + off) as *const c_void,
-                            n,
-                            d,
-                            p as i32,
-                            h,
-                            Self::cs(&stream),
-                        )
-                    };
-                    if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
-                        return rc;
-                    }
+    fn all_to_all(
+        &mut self,
+        call: &Call<'_>,
+        input: BufRef<'_>,
+        mut output: BufMut<'_>,
+    ) -> Result<()> {
+        let stream = self.begin()?;
+        let (world, me) = (self.world, self.rank);
+        let n = input.numel() / world;
+        let dt = NcclDataType::from(input.dtype());
+        let bytes = input.nbytes() / world;
+        let (sp, _r) = read_ptr("all_to_all", &input, &stream)?;
+        let (dp, _w) = write_ptr("all_to_all", &mut output, &stream)?;
+        let own = (me * bytes) as u64;
+        // SAFETY: both buffers hold `world` blocks of `bytes` (the front checked).
+        unsafe { Self::copy(&stream, dp + own, sp + own, bytes) }?;
+        self.enqueue(call, &stream, |lib, h, s| {
+            grouped(lib, || {
+                let mut p = Progress::Done;
+                for peer in (0..world).filter(|&q| q != me) {
+                    let off = (peer * bytes) as u64;
+                    // SAFETY: block `peer` of both buffers lies inside them.
+                    p = both(p, unsafe {
+                        lib.send((sp + off) as *const c_void, n, dt, peer, h, s)
+                    })?;
                     // SAFETY: as above.
-                    let rc = unsafe {
-                        (api.recv)(
-                            (dp + off) as *mut c_void,
-                            n,
-                            d,
-                            p as i32,
-                            h,
-                            Self::cs(&stream),
-                        )
-                    };
-                    if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
-                        return rc;
-                    }
+                    p = both(p, unsafe {
+                        lib.recv((dp + off) as *mut c_void, n, dt, peer, h, s)
+                    })?;
                 }
-                NCCL_SUCCESS
+                Ok(p)
             })
-        };
-        self.finish("all_to_all", rc)
+        })
     }
 
-    fn send(&mut self, tensor: &Tensor, dst: usize) -> Result<()> {
-        self.ready("send")?;
-        self.check_cuda("send", tensor)?;
-        check::peer("send", dst, self.rank, self.world)?;
-        if tensor.numel() == 0 {
-            return Ok(());
+    fn send_recv(&mut self, call: &Call<'_>, ops: &mut [P2p<'_>]) -> Result<()> {
+        let stream = self.begin()?;
+        // (send?, peer, address, count, dtype) per message; the guards order
+        // each buffer and record its use after the group is enqueued.
+        let mut plan = Vec::with_capacity(ops.len());
+        let mut guards = Vec::with_capacity(ops.len());
+        for op in ops.iter_mut() {
+            match op {
+                P2p::Send { peer, buf, .. } => {
+                    let (p, g) = read_ptr("send", buf, &stream)?;
+                    plan.push((true, *peer, p, buf.numel(), NcclDataType::from(buf.dtype())));
+                    guards.push(g);
+                }
+                P2p::Recv { peer, buf, .. } => {
+                    let (n, dt) = (buf.numel(), NcclDataType::from(buf.dtype()));
+                    let (p, g) = write_ptr("recv", buf, &stream)?;
+                    plan.push((false, *peer, p, n, dt));
+                    guards.push(g);
+                }
+            }
         }
-        let (n, d) = (tensor.numel(), dt(tensor));
-        let stream = self.stream.clone();
-        let (api, h) = (self.lib.api(), self.comm.handle());
-        let rc = {
-            let src = CudaStorage::of(tensor)?;
-            let (sp, _g) = src.slice().device_ptr(&stream);
-            // SAFETY: sends the `n` elements of `sp`.
-            unsafe { (api.send)(sp as *const c_void, n, d, dst as i32, h, Self::cs(&stream)) }
-        };
-        self.finish("send", rc)
+        let r = self.enqueue(call, &stream, |lib, h, s| {
+            grouped(lib, || {
+                let mut p = Progress::Done;
+                for &(send, peer, at, n, dt) in &plan {
+                    // SAFETY: each address holds its message's `n` elements,
+                    // ordered on `s` by the guards kept alive below.
+                    let r = unsafe {
+                        if send {
+                            lib.send(at as *const c_void, n, dt, peer, h, s)
+                        } else {
+                            lib.recv(at as *mut c_void, n, dt, peer, h, s)
+                        }
+                    };
+                    p = both(p, r)?;
+                }
+                Ok(p)
+            })
+        });
+        drop(guards);
+        r
     }
 
-    fn recv(&mut self, tensor: &mut Tensor, src: usize) -> Result<()> {
-        self.ready("recv")?;
-        self.check_cuda("recv", tensor)?;
-        check::peer("recv", src, self.rank, self.world)?;
-        if tensor.numel() == 0 {
-            return Ok(());
+    fn barrier(&mut self, call: &Call<'_>) -> Result<()> {
+        self.barrier_enqueue(call)
+    }
+
+    fn abort(&mut self, why: &CommError) {
+        self.watchdog.set_error(why.clone());
+        self.watchdog.raw().abort();
+    }
+
+    fn fence(&mut self) -> Result<Option<Box<dyn Fence>>> {
+        self.watchdog.check()?;
+        if self.capture.is_some() {
+            // Captured work runs when the graph is launched.
+            return Ok(None);
         }
-        let (n, d) = (tensor.numel(), dt(tensor));
-        let stream = self.stream.clone();
-        let (api, h) = (self.lib.api(), self.comm.handle());
-        let rc = {
-            let dst = CudaStorage::of_mut(tensor)?;
-            let (dp, _g) = dst.slice_mut().device_ptr_mut(&stream);
-            // SAFETY: receives `n` elements into `dp`, which holds exactly that.
-            unsafe { (api.recv)(dp as *mut c_void, n, d, src as i32, h, Self::cs(&stream)) }
-        };
-        self.finish("recv", rc)
+        self.dev.bind()?;
+        Ok(Some(Box::new(NcclFence::new(
+            self.watchdog.shared().clone(),
+            &self.stream,
+        )?)))
     }
 
-    fn barrier(&mut self) -> Result<()> {
-        self.ready("barrier")?;
-        let mut buf = self
-            .barrier_buf
-            .take()
-            .ok_or_else(|| CommError::State("barrier buffer missing".into()))?;
-        let sync = std::mem::replace(&mut self.synchronous, true);
-        let r = self.all_reduce(&mut buf, ReduceOp::Sum);
-        self.synchronous = sync;
-        self.barrier_buf = Some(buf);
-        r?;
-        self.wait_stream("barrier")
+    fn as_any_mut(&mut self) -> Option<&mut dyn Any> {
+        Some(self)
     }
 }
 
 impl Drop for NcclCommunicator {
     fn drop(&mut self) {
-        if self.broken.is_some() || self.comm.is_closed() {
-            self.comm.abort();
+        if let Some(cap) = self.capture.take() {
+            let _ = cap.stream.end_capture(CUgraphInstantiate_flags(0));
+            self.restore_tracking(cap.tracking_was_on);
+        }
+        self.watchdog.stop();
+        let raw = self.watchdog.raw();
+        if self.watchdog.error().is_some() || raw.is_closed() || self.dev.bind().is_err() {
+            raw.abort();
             return;
         }
-        if self.dev.bind().is_err() {
-            self.comm.abort();
+        // Let enqueued work drain within a bounded deadline (a stream stuck
+        // on a missing peer times out and aborts instead of hanging here),
+        // then finalize + destroy (which aborts by itself on failure).
+        let limit = Deadline::after(self.timeout.min(Duration::from_secs(30)));
+        let drained = NcclFence::new(self.watchdog.shared().clone(), &self.stream)
+            .and_then(|mut f| watchdog::wait(&mut f, &limit, "dropping the NCCL communicator"));
+        if drained.is_err() {
+            raw.abort();
             return;
         }
-        // Let enqueued work drain, with a bounded deadline: a stream stuck on
-        // a missing peer makes `wait_stream` time out and abort instead of
-        // hanging here.
-        let limit = self.timeout.min(Duration::from_secs(30));
-        self.timeout = limit;
-        self.capturing = false;
-        self.stream = self.main_stream.clone();
-        if self.wait_stream("drop").is_err() || self.comm.is_closed() {
-            self.comm.abort();
-            return;
+        if let Err(e) = raw.shutdown(&limit) {
+            tracing::warn!(group = %self.label(), "NCCL communicator shutdown: {e}");
         }
-        // Finalize + destroy; aborts by itself when finalize fails or times out.
-        let _ = self.comm.shutdown(&Deadline::after(limit));
-    }
-}
-
-/// Graph-capture context from [`NcclCommunicator::graph_capture`]: the
-/// communicator's operations go to [`GraphCapture::stream`] while it lives.
-/// Dropping it ends any unfinished capture (discarding the graph), makes the
-/// main stream wait for the side stream and restores it.
-#[derive(Debug)]
-pub struct GraphCapture<'a> {
-    comm: &'a mut NcclCommunicator,
-    side: Arc<CudaStream>,
-    capturing: bool,
-}
-
-impl GraphCapture<'_> {
-    /// The side stream (for other work to be captured alongside).
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.side
-    }
-    /// The communicator, whose operations now use the side stream.
-    pub fn comm(&mut self) -> &mut NcclCommunicator {
-        self.comm
-    }
-    /// Starts capturing the side stream (thread-local capture mode).
-    pub fn begin_capture(&mut self) -> Result<()> {
-        self.comm.ready("begin_capture")?;
-        self.side
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| cuda_err("cuStreamBeginCapture", e))?;
-        self.capturing = true;
-        self.comm.capturing = true;
-        Ok(())
-    }
-    /// Ends the capture and instantiates the graph (`None` when empty).
-    pub fn end_capture(&mut self) -> Result<Option<CudaGraph>> {
-        if !self.capturing {
-            return Err(CommError::State("end_capture without begin_capture".into()));
-        }
-        self.capturing = false;
-        self.comm.capturing = false;
-        self.side
-            .end_capture(CUgraphInstantiate_flags(0))
-            .map_err(|e| cuda_err("cuStreamEndCapture", e))
-    }
-}
-
-impl Drop for GraphCapture<'_> {
-    fn drop(&mut self) {
-        if self.capturing {
-            let _ = self.end_capture();
-        }
-        let _ = self.comm.main_stream.join(&self.side);
-        self.comm.stream = self.comm.main_stream.clone();
     }
 }

@@ -1,31 +1,58 @@
 //! # comm-nccl
 //!
-//! The NCCL backend for CUDA tensors, loading `libnccl` and `libcuda` at run
-//! time: nothing links against them, so the crate builds and its CPU-side
-//! tests run on machines with no CUDA toolkit and no GPU.
+//! The NCCL backend for CUDA memory, loading `libnccl`, `libcuda` and
+//! `libnvrtc` at run time: nothing links against them, so the crate builds
+//! and its CPU-side tests run on machines with no CUDA toolkit and no GPU.
 //!
-//! - [`raw`]: the raw NCCL layer ([`NcclLibrary`]: `libloading`, a symbol
-//!   table resolved once, `ncclResult_t` mapped to [`comm_core::CommError::Nccl`],
-//!   non-blocking communicator lifecycle in [`RawComm`]). The library is
-//!   found through [`raw::LIBRARY_ENV`] (`DIST_NCCL_LIBRARY`; `NCCL_LIBRARY`
-//!   is honoured when it is unset), then `libnccl.so.2`, then `libnccl.so`.
-//! - [`cuda`]: cudarc contexts and streams, [`CudaStorage`] (comm-core's
-//!   device storage), host<->device copies; never panics without libcuda.
-//! - [`layout`]: device-side permute copies (NVRTC kernel, host fallback)
-//!   for all_gather(dim) and all_to_all_4D.
-//! - [`NcclCommunicator`]: the [`comm_core::DeviceCommunicator`].
-//! - [`nccl_available`]: the run-time check parallel-state uses to choose it.
+//! - [`NcclCommunicator`]: comm-core's raw `DeviceCommunicator` over NCCL,
+//!   asynchronous (calls enqueue on its stream; a watchdog enforces
+//!   deadlines and aborts on errors), made by [`NcclFactory`] (`nccl` in
+//!   comm-core's registry). Users call it through the checked front
+//!   (`comm_core::Communicator`); [`with_nccl`] and [`graph_capture`] reach
+//!   its stream, events and CUDA-graph capture from there.
+//! - [`install`]: CUDA tensors for comm-core ([`CudaStorage`], with the
+//!   device permute kernel of [`kernel`] driven by comm-core's
+//!   `layout::PermutePlan`); [`permute`] runs it on any CUDA memory.
+//! - [`raw`]: the raw NCCL layer (C types, each FFI call wrapped once,
+//!   communicator lifecycle).
+//! - [`cuda`]: devices and contexts, [`device_uuid`] to tell whether ranks
+//!   share a GPU, availability checks that never panic.
+//!
+//! # Cargo features and the application's cudarc
+//!
+//! cudarc needs exactly one CUDA-version feature in the whole build, and one
+//! linking mode. comm-nccl names no linking mode (cudarc's
+//! `fallback-dynamic-loading` applies unless the application picks
+//! `dynamic-linking` or `dynamic-loading`), and selects a CUDA version only
+//! through its default feature `cuda-12080`, for standalone use. An
+//! application that sets cudarc's features itself (candle:
+//! `cuda-12080` + `dynamic-linking`) depends on comm-nccl with
+//! `default-features = false`; its own version feature then applies. Two
+//! version features at once (say `cuda-12080` from here and `cuda-13000`
+//! from the application) do not compile: cudarc's bindings clash.
+//! `cuda-13000` is offered for standalone builds against CUDA 13.
 
 #![warn(missing_docs)]
 
+mod capture;
 mod comm;
 pub mod cuda;
-pub mod layout;
+mod factory;
+pub mod kernel;
 pub mod raw;
+mod storage;
+pub mod watchdog;
 
-pub use comm::{GraphCapture, NcclCommunicator, NcclOptions};
-pub use cuda::{cuda_device_count, libcuda_present, to_cuda, zeros_cuda, CudaDevice, CudaStorage};
+/// The cudarc this crate is built against (for applications without their
+/// own cudarc dependency).
+pub use cudarc;
+
+pub use capture::{graph_capture, with_nccl, GraphCapture};
+pub use comm::{NcclCommunicator, NcclOptions};
+pub use cuda::{cuda_device_count, device_uuid, format_uuid, libcuda_present, CudaDevice};
+pub use factory::NcclFactory;
 pub use raw::{NcclLibrary, NcclVersion, RawComm};
+pub use storage::{install, permute, CudaAllocator, CudaStorage};
 
 use comm_core::{CommError, Result};
 

@@ -1,15 +1,23 @@
 //! CPU-only tests of the raw NCCL layer against stub `libnccl.so.2` files
-//! that the tests compile with `cc`. No GPU, CUDA or NCCL needed.
+//! that the tests compile with `cc`, and of the watchdog driven by a stub
+//! libnccl and a completion tracker the test controls. No GPU, CUDA or NCCL
+//! needed.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use comm_core::{CommError, DType, Deadline, ReduceOp};
-use comm_nccl::raw::{
-    version_code, NcclConfig, NcclDataType, NcclLibrary, NcclRedOp, RawComm, MIN_VERSION,
-    NCCL_SUCCESS,
+use comm_core::{
+    BackendFactory, CallDesc, Collective, CommError, DType, Deadline, Device, ReduceOp, Tensor,
 };
+use comm_nccl::raw::{
+    result_name, version_code, NcclConfig, NcclDataType, NcclLibrary, NcclRedOp, NcclUniqueId,
+    RawComm, MIN_VERSION, NCCL_SUCCESS,
+};
+use comm_nccl::watchdog::{Tracker, Watchdog};
+use comm_nccl::{NcclCommunicator, NcclFactory, NcclOptions};
 
 const STUB_C: &str = r#"
 #include <stddef.h>
@@ -25,14 +33,15 @@ const STUB_C: &str = r#"
 #endif
 typedef struct { char internal[128]; } id_t_;
 typedef struct { size_t size; unsigned magic; unsigned version; int blocking; int cga; int minc; int maxc; const char* net; int split; } cfg_t;
-static int aborts, destroys, finalizes, polls, config_ok = -1;
+static int aborts, destroys, finalizes, polls, config_ok = -1, async_code = 0;
 static int dummy;
 int stub_aborts(void) { return aborts; }
 int stub_destroys(void) { return destroys; }
 int stub_finalizes(void) { return finalizes; }
 int stub_config_ok(void) { return config_ok; }
+void stub_set_async(int code) { async_code = code; }
 int ncclGetVersion(int* v) { *v = STUB_VERSION; return 0; }
-const char* ncclGetErrorString(int r) { return r == 3 ? "internal error - please report this issue to the NCCL developers" : "stub error"; }
+const char* ncclGetErrorString(int r) { return r == 3 ? "internal error - please report this issue to the NCCL developers" : r == 6 ? "remote process exited or there was a network error" : "stub error"; }
 const char* ncclGetLastError(void* c) { (void)c; return "stub detail: transport failed"; }
 int ncclGetUniqueId(id_t_* id) { if (FAIL_CODE) return FAIL_CODE; for (int i = 0; i < 128; i++) id->internal[i] = (char)(i * 7 + 1); return 0; }
 int ncclCommInitRank(void** c, int n, id_t_ id, int r) { (void)n; (void)id; (void)r; *c = &dummy; return 0; }
@@ -47,7 +56,7 @@ int ncclCommInitRankConfig(void** c, int n, id_t_ id, int r, cfg_t* cfg) {
 int ncclCommGetAsyncError(void* c, int* st) {
   (void)c;
   polls++;
-  *st = (INIT_POLLS < 0 || polls < INIT_POLLS) ? 7 : 0;
+  *st = (INIT_POLLS < 0 || polls < INIT_POLLS) ? 7 : async_code;
   return 0;
 }
 int ncclCommFinalize(void* c) { (void)c; finalizes++; return 0; }
@@ -140,10 +149,6 @@ fn stub_resolves_and_reports_version() {
     let lib = NcclLibrary::open(&p).expect("stub opens");
     assert_eq!(lib.version().to_string(), "2.19.3");
     assert_eq!(lib.path(), p.as_os_str());
-    assert!(
-        lib.api().comm_split.is_none(),
-        "the stub has no ncclCommSplit (optional)"
-    );
 }
 
 #[test]
@@ -180,9 +185,9 @@ fn stub_unique_id_bytes_round_trip() {
     let id = lib.get_unique_id().unwrap();
     let want: Vec<u8> = (0..128u32).map(|i| (i * 7 + 1) as u8).collect();
     assert_eq!(id.as_bytes(), &want[..]);
-    let back = comm_nccl::raw::NcclUniqueId::from_bytes(id.as_bytes()).unwrap();
+    let back = NcclUniqueId::from_bytes(id.as_bytes()).unwrap();
     assert_eq!(back, id);
-    assert!(comm_nccl::raw::NcclUniqueId::from_bytes(&want[..100]).is_err());
+    assert!(NcclUniqueId::from_bytes(&want[..100]).is_err());
 }
 
 #[test]
@@ -212,10 +217,10 @@ fn stub_errors_map_to_nccl_error() {
         }
         other => panic!("expected CommError::Nccl, got {other:?}"),
     }
-    // A collective through the symbol table.
+    // A collective through its wrapper.
     // SAFETY: the stub ignores every pointer.
-    let rc = unsafe {
-        (lib.api().all_reduce)(
+    let r = unsafe {
+        lib.all_reduce(
             std::ptr::null(),
             std::ptr::null_mut(),
             4,
@@ -225,10 +230,11 @@ fn stub_errors_map_to_nccl_error() {
             std::ptr::null_mut(),
         )
     };
-    let e = lib.check(rc, "ncclAllReduce").unwrap_err();
+    let e = r.unwrap_err();
     assert!(e.is_fatal());
     let text = e.to_string();
     assert!(text.contains("NCCL error 3 (ncclInternalError)"), "{text}");
+    assert!(text.contains("ncclAllReduce"), "{text}");
 }
 
 #[test]
@@ -256,15 +262,28 @@ fn enum_numbering_matches_nccl() {
     for (o, code) in ops {
         assert_eq!(NcclRedOp::from(o) as i32, code, "{o}");
     }
-    assert_eq!(std::mem::size_of::<comm_nccl::raw::NcclUniqueId>(), 128);
+    assert_eq!(std::mem::size_of::<NcclUniqueId>(), 128);
     assert_eq!(std::mem::size_of::<NcclConfig>(), 48);
     assert_eq!(version_code(2, 18, 0), 21800);
     assert_eq!(version_code(2, 8, 4), 2804);
-    assert_eq!(comm_nccl::raw::result_name(7), "ncclInProgress");
+    assert_eq!(result_name(7), "ncclInProgress");
 }
 
 fn leak(p: &Path) -> &'static NcclLibrary {
     Box::leak(Box::new(NcclLibrary::open(p).unwrap()))
+}
+
+fn init(lib: &'static NcclLibrary, world: usize) -> RawComm {
+    let id = lib.get_unique_id().unwrap();
+    RawComm::init(
+        lib,
+        &id,
+        0,
+        world,
+        &Deadline::after(Duration::from_secs(10)),
+        "tp:0",
+    )
+    .unwrap()
 }
 
 #[test]
@@ -276,7 +295,7 @@ fn stub_nonblocking_init_polls_until_ready_then_finalizes() {
     let lib = leak(&p);
     let id = lib.get_unique_id().unwrap();
     let d = Deadline::after(Duration::from_secs(10));
-    let mut c = RawComm::init(lib, &id, 1, 2, &d, "test").expect("init settles");
+    let c = RawComm::init(lib, &id, 1, 2, &d, "test").expect("init settles");
     assert_eq!(
         counter(&p, "stub_config_ok"),
         1,
@@ -288,6 +307,7 @@ fn stub_nonblocking_init_polls_until_ready_then_finalizes() {
     assert!(c.is_closed());
     assert_eq!(counter(&p, "stub_finalizes"), 1);
     assert_eq!(counter(&p, "stub_destroys"), 1);
+    assert!(matches!(c.async_state(), Err(CommError::Aborted(_))));
     drop(c);
     assert_eq!(
         counter(&p, "stub_aborts"),
@@ -308,11 +328,14 @@ fn stub_member_that_never_joins_times_out_and_aborts() {
     let d = Deadline::after(Duration::from_millis(300));
     match RawComm::init(lib, &id, 0, 4, &d, "tp:0") {
         Err(CommError::Timeout {
-            operation, missing, ..
+            operation, keys, ..
         }) => {
             assert!(operation.contains("ncclCommInitRankConfig"), "{operation}");
             assert!(operation.contains("tp:0"), "{operation}");
-            assert!(!missing.is_empty());
+            assert!(
+                keys.iter().any(|k| k.contains("members of `tp:0`")),
+                "{keys:?}"
+            );
         }
         other => panic!("expected Timeout, got {other:?}"),
     }
@@ -333,23 +356,201 @@ fn stub_dropped_comm_is_aborted_not_leaked() {
         return;
     };
     let lib = leak(&p);
-    let id = lib.get_unique_id().unwrap();
-    let c = RawComm::init(
-        lib,
-        &id,
-        0,
-        1,
-        &Deadline::after(Duration::from_secs(5)),
-        "x",
-    )
-    .unwrap();
+    let c = init(lib, 1);
     assert_eq!(NCCL_SUCCESS, c.async_state().unwrap());
     drop(c);
     assert_eq!(counter(&p, "stub_aborts"), 1);
 }
 
 #[test]
+fn abort_is_idempotent_and_closes_the_handle_for_every_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = stub(dir.path(), "abort", &[]) else {
+        return;
+    };
+    let c = std::sync::Arc::new(init(leak(&p), 2));
+    let other = c.clone();
+    // Abort from another thread, as the watchdog does.
+    let aborted = std::thread::spawn(move || other.abort()).join().unwrap();
+    assert!(aborted);
+    assert!(!c.abort(), "a second abort does nothing");
+    assert!(matches!(c.with(|_, _| Ok(())), Err(CommError::Aborted(_))));
+    drop(c);
+    assert_eq!(counter(&p, "stub_aborts"), 1);
+}
+
+/// A [`Tracker`] the test drives: `issued` is what a mark covers, `done`
+/// what has completed.
+#[derive(Clone, Default)]
+struct FakeStream {
+    issued: Arc<AtomicU64>,
+    done: Arc<AtomicU64>,
+    marks: Arc<AtomicU64>,
+}
+
+impl Tracker for FakeStream {
+    type Mark = u64;
+    fn mark(&mut self) -> comm_core::Result<u64> {
+        self.marks.fetch_add(1, Ordering::SeqCst);
+        Ok(self.issued.load(Ordering::SeqCst))
+    }
+    fn reached(&mut self, mark: &u64) -> comm_core::Result<bool> {
+        Ok(self.done.load(Ordering::SeqCst) >= *mark)
+    }
+}
+
+fn desc(seq: u64) -> CallDesc {
+    CallDesc::new(Collective::AllReduce, seq, DType::F32, 1024).with_reduce(ReduceOp::Sum)
+}
+
+/// Polls `cond` until it holds or 10 s pass.
+fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let d = Deadline::after(Duration::from_secs(10));
+    while !cond() {
+        assert!(!d.expired(), "{what} did not happen within 10 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn watchdog_times_out_work_that_never_completes_and_aborts() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = stub(dir.path(), "wd-hang", &[]) else {
+        return;
+    };
+    let fake = FakeStream::default();
+    let w = Watchdog::start(init(leak(&p), 2), "tp:0".into(), 2, fake.clone()).unwrap();
+    let t0 = Instant::now();
+    fake.issued.store(1, Ordering::SeqCst);
+    w.watch(desc(3), Deadline::after(Duration::from_millis(300)));
+    eventually("the watchdog timeout", || w.error().is_some());
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    match w.error() {
+        Some(CommError::Timeout {
+            operation,
+            keys,
+            waited,
+            ..
+        }) => {
+            assert!(operation.contains("all_reduce #3"), "{operation}");
+            assert!(
+                keys.iter().any(|k| k.contains("members of group `tp:0`")),
+                "{keys:?}"
+            );
+            assert!(waited >= Duration::from_millis(300));
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    assert!(w.check().is_err(), "the next call gets the error");
+    assert_eq!(counter(&p, "stub_aborts"), 1, "the communicator is aborted");
+    assert!(w.raw().is_closed());
+}
+
+#[test]
+fn watchdog_retires_completed_work_without_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = stub(dir.path(), "wd-ok", &[]) else {
+        return;
+    };
+    let fake = FakeStream::default();
+    let w = Watchdog::start(init(leak(&p), 2), "tp:0".into(), 2, fake.clone()).unwrap();
+    let deadline = Deadline::after(Duration::from_millis(400));
+    for seq in 1..=3 {
+        fake.issued.store(seq, Ordering::SeqCst);
+        w.watch(desc(seq), deadline);
+    }
+    eventually("a mark covering the calls", || {
+        fake.marks.load(Ordering::SeqCst) > 0
+    });
+    assert_eq!(w.pending(), 3, "nothing completed yet");
+    fake.done.store(3, Ordering::SeqCst);
+    eventually("completed calls retired", || w.pending() == 0);
+    // Past the calls' deadline: completed work is not a timeout.
+    while !deadline.expired() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(w.error().is_none(), "{:?}", w.error());
+    assert_eq!(counter(&p, "stub_aborts"), 0);
+}
+
+#[test]
+fn watchdog_turns_an_async_nccl_error_into_the_next_calls_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = stub(dir.path(), "wd-async", &[]) else {
+        return;
+    };
+    let fake = FakeStream::default();
+    let w = Watchdog::start(init(leak(&p), 2), "tp:0".into(), 2, fake.clone()).unwrap();
+    // Work is pending (never completes, long deadline), then a peer fails.
+    fake.issued.store(1, Ordering::SeqCst);
+    w.watch(desc(1), Deadline::after(Duration::from_secs(600)));
+    let (_l, set_async) = sym::<unsafe extern "C" fn(i32)>(&p, "stub_set_async");
+    // SAFETY: `void stub_set_async(int)` of the stub.
+    unsafe { set_async(6) };
+    eventually("the asynchronous error", || w.error().is_some());
+    match w.check() {
+        Err(CommError::Nccl {
+            code,
+            name,
+            message,
+        }) => {
+            assert_eq!((code, name.as_str()), (6, "ncclRemoteError"));
+            assert!(message.contains("remote process exited"), "{message}");
+        }
+        other => panic!("expected the NCCL error, got {other:?}"),
+    }
+    assert_eq!(counter(&p, "stub_aborts"), 1);
+}
+
+#[test]
+fn watchdog_sees_async_errors_while_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = stub(dir.path(), "wd-idle", &[]) else {
+        return;
+    };
+    let w = Watchdog::start(init(leak(&p), 2), "tp:0".into(), 2, FakeStream::default()).unwrap();
+    let (_l, set_async) = sym::<unsafe extern "C" fn(i32)>(&p, "stub_set_async");
+    // SAFETY: `void stub_set_async(int)` of the stub.
+    unsafe { set_async(2) };
+    eventually("the idle poll", || w.error().is_some());
+    assert!(matches!(w.error(), Some(CommError::Nccl { code: 2, .. })));
+    assert_eq!(counter(&p, "stub_aborts"), 1);
+}
+
+#[test]
+fn watchdog_makes_no_mark_during_graph_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = stub(dir.path(), "wd-capture", &[]) else {
+        return;
+    };
+    let fake = FakeStream::default();
+    let w = Watchdog::start(init(leak(&p), 2), "tp:0".into(), 2, fake.clone()).unwrap();
+    w.set_capturing(true);
+    fake.issued.store(1, Ordering::SeqCst);
+    w.watch(desc(1), Deadline::after(Duration::from_secs(600)));
+    // The watchdog keeps polling (async errors) but records nothing.
+    let polls = Instant::now();
+    while polls.elapsed() < Duration::from_millis(200) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        fake.marks.load(Ordering::SeqCst),
+        0,
+        "a mark was recorded during capture"
+    );
+    w.set_capturing(false);
+    eventually("a mark after the capture", || {
+        fake.marks.load(Ordering::SeqCst) > 0
+    });
+    fake.done.store(1, Ordering::SeqCst);
+    eventually("the call retired", || w.pending() == 0);
+    assert!(w.error().is_none());
+}
+
+#[test]
 fn cuda_absence_is_an_error_not_a_panic() {
+    comm_nccl::install();
     // Here (no driver) this is BackendUnavailable; on a GPU machine Ok(n > 0).
     match comm_nccl::cuda_device_count() {
         Ok(n) => {
@@ -360,19 +561,34 @@ fn cuda_absence_is_an_error_not_a_panic() {
             assert_eq!(backend, "cuda");
             eprintln!("CUDA unavailable (expected without a GPU): {reason}");
             assert!(comm_nccl::CudaDevice::get(0).is_err());
-            assert!(comm_nccl::to_cuda(&comm_core::Tensor::from_vec1(vec![1f32]), 0).is_err());
+            assert!(comm_nccl::device_uuid(0).is_err());
+            let t = Tensor::from_vec1(vec![1f32]);
+            assert!(matches!(
+                t.to_device(Device::Cuda(0)),
+                Err(CommError::BackendUnavailable { .. })
+            ));
             let meta = comm_core::TensorMetadata {
-                device: comm_core::Device::Cuda(0),
+                device: Device::Cuda(0),
                 dtype: DType::F32,
                 shape: vec![2],
             };
             assert!(matches!(
-                comm_nccl::zeros_cuda(&meta),
+                Tensor::zeros_on(&meta),
+                Err(CommError::BackendUnavailable { .. })
+            ));
+            assert_eq!(comm_core::visible_devices(), 0);
+            let f = NcclFactory;
+            assert!(matches!(
+                f.available(Device::Cuda(0)),
                 Err(CommError::BackendUnavailable { .. })
             ));
         }
         Err(e) => panic!("unexpected error kind: {e:?}"),
     }
+    assert!(matches!(
+        NcclFactory.available(Device::Cpu),
+        Err(CommError::BackendUnavailable { .. })
+    ));
     match comm_nccl::nccl_available() {
         Ok(info) => eprintln!("NCCL available: {info:?}"),
         Err(CommError::BackendUnavailable { backend, reason }) => {
@@ -390,9 +606,14 @@ fn communicator_without_cuda_is_unavailable() {
         return;
     }
     let store = dist_utils::HashStore::new();
-    let r = comm_nccl::NcclCommunicator::new(std::sync::Arc::new(store), 0, 1, Default::default());
+    let r = NcclCommunicator::new(&store, 0, 1, NcclOptions::new(0));
     assert!(
         matches!(r, Err(CommError::BackendUnavailable { .. })),
         "{r:?}"
     );
+    let ctx = comm_core::GroupContext::new(Arc::new(store), 0, 1).device(Device::Cuda(0));
+    assert!(matches!(
+        NcclFactory.create(&ctx),
+        Err(CommError::BackendUnavailable { .. })
+    ));
 }

@@ -1,35 +1,130 @@
-//! Stand-in for `comm-perf --backend shm` until that tool exists: the same
-//! table as `benches/peers/mpi_bench.c` (op, bytes, time_us, algbw, busbw;
-//! f32; 8 B .. 64 MiB), plus MessageQueue 1 KiB one-way latency.
+//! Measures the shm backend the way `benches/peers/mpi_bench.c` measures
+//! Open MPI and `benches/peers/vllm_mq_bench.py` measures vLLM's queue, with
+//! ranks as real processes (this program re-executed per rank; `--threads`
+//! runs them as threads instead).
 //!
-//! Ranks are threads of this process, each with its own mapping of the
-//! segment (the data path is the same as with processes).
+//! Collectives (through the checked front, as users call them): for each op
+//! and size (bytes of one rank's buffer: all_reduce / broadcast the tensor,
+//! all_gather the gathered output, all_to_all one rank's input), f32, it
+//! prints `op bytes time_us algbw_GBps busbw_GBps` where time is the mean per
+//! call of the slowest rank, like nccl-tests and mpi_bench.
+//! `all_to_all_4d` is the Ulysses exchange `[1, S/P, H, D] -> [1, S, H/P, D]`
+//! (H = 24 heads, D = 128) as one strided all-to-all with no permute; its
+//! bytes are the largest such tensor not above the size.
+//!
+//! MessageQueue (`--mq`): one writer and N reader processes, per size:
+//! `pipelined` (the writer enqueues back to back; time per message until
+//! every reader has read the last one) and `round trip` (the writer
+//! enqueues one message, each reader answers with 8 bytes on its own queue;
+//! one-way = half the round trip).
 //!
 //! ```text
-//! cargo run --release -p comm-shm --example shm_perf -- --world 4 [--op all_reduce] [--check]
-//! cargo run --release -p comm-shm --example shm_perf -- --mq-readers 3
+//! cargo run --release -p comm-shm --example shm_perf -- --world 4 [--op all_to_all] [-b 64K] [-e 64M] [--check]
+//! cargo run --release -p comm-shm --example shm_perf -- --world 2 --op all_to_all_4d,all_to_all -b 1M -e 128M
+//! cargo run --release -p comm-shm --example shm_perf -- --mq --readers 3 [-b 4] [-e 64M]
 //! ```
+//! Tuning: `--ws-kib`, `--one-shot-kib`, `--spin`, `--single-copy MIN_BYTES`,
+//! `--pin` (rank r on core r % cores).
 
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use comm_core::{DType, DeviceCommunicator, ReduceOp, Store, Tensor};
-use comm_shm::{MessageQueue, MqOptions, ShmCommunicator, ShmOptions};
-use dist_utils::HashStore;
+use comm_core::{
+    BlockLayout, Collective, Communicator, GroupContext, Layout, ReduceOp, Registry, Store,
+};
+use comm_shm::{MessageQueue, MqOptions, ShmFactory, ShmOptions, SpinPolicy};
+use dist_utils::{FileStore, HashStore};
 
-const SIZES: [usize; 10] = [
-    8,
-    64,
-    512,
-    4096,
-    65536,
-    262_144,
-    1 << 20,
-    4 << 20,
-    16 << 20,
-    64 << 20,
+const OPS: [&str; 6] = [
+    "all_reduce",
+    "all_gather",
+    "all_to_all",
+    "all_to_all_4d",
+    "broadcast",
+    "reduce_scatter",
 ];
-const OPS: [&str; 4] = ["all_reduce", "all_gather", "all_to_all", "broadcast"];
+const HEADS: usize = 24;
+const HEAD_DIM: usize = 128;
+
+#[derive(Debug, Clone)]
+struct Args {
+    world: usize,
+    ops: Vec<String>,
+    min: usize,
+    max: usize,
+    check: bool,
+    threads: bool,
+    mq: bool,
+    readers: usize,
+    pin: bool,
+    opts: ShmOptions,
+    raw: Vec<String>,
+}
+
+fn size(s: &str) -> usize {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<usize>().expect("a size like 64K") * mul
+}
+
+fn parse() -> Args {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let get = |n: &str| {
+        raw.iter()
+            .position(|a| a == n)
+            .and_then(|i| raw.get(i + 1).cloned())
+    };
+    let has = |n: &str| raw.iter().any(|a| a == n);
+    let mut opts = ShmOptions::default().timeout(Duration::from_secs(120));
+    if let Some(v) = get("--ws-kib") {
+        opts = opts.workspace_bytes(v.parse::<usize>().unwrap() << 10);
+    }
+    if let Some(v) = get("--one-shot-kib") {
+        opts = opts.one_shot_max_bytes(v.parse::<usize>().unwrap() << 10);
+    }
+    if let Some(v) = get("--spin") {
+        opts = opts.spin(SpinPolicy {
+            spin_iters: v.parse().unwrap(),
+            ..SpinPolicy::default()
+        });
+    }
+    if let Some(v) = get("--single-copy") {
+        opts = opts.single_copy(true, size(&v));
+    }
+    let mq = has("--mq");
+    Args {
+        world: get("--world").map_or(2, |v| v.parse().unwrap()),
+        ops: get("--op").map_or(OPS.iter().map(|s| s.to_string()).collect(), |v| {
+            v.split(',').map(str::to_string).collect()
+        }),
+        min: get("-b").map_or(if mq { 4 } else { 8 }, |v| size(&v)),
+        max: get("-e").map_or(64 << 20, |v| size(&v)),
+        check: has("--check"),
+        threads: has("--threads"),
+        mq,
+        readers: get("--readers").map_or(1, |v| v.parse().unwrap()),
+        pin: has("--pin"),
+        opts,
+        raw,
+    }
+}
+
+fn sizes(a: &Args) -> Vec<usize> {
+    let mut v = Vec::new();
+    let mut s = a.min.max(1);
+    while s <= a.max {
+        v.push(s);
+        s *= if a.mq { 4 } else { 2 };
+    }
+    v
+}
 
 fn iters_for(bytes: usize) -> usize {
     if bytes <= 64 {
@@ -38,215 +133,341 @@ fn iters_for(bytes: usize) -> usize {
     (400_000_000 / bytes).clamp(5, 20_000)
 }
 
-fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1).cloned())
+fn pin(rank: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(rank % cores);
+    let _ = rustix::thread::sched_setaffinity(None, &set);
 }
+
+const CHILD: &str = "SHM_PERF_RANK";
+const STORE: &str = "SHM_PERF_STORE";
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(n) = arg(&args, "--mq-readers") {
-        mq_latency(n.parse().unwrap());
+    let a = parse();
+    if let Ok(r) = std::env::var(CHILD) {
+        let rank: usize = r.parse().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(FileStore::new(std::env::var(STORE).unwrap()).unwrap());
+        if a.pin {
+            pin(rank);
+        }
+        if a.mq {
+            mq_rank(&a, rank, store);
+        } else {
+            collectives_rank(&a, rank, store);
+        }
         return;
     }
-    let world: usize = arg(&args, "--world").map_or(2, |v| v.parse().unwrap());
-    let only = arg(&args, "--op");
-    let check = args.iter().any(|a| a == "--check");
-    let mut opts = ShmOptions::default();
-    if let Some(v) = arg(&args, "--ws-kib") {
-        opts.workspace_bytes = v.parse::<usize>().unwrap() << 10;
-    }
-    if let Some(v) = arg(&args, "--spin") {
-        opts.spin = Some(comm_shm::SpinPolicy {
-            spin_iters: v.parse().unwrap(),
-            ..Default::default()
+    let n = if a.mq { a.readers + 1 } else { a.world };
+    if a.threads {
+        let store: Arc<dyn Store> = Arc::new(HashStore::new());
+        std::thread::scope(|s| {
+            for r in 0..n {
+                let (a, store) = (a.clone(), store.clone());
+                s.spawn(move || {
+                    if a.pin {
+                        pin(r);
+                    }
+                    if a.mq {
+                        mq_rank(&a, r, store)
+                    } else {
+                        collectives_rank(&a, r, store)
+                    }
+                });
+            }
         });
+        return;
     }
-    if let Some(v) = arg(&args, "--one-shot-kib") {
-        opts.one_shot_max_bytes = v.parse::<usize>().unwrap() << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let path: PathBuf = dir.path().join("store");
+    FileStore::new(&path).unwrap();
+    let kids: Vec<_> = (0..n)
+        .map(|r| {
+            Command::new(std::env::current_exe().unwrap())
+                .args(&a.raw)
+                .env(CHILD, r.to_string())
+                .env(STORE, &path)
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut ok = true;
+    for mut k in kids {
+        ok &= k.wait().unwrap().success();
     }
-    let store: Arc<dyn Store> = Arc::new(HashStore::new());
-    println!(
-        "# comm-shm world {world} (ranks are threads)\n# op bytes time_us algbw_GBps busbw_GBps"
-    );
-    std::thread::scope(|s| {
-        for r in 0..world {
-            let store = store.clone();
-            let only = only.clone();
-            let opts = opts.clone();
-            s.spawn(move || {
-                let mut c = ShmCommunicator::new(&*store, r, world, opts).unwrap();
-                let mut a = Tensor::from_vec1(
-                    (0..(64 << 20) / 4)
-                        .map(|i| (i % 7) as f32)
-                        .collect::<Vec<f32>>(),
-                );
-                let mut b = Tensor::zeros([(64 << 20) / 4], DType::F32);
-                for op in OPS {
-                    if only.as_deref().is_some_and(|o| o != op) {
-                        continue;
-                    }
-                    for bytes in SIZES {
-                        let mut n = bytes / 4;
-                        if op == "all_gather" || op == "all_to_all" {
-                            n -= n % world;
-                            if n == 0 {
-                                continue;
-                            }
-                        }
-                        let mut x =
-                            Tensor::from_slice(&a.as_slice::<f32>().unwrap()[..n], [n]).unwrap();
-                        let mut y = Tensor::zeros([n], DType::F32);
-                        let mut xs = Tensor::from_slice(
-                            &a.as_slice::<f32>().unwrap()[..n / world],
-                            [n / world],
-                        )
-                        .unwrap();
-                        let it = iters_for(bytes);
-                        let warm = it / 10 + 2;
-                        let mut t0 = Instant::now();
-                        for i in 0..warm + it {
-                            if i == warm {
-                                c.barrier().unwrap();
-                                t0 = Instant::now();
-                            }
-                            match op {
-                                "all_reduce" => c.all_reduce(&mut x, ReduceOp::Sum).unwrap(),
-                                "all_gather" => c.all_gather(&xs, &mut y).unwrap(),
-                                "all_to_all" => c.all_to_all(&x, &mut y).unwrap(),
-                                _ => c.broadcast(&mut x, 0).unwrap(),
-                            }
-                            if op == "all_reduce" && i % 4 == 0 {
-                                x.as_mut_slice::<f32>().unwrap()[0] = 1.0;
-                            }
-                        }
-                        let el = t0.elapsed().as_secs_f64() / it as f64;
-                        // slowest rank: all_reduce max of the times
-                        let mut tm = Tensor::from_vec1(vec![el]);
-                        c.all_reduce(&mut tm, ReduceOp::Max).unwrap();
-                        let mx = tm.as_slice::<f64>().unwrap()[0];
-                        if r == 0 {
-                            let alg = (n * 4) as f64 / mx / 1e9;
-                            let w = world as f64;
-                            let f = match op {
-                                "all_reduce" => 2.0 * (w - 1.0) / w,
-                                "broadcast" => 1.0,
-                                _ => (w - 1.0) / w,
-                            };
-                            println!("{op} {} {:.2} {:.3} {:.3}", n * 4, mx * 1e6, alg, alg * f);
-                        }
-                        if check {
-                            // one verified call per size
-                            let ok = verify(&mut c, op, n, r, world);
-                            assert!(ok, "{op} {bytes} wrong on rank {r}");
-                        }
-                        drop(xs.as_bytes_mut());
-                    }
-                }
-                let _ = (&mut a, &mut b);
-            });
-        }
-    });
+    assert!(ok, "a rank failed");
 }
 
-fn verify(c: &mut ShmCommunicator, op: &str, n: usize, r: usize, w: usize) -> bool {
+fn comm_for(a: &Args, rank: usize, store: Arc<dyn Store>) -> Communicator {
+    let reg = Registry::new().with(ShmFactory::with_options(a.opts.clone()));
+    let ctx = GroupContext::new(store, rank, a.world)
+        .timeout(Duration::from_secs(120))
+        .group_name("perf");
+    reg.create("shm", &ctx).unwrap()
+}
+
+/// The Ulysses mode-1 layouts of `[1, S/P, H, D]` f32 of at most `bytes`,
+/// with the element count: `(send, recv, elements)`.
+fn ulysses(bytes: usize, p: usize) -> Option<(BlockLayout, BlockLayout, usize, [usize; 4])> {
+    let (h, d) = (HEADS, HEAD_DIM);
+    if h % p != 0 {
+        return None;
+    }
+    let sp = bytes / 4 / (h * d);
+    if sp == 0 {
+        return None;
+    }
+    let hp = h / p;
+    let send = BlockLayout {
+        block_step: hp * d,
+        runs: sp,
+        run: hp * d,
+        stride: h * d,
+    };
+    let recv = BlockLayout::contiguous(sp * hp * d);
+    Some((send, recv, sp * h * d, [1, sp, h, d]))
+}
+
+fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
+    let c = comm_for(a, rank, store);
+    let w = a.world;
+    let max = a.max;
+    let mut x: Vec<f32> = (0..max / 4).map(|i| (i % 7) as f32).collect();
+    let mut y = vec![0f32; max / 4];
+    if rank == 0 {
+        println!(
+            "# comm-shm world {w} ({}), single copy {}\n# op bytes time_us algbw_GBps busbw_GBps",
+            if a.threads {
+                "ranks are threads"
+            } else {
+                "ranks are processes"
+            },
+            if a.opts.single_copy {
+                "requested"
+            } else {
+                "off"
+            }
+        );
+    }
+    for op in &a.ops {
+        for bytes in sizes(a) {
+            let mut n = bytes / 4;
+            let mut shape4 = None;
+            match op.as_str() {
+                "all_gather" | "all_to_all" | "reduce_scatter" => {
+                    n -= n % w;
+                    if n == 0 {
+                        continue;
+                    }
+                }
+                "all_to_all_4d" => match ulysses(bytes, w) {
+                    Some(u) => {
+                        n = u.2;
+                        shape4 = Some(u);
+                    }
+                    None => continue,
+                },
+                _ => {}
+            }
+            let it = iters_for(bytes);
+            let warm = it / 10 + 2;
+            let mut t0 = Instant::now();
+            for i in 0..warm + it {
+                if i == warm {
+                    c.barrier().unwrap();
+                    t0 = Instant::now();
+                }
+                match op.as_str() {
+                    "all_reduce" => c.all_reduce(&mut x[..n], ReduceOp::Sum).unwrap(),
+                    "all_gather" => c.all_gather(&x[..n / w], &mut y[..n]).unwrap(),
+                    "reduce_scatter" => c
+                        .reduce_scatter(&x[..n], &mut y[..n / w], ReduceOp::Sum)
+                        .unwrap(),
+                    "all_to_all" => c.all_to_all(&x[..n], &mut y[..n]).unwrap(),
+                    "all_to_all_4d" => {
+                        let (send, recv, _, shape) = shape4.as_ref().unwrap();
+                        let l = Layout {
+                            op: Collective::AllToAll4d,
+                            shape,
+                            arg: 2 * 16 + 1,
+                        };
+                        c.all_to_all_strided(&x[..n], *send, &mut y[..n], *recv, Some(l))
+                            .unwrap()
+                    }
+                    "broadcast" => c.broadcast(&mut x[..n], 0).unwrap(),
+                    other => panic!("unknown op {other}"),
+                }
+                if op == "all_reduce" && i % 4 == 0 {
+                    x[0] = 1.0;
+                }
+            }
+            let el = t0.elapsed().as_secs_f64() / it as f64;
+            let mut tm = [el];
+            c.all_reduce(&mut tm, ReduceOp::Max).unwrap();
+            if rank == 0 {
+                let alg = (n * 4) as f64 / tm[0] / 1e9;
+                let wf = w as f64;
+                let f = match op.as_str() {
+                    "all_reduce" => 2.0 * (wf - 1.0) / wf,
+                    "broadcast" => 1.0,
+                    _ => (wf - 1.0) / wf,
+                };
+                println!(
+                    "{op} {} {:.2} {:.3} {:.3}",
+                    n * 4,
+                    tm[0] * 1e6,
+                    alg,
+                    alg * f
+                );
+            }
+            if a.check {
+                verify(&c, op, n, rank, w, shape4.as_ref());
+            }
+        }
+    }
+}
+
+/// One checked call per size (values that are exact in f32).
+fn verify(
+    c: &Communicator,
+    op: &str,
+    n: usize,
+    r: usize,
+    w: usize,
+    u: Option<&(BlockLayout, BlockLayout, usize, [usize; 4])>,
+) {
     let val = |rank: usize, i: usize| ((rank * 3 + i) % 5) as f32;
-    let x = Tensor::from_vec1((0..n).map(|i| val(r, i)).collect::<Vec<f32>>());
-    match op {
+    let x: Vec<f32> = (0..n).map(|i| val(r, i)).collect();
+    let m = n / w;
+    let ok = match op {
         "all_reduce" => {
             let mut t = x;
             c.all_reduce(&mut t, ReduceOp::Sum).unwrap();
-            t.as_slice::<f32>()
-                .unwrap()
-                .iter()
+            t.iter()
                 .enumerate()
                 .all(|(i, v)| *v == (0..w).map(|q| val(q, i)).sum::<f32>())
         }
         "broadcast" => {
             let mut t = x;
             c.broadcast(&mut t, 0).unwrap();
-            t.as_slice::<f32>()
-                .unwrap()
-                .iter()
-                .enumerate()
-                .all(|(i, v)| *v == val(0, i))
+            t.iter().enumerate().all(|(i, v)| *v == val(0, i))
         }
         "all_gather" => {
-            let m = n / w;
-            let xs = Tensor::from_vec1((0..m).map(|i| val(r, i)).collect::<Vec<f32>>());
-            let mut y = Tensor::zeros([m * w], DType::F32);
-            c.all_gather(&xs, &mut y).unwrap();
-            y.as_slice::<f32>()
-                .unwrap()
-                .iter()
+            let mut y = vec![0f32; m * w];
+            c.all_gather(&x[..m], &mut y).unwrap();
+            y.iter().enumerate().all(|(j, v)| *v == val(j / m, j % m))
+        }
+        "reduce_scatter" => {
+            let mut y = vec![0f32; m];
+            c.reduce_scatter(&x, &mut y, ReduceOp::Sum).unwrap();
+            y.iter()
                 .enumerate()
-                .all(|(j, v)| *v == val(j / m, j % m))
+                .all(|(j, v)| *v == (0..w).map(|q| val(q, r * m + j)).sum::<f32>())
+        }
+        "all_to_all_4d" => {
+            let (send, recv, _, shape) = u.unwrap();
+            let mut y = vec![0f32; n];
+            let l = Layout {
+                op: Collective::AllToAll4d,
+                shape,
+                arg: 2 * 16 + 1,
+            };
+            c.all_to_all_strided(&x, *send, &mut y, *recv, Some(l))
+                .unwrap();
+            // Output [1, S, H/P, D]: row s, head h of it = rank s / sp's
+            // input row s % sp, head r * hp + h.
+            let (sp, hp, d) = (shape[1], HEADS / w, HEAD_DIM);
+            y.iter().enumerate().all(|(j, v)| {
+                let (row, hh, dd) = (j / (hp * d), (j / d) % hp, j % d);
+                let (q, sl) = (row / sp, row % sp);
+                *v == val(q, (sl * HEADS + r * hp + hh) * d + dd)
+            })
         }
         _ => {
-            let mut y = Tensor::zeros([n], DType::F32);
+            let mut y = vec![0f32; n];
             c.all_to_all(&x, &mut y).unwrap();
-            let m = n / w;
-            // block q of my output = block r of rank q's input
-            y.as_slice::<f32>()
-                .unwrap()
-                .iter()
+            y.iter()
                 .enumerate()
                 .all(|(j, v)| *v == val(j / m, r * m + j % m))
         }
-    }
+    };
+    assert!(ok, "{op} of {n} elements wrong on rank {r}");
 }
 
-/// 1 KiB one-way latency = half the round trip: the writer enqueues 1 KiB to
-/// N readers; each reader answers on its own return queue; the writer waits
-/// for every answer.
-fn mq_latency(readers: usize) {
-    let store: Arc<dyn Store> = Arc::new(HashStore::new());
-    let iters = 20_000;
-    let ranks: Vec<usize> = (1..=readers).collect();
-    let o = MqOptions {
-        timeout: Duration::from_secs(60),
-        ..Default::default()
-    };
-    std::thread::scope(|s| {
-        for &r in &ranks {
-            let (store, o) = (store.clone(), o.clone());
-            s.spawn(move || {
-                let mut q = MessageQueue::open_reader(&*store, "fwd", r, o.clone()).unwrap();
-                let mut back =
-                    MessageQueue::create_writer(&*store, &format!("back{r}"), r, &[0], 1 << 16, o)
-                        .unwrap();
-                let mut buf = Vec::with_capacity(1024);
-                for _ in 0..iters {
-                    q.dequeue_into(&mut buf, Duration::from_secs(60)).unwrap();
-                    back.enqueue(&buf[..8]).unwrap();
-                }
-            });
-        }
+/// MessageQueue: rank 0 writes, ranks 1..=N read.
+fn mq_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
+    let n = a.readers;
+    let readers: Vec<usize> = (1..=n).collect();
+    let ring = (a.max + 64).clamp(1 << 20, 64 << 20);
+    let o = MqOptions::default()
+        .timeout(Duration::from_secs(120))
+        .max_message_bytes(a.max.max(8));
+    let sizes = sizes(a);
+    let dl = Duration::from_secs(120);
+    if rank == 0 {
+        println!(
+            "# comm-shm MessageQueue, 1 writer + {n} reader {} (ring {} KiB)\n# mode bytes time_us",
+            if a.threads { "threads" } else { "processes" },
+            ring >> 10
+        );
         let mut q =
-            MessageQueue::create_writer(&*store, "fwd", 0, &ranks, 1 << 20, o.clone()).unwrap();
-        let mut backs: Vec<MessageQueue> = ranks
+            MessageQueue::create_writer(&*store, "fwd", 0, &readers, ring, o.clone()).unwrap();
+        let mut backs: Vec<MessageQueue> = readers
             .iter()
             .map(|r| MessageQueue::open_reader(&*store, &format!("back{r}"), 0, o.clone()).unwrap())
             .collect();
-        let msg = vec![7u8; 1024];
+        let msg = vec![7u8; a.max.max(8)];
         let mut buf = Vec::with_capacity(64);
-        let warm = 1000;
-        let mut t0 = Instant::now();
-        for i in 0..iters {
-            if i == warm {
-                t0 = Instant::now();
+        for &s in &sizes {
+            let it = (200_000_000 / s.max(1024)).clamp(20, 20_000);
+            let warm = it / 10 + 1;
+            // Pipelined: back to back; readers answer once, after the last.
+            let mut t0 = Instant::now();
+            for i in 0..warm + it {
+                if i == warm {
+                    t0 = Instant::now();
+                }
+                q.enqueue(&msg[..s]).unwrap();
             }
-            q.enqueue(&msg).unwrap();
             for b in &mut backs {
-                b.dequeue_into(&mut buf, Duration::from_secs(60)).unwrap();
+                b.dequeue_into(&mut buf, dl).unwrap();
+            }
+            let pipe = t0.elapsed().as_secs_f64() / it as f64;
+            // Round trip.
+            let rt_it = (it / 4).max(10);
+            let mut t0 = Instant::now();
+            for i in 0..warm + rt_it {
+                if i == warm {
+                    t0 = Instant::now();
+                }
+                q.enqueue(&msg[..s]).unwrap();
+                for b in &mut backs {
+                    b.dequeue_into(&mut buf, dl).unwrap();
+                }
+            }
+            let rtt = t0.elapsed().as_secs_f64() / rt_it as f64;
+            println!("pipelined {s} {:.3}", pipe * 1e6);
+            println!("round_trip {s} {:.3} (one-way {:.3})", rtt * 1e6, rtt * 5e5);
+        }
+    } else {
+        let mut q = MessageQueue::open_reader(&*store, "fwd", rank, o.clone()).unwrap();
+        let mut back =
+            MessageQueue::create_writer(&*store, &format!("back{rank}"), rank, &[0], 1 << 16, o)
+                .unwrap();
+        let mut buf = Vec::with_capacity(a.max);
+        for &s in &sizes {
+            let it = (200_000_000 / s.max(1024)).clamp(20, 20_000);
+            let warm = it / 10 + 1;
+            for _ in 0..warm + it {
+                q.dequeue_into(&mut buf, dl).unwrap();
+            }
+            assert_eq!(buf.len(), s);
+            back.enqueue(&buf[..8.min(s)]).unwrap();
+            for _ in 0..warm + (it / 4).max(10) {
+                q.dequeue_into(&mut buf, dl).unwrap();
+                back.enqueue(&buf[..8.min(s)]).unwrap();
             }
         }
-        let rtt = t0.elapsed().as_secs_f64() / (iters - warm) as f64;
-        println!(
-            "mq 1KiB readers={readers} one_way_us={:.2} (rtt {:.2} us)",
-            rtt * 1e6 / 2.0,
-            rtt * 1e6
-        );
-    });
+    }
 }

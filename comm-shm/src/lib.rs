@@ -3,26 +3,42 @@
 //! The shared-memory backend of the distributed layer, for members of a group
 //! that live on one host:
 //!
-//! * [`segment`]: the substrate. Segments created `0600` under unique names,
-//!   unlinked as soon as every member attached (so nothing leaks, even after
-//!   `SIGKILL`), a header with magic, version, job id and member pids, a
-//!   free-space check, and cross-process waits (bounded spin, yield, then a
-//!   shared futex) that notice aborts, deadlines and dead members.
+//! * [`segment`]: the substrate. Segments created `0600` under unique names
+//!   that carry the job id ([`default_job_id`]), unlinked as soon as every
+//!   member attached (so nothing leaks, even after `SIGKILL`) and by a
+//!   signal handler while members set up, a header with magic, version and
+//!   member pids, a free-space check, and cross-process waits (bounded spin,
+//!   yield, then a shared futex) that notice aborts, deadlines and dead
+//!   members.
 //! * [`MessageQueue`]: one writer, many readers, variable-length records in a
 //!   byte ring with per-reader cursors; messages of any size stream through
 //!   the ring. This is the broadcaster behind `broadcast_object` and RPC.
-//! * [`ShmCommunicator`]: a [`comm_core::DeviceCommunicator`] for host tensors.
+//! * [`ShmCommunicator`]: a [`comm_core::DeviceCommunicator`] for host
+//!   memory, created through [`ShmFactory`] (registered as `shm`) behind the
+//!   checked front [`comm_core::Communicator`].
 //!
 //! Memory ordering: every flag and cursor is an atomic on its own 128-byte
 //! line; data is published with release stores and consumed after acquire
 //! loads, which is what ARM needs as well as x86.
+//!
+//! Environment variables: `DIST_JOB_ID` / `DIST_JOB_SECRET` (segment names),
+//! `DIST_SHM_SPIN`, `DIST_SHM_ONE_SHOT_MAX`, `DIST_SHM_SINGLE_COPY`,
+//! `DIST_SHM_SINGLE_COPY_MIN` (tuning; see [`ShmOptions`] and [`SpinPolicy`]).
 
 #![warn(missing_docs)]
 
 mod comm;
+mod factory;
 mod mq;
+mod names;
 pub mod segment;
+mod wire;
 
 pub use comm::{ShmCommunicator, ShmOptions};
+pub use factory::ShmFactory;
 pub use mq::{MessageQueue, MqOptions, Role};
-pub use segment::{check_free_space, default_job_id, list_segments, Segment, SpinPolicy};
+pub use names::{
+    default_job_id, list_segments, remove_job_segments, sanitize_job, segment_prefix, JOB_ID_ENV,
+    JOB_SECRET_ENV, NAME_PREFIX, SHM_DIR,
+};
+pub use segment::{check_free_space, Segment, SpinPolicy};

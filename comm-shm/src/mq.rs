@@ -11,23 +11,25 @@
 //! (back-pressure); a timeout names the lagging reader(s).
 //!
 //! Cursors are 64-bit byte positions, each on its own cache line (the
-//! auxiliary word of a [`Flag`](crate::segment::Flag)), published with release
+//! first data word of a [`Flag`](crate::segment::Flag)), published with release
 //! stores; the low 32 bits double as the futex word.
 
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
-use comm_core::{CommError, Deadline, Result, Store};
+use comm_core::{CommError, Deadline, Missing, Result, Store};
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::segment::{
-    default_job_id, Segment, SetupSpec, SpinPolicy, WaitFail, Watch, ABORTED, CLOSED,
-};
+use crate::names::default_job_id;
+use crate::segment::{Segment, SetupSpec, SpinPolicy, WaitFail, Watch, ABORTED, CLOSED};
+use crate::wire::{record_len, AbortRecord};
 
 const KIND_MQ: u32 = 0x4d51_5545; // "MQUE"
 
-/// Options of a [`MessageQueue`].
+/// Options of a [`MessageQueue`]. Start from [`MqOptions::default`] and use
+/// the builder methods.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct MqOptions {
     /// Deadline of set-up and the default deadline of enqueue / dequeue.
     pub timeout: Duration,
@@ -38,6 +40,38 @@ pub struct MqOptions {
     /// Spin / yield / sleep policy of waits; `None`:
     /// [`SpinPolicy::for_members`]`(1 + readers)`.
     pub spin: Option<SpinPolicy>,
+    /// Largest message a reader accepts (default 1 GiB): a record header
+    /// announcing more is a protocol error, so a corrupt ring cannot make a
+    /// reader allocate without bound.
+    pub max_message_bytes: usize,
+}
+
+impl MqOptions {
+    /// With a deadline.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+    /// With a job id.
+    pub fn job_id(mut self, j: impl Into<String>) -> Self {
+        self.job_id = j.into();
+        self
+    }
+    /// With a name.
+    pub fn name(mut self, n: impl Into<String>) -> Self {
+        self.name = n.into();
+        self
+    }
+    /// With a spin policy.
+    pub fn spin(mut self, s: SpinPolicy) -> Self {
+        self.spin = Some(s);
+        self
+    }
+    /// With a message size limit.
+    pub fn max_message_bytes(mut self, n: usize) -> Self {
+        self.max_message_bytes = n;
+        self
+    }
 }
 
 impl Default for MqOptions {
@@ -47,6 +81,7 @@ impl Default for MqOptions {
             job_id: default_job_id(),
             name: "mq".into(),
             spin: None,
+            max_message_bytes: 1 << 30,
         }
     }
 }
@@ -89,6 +124,7 @@ pub struct MessageQueue {
     cached: u64,
     timeout: Duration,
     name: String,
+    max_message: usize,
 }
 
 impl MessageQueue {
@@ -192,8 +228,8 @@ impl MessageQueue {
         opts: MqOptions,
     ) -> Result<Self> {
         let n = reader_ranks.len();
-        let mut labels = vec![format!("writer rank {writer_rank}")];
-        labels.extend(reader_ranks.iter().map(|r| format!("reader rank {r}")));
+        let mut ranks = vec![writer_rank];
+        ranks.extend(&reader_ranks);
         let spec = SetupSpec {
             store,
             key: format!("{key}/{instance}/segment"),
@@ -202,13 +238,13 @@ impl MessageQueue {
                 Role::Reader(i) => 1 + i,
             },
             members: 1 + n,
-            ctrl_flags: 1 + n,
+            ctrl_lines: 1 + n,
             payload_bytes: ring,
             job_id: &opts.job_id,
             kind: KIND_MQ,
             timeout: opts.timeout,
             what: format!("message queue `{}`", opts.name),
-            labels,
+            ranks,
             policy: opts.spin.unwrap_or_else(|| SpinPolicy::for_members(1 + n)),
         };
         let seg = Segment::establish(&spec)?;
@@ -223,6 +259,7 @@ impl MessageQueue {
             cached: 0,
             timeout: opts.timeout,
             name: opts.name,
+            max_message: opts.max_message_bytes,
         })
     }
 
@@ -249,12 +286,19 @@ impl MessageQueue {
     /// Writer: marks the queue closed. Readers drain what was written, then
     /// get [`CommError::Aborted`]; blocked readers wake at once.
     pub fn shutdown(&self) {
-        self.seg.set_abort(CLOSED);
+        self.seg.set_abort(CLOSED, None);
     }
 
-    /// Marks the queue aborted for every member (writer or reader).
+    /// Marks the queue aborted for every member (writer or reader): their
+    /// blocked and later calls fail with [`CommError::PeerAborted`] naming
+    /// this end.
     pub fn abort(&self) {
-        self.seg.set_abort(ABORTED);
+        let rec = AbortRecord {
+            member: self.seg.member_index(),
+            reason: format!("message queue `{}` aborted", self.name),
+            culprits: Vec::new(),
+        };
+        self.seg.set_abort(ABORTED, Some(&rec));
     }
 
     fn what(&self, op: &str) -> String {
@@ -278,14 +322,25 @@ impl MessageQueue {
         }
     }
 
-    fn fail(&self, f: WaitFail, op: &str, dl: &Deadline, missing: Vec<String>) -> CommError {
+    fn fail(&self, f: WaitFail, op: &str, dl: &Deadline, missing: Vec<Missing>) -> CommError {
         let what = self.what(op);
         match f {
-            WaitFail::Timeout => CommError::timeout(what, dl.elapsed(), missing),
+            WaitFail::Timeout => CommError::timeout_ranks(what, dl.elapsed(), missing),
             WaitFail::Aborted(CLOSED) => {
                 CommError::Aborted(format!("{what}: the writer shut the queue down"))
             }
-            WaitFail::Aborted(_) => CommError::Aborted(format!("{what}: the queue was aborted")),
+            WaitFail::Aborted(_) => match self.seg.abort_record() {
+                Some(rec) if rec.member != self.seg.member_index() => {
+                    let culprits = rec.missing(|m| self.member_rank(m));
+                    CommError::peer_aborted(
+                        self.member_rank(rec.member),
+                        what,
+                        rec.reason,
+                        culprits,
+                    )
+                }
+                _ => CommError::Aborted(format!("{what}: the queue was aborted")),
+            },
             WaitFail::Lost { member, detail } => {
                 CommError::peer_lost(self.member_rank(member), what, detail)
             }
@@ -294,7 +349,7 @@ impl MessageQueue {
 
     #[inline]
     fn ring_ptr(&self) -> *mut u8 {
-        self.seg.payload()
+        self.seg.payload_at(0, self.ring as usize)
     }
 
     fn ring_copy_in(&self, pos: u64, src: &[u8]) {
@@ -333,14 +388,14 @@ impl MessageQueue {
             Role::Writer => self.seg.flag(0),
             Role::Reader(i) => self.seg.flag(1 + i),
         };
-        f.aux[0].store(self.pos, Release);
+        f.words[0].store(self.pos, Release);
         f.publish(self.pos as u32);
         self.published = self.pos;
     }
 
     fn min_reader(&self) -> Option<(usize, u64)> {
         (0..self.reader_ranks.len())
-            .map(|i| (i, self.seg.flag(1 + i).aux[0].load(Acquire)))
+            .map(|i| (i, self.seg.flag(1 + i).words[0].load(Acquire)))
             .min_by_key(|&(_, p)| p)
     }
 
@@ -378,18 +433,18 @@ impl MessageQueue {
         let (pos, ring) = (self.pos, self.ring);
         if let Err(e) = self.seg.wait(
             f,
-            || f.aux[0].load(Acquire) + ring > pos,
+            || f.words[0].load(Acquire) + ring > pos,
             Watch::One(1 + i),
             dl,
+            &|| {},
         ) {
             let lagging = (0..self.reader_ranks.len())
                 .filter_map(|j| {
-                    let p = self.seg.flag(1 + j).aux[0].load(Acquire);
+                    let p = self.seg.flag(1 + j).words[0].load(Acquire);
                     (pos - p >= ring).then(|| {
-                        format!(
-                            "reader rank {} ({} bytes behind)",
+                        Missing::new(
                             self.reader_ranks[j],
-                            pos - p
+                            format!("reader, {} bytes behind", pos - p),
                         )
                     })
                 })
@@ -403,14 +458,17 @@ impl MessageQueue {
     fn wait_data(&mut self, dl: &Deadline) -> Result<()> {
         let f = self.seg.flag(0);
         let pos = self.pos;
-        if let Err(e) = self
-            .seg
-            .wait(f, || f.aux[0].load(Acquire) > pos, Watch::One(0), dl)
-        {
-            let writer = vec![format!("writer rank {}", self.writer_rank)];
+        if let Err(e) = self.seg.wait(
+            f,
+            || f.words[0].load(Acquire) > pos,
+            Watch::One(0),
+            dl,
+            &|| {},
+        ) {
+            let writer = vec![Missing::new(self.writer_rank, "writer")];
             return Err(self.fail(e, "dequeue", dl, writer));
         }
-        self.cached = f.aux[0].load(Acquire);
+        self.cached = f.words[0].load(Acquire);
         Ok(())
     }
 
@@ -420,7 +478,7 @@ impl MessageQueue {
         while got < dst.len() {
             let mut avail = self.cached - self.pos;
             if avail == 0 {
-                self.cached = self.seg.flag(0).aux[0].load(Acquire);
+                self.cached = self.seg.flag(0).words[0].load(Acquire);
                 avail = self.cached - self.pos;
             }
             if avail == 0 {
@@ -496,10 +554,19 @@ impl MessageQueue {
         let dl = Deadline::after(timeout);
         let mut hdr = [0u8; 8];
         self.read_stream(&mut hdr, &dl)?;
-        let len = u64::from_le_bytes(hdr) as usize;
+        let len = record_len(hdr, self.max_message, &self.what("dequeue"))?;
         out.clear();
-        out.resize(len, 0);
-        self.read_stream(out, &dl)?;
+        out.reserve(len);
+        // Straight into the vector's spare capacity: no zero-fill of bytes
+        // about to be overwritten (64 MiB of memset per message otherwise).
+        let spare = &mut out.spare_capacity_mut()[..len];
+        // SAFETY: MaybeUninit<u8> and u8 have the same layout; `read_stream`
+        // only writes into the slice (never reads it) and fills all of it
+        // or fails, and the length is set only after it succeeded.
+        let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), len) };
+        self.read_stream(dst, &dl)?;
+        // SAFETY: the first `len` bytes were written just above.
+        unsafe { out.set_len(len) };
         self.publish();
         Ok(())
     }
@@ -523,7 +590,7 @@ impl MessageQueue {
 impl Drop for MessageQueue {
     fn drop(&mut self) {
         if self.role == Role::Writer {
-            self.seg.set_abort(CLOSED);
+            self.seg.set_abort(CLOSED, None);
         }
     }
 }

@@ -3,24 +3,27 @@
 //! # Segments
 //! A segment is a POSIX shared-memory object created by one member with
 //! `O_CREAT | O_EXCL`, mode `0600`, under a unique name
-//! (`/dshm.<job>.<pid>.<random>`), sized with `ftruncate` + `fallocate` (so a
-//! full `/dev/shm` is an error at set-up, never a `SIGBUS` later) and mapped
-//! `MAP_SHARED | MAP_POPULATE`. Its name travels through the [`Store`]. Every
-//! member maps it, writes its pid into the member table and increments the
-//! attach counter; the member that brings the counter to the member count
-//! unlinks the name at once, so nothing is left in `/dev/shm` even if every
-//! member is later killed with `SIGKILL`. If set-up fails (a member never
-//! attaches before the deadline), the creator and every attached member
-//! unlink the name too.
+//! (`/dshm.<job>.<pid>.<random>`, see [`crate::names`]), sized with
+//! `ftruncate` + `fallocate` (so a full `/dev/shm` is an error at set-up,
+//! never a `SIGBUS` later) and mapped `MAP_SHARED | MAP_POPULATE`. Its name
+//! travels through the [`Store`]. Every member maps it, writes its pid into
+//! the member table and increments the attach counter; the member that
+//! brings the counter to the member count unlinks the name at once, so
+//! nothing is left in `/dev/shm` even if every member is later killed with
+//! `SIGKILL`. If set-up fails (a member never attaches before the deadline),
+//! the creator and every attached member unlink the name too, and while
+//! set-up is in progress a terminating signal unlinks it as well
+//! ([`crate::names`]).
 //!
 //! # Layout
 //! ```text
-//! line 0            meta: magic, version, member count, total length, kind, job id
-//! line 1            attach counter (a Flag)
-//! line 2            abort flag (a Flag): 0 running, 1 aborted, 2 closed
-//! lines 3..3+n      member table: pid, exited flag (one 128-byte line each)
-//! ctrl flags        the owner's Flags, one 128-byte line each
-//! payload           page aligned, owner-defined
+//! line 0             header: magic, version, member count, total length, kind, job id
+//! line 1             attach counter (a Flag)
+//! line 2             abort flag (a Flag): 0 running, 1 aborted, 2 closed; word 0 claims it
+//! lines 3..11        abort record: who aborted, why, whom it blamed
+//! lines 11..11+n     member table: pid, exited flag (one 128-byte line each)
+//! control lines      the owner's Flags, one 128-byte line each
+//! payload            page aligned, owner-defined
 //! ```
 //!
 //! # Waiting
@@ -31,9 +34,7 @@
 //! Publishers wake a flag's futex only when its `sleepers` count says someone
 //! sleeps there, so the fast path is one store and one fence.
 
-use std::collections::hash_map::RandomState;
 use std::fs::File;
-use std::hash::{BuildHasher, Hasher};
 use std::hint::spin_loop;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::time::{Duration, Instant};
@@ -44,28 +45,36 @@ use rustix::io::Errno;
 use rustix::shm;
 use rustix::thread::futex;
 
+use crate::names::{new_name, SetupGuard, SHM_DIR};
+use crate::wire::{AbortRecord, SegmentHeader, ABORT_BYTES};
+
 /// Cache-line size assumed for isolation (128 covers Apple/ARM big cores and
 /// x86's adjacent-line prefetcher).
 pub const LINE: usize = 128;
 const PAGE: usize = 4096;
-const MAGIC: u64 = u64::from_le_bytes(*b"DSHMSEG1");
-const VERSION: u32 = 1;
-/// Where POSIX shared memory lives on Linux.
-pub const SHM_DIR: &str = "/dev/shm";
-/// Every segment name starts with this (after the leading `/`).
-pub const NAME_PREFIX: &str = "dshm.";
+const MAGIC: u64 = u64::from_le_bytes(*b"DSHMSEG2");
+const VERSION: u32 = 2;
 const JOB_BYTES: usize = 48;
+const ABORT_LINES: usize = ABORT_BYTES / LINE;
+/// First line of the member table.
+const MEMBERS_AT: usize = 3 + ABORT_LINES;
+/// Most members of one segment.
+pub const MAX_MEMBERS: usize = 4096;
 
 /// Abort flag value: running.
 pub(crate) const RUNNING: u32 = 0;
-/// Abort flag value: `abort()` was called by some member.
+/// Abort flag value: some member aborted.
 pub(crate) const ABORTED: u32 = 1;
 /// Abort flag value: the owner closed the object (queue shutdown).
 pub(crate) const CLOSED: u32 = 2;
 
+/// Data words of a [`Flag`] line.
+pub const FLAG_WORDS: usize = 15;
+
 /// A cross-process flag on its own cache line: a 32-bit sequence word that is
-/// also the futex word, a count of sleepers, and two 64-bit auxiliary words
-/// (published with `seq`'s release store).
+/// also the futex word, a count of sleepers, and data words published with
+/// `seq`'s release store (written before it, read after an acquire load of
+/// it), so a waiter gets the flag and what it announces in one line.
 #[repr(C, align(128))]
 #[derive(Debug)]
 pub struct Flag {
@@ -73,8 +82,8 @@ pub struct Flag {
     pub seq: AtomicU32,
     /// Number of waiters sleeping (or about to sleep) in `futex_wait` on `seq`.
     pub sleepers: AtomicU32,
-    /// Auxiliary words, written before `seq` is published.
-    pub aux: [AtomicU64; 2],
+    /// Data words, written before `seq` is published.
+    pub words: [AtomicU64; FLAG_WORDS],
 }
 
 const _: () = assert!(std::mem::size_of::<Flag>() == LINE);
@@ -104,6 +113,20 @@ impl Flag {
     pub fn reached(&self, target: u32) -> bool {
         (self.seq.load(Acquire).wrapping_sub(target) as i32) >= 0
     }
+
+    /// Stores `w` into the first data words (relaxed: publish with `seq`).
+    #[inline]
+    pub(crate) fn store_words(&self, w: &[u64]) {
+        for (d, s) in self.words.iter().zip(w) {
+            d.store(*s, Relaxed);
+        }
+    }
+
+    /// Loads the first `N` data words (relaxed: after an acquire of `seq`).
+    #[inline]
+    pub(crate) fn load_words<const N: usize>(&self) -> [u64; N] {
+        std::array::from_fn(|i| self.words.get(i).map_or(0, |w| w.load(Relaxed)))
+    }
 }
 
 #[repr(C, align(128))]
@@ -113,7 +136,7 @@ struct Meta {
     version: AtomicU32,
     members: AtomicU32,
     kind: AtomicU32,
-    ctrl_flags: AtomicU32,
+    ctrl_lines: AtomicU32,
     job_len: AtomicU32,
     job: [AtomicU8; JOB_BYTES],
 }
@@ -193,15 +216,15 @@ pub(crate) struct SetupSpec<'a> {
     pub key: String,
     pub member: usize,
     pub members: usize,
-    pub ctrl_flags: usize,
+    pub ctrl_lines: usize,
     pub payload_bytes: usize,
     pub job_id: &'a str,
     pub kind: u32,
     pub timeout: Duration,
     /// For errors: what is being set up (e.g. `shm communicator `tp``).
     pub what: String,
-    /// For errors: the label of each member (e.g. `rank 3`).
-    pub labels: Vec<String>,
+    /// Rank (as errors name it) of each member.
+    pub ranks: Vec<usize>,
     pub policy: SpinPolicy,
 }
 
@@ -213,7 +236,7 @@ pub struct Segment {
     name: String,
     me: usize,
     n: usize,
-    nflags: usize,
+    nlines: usize,
     ctrl_off: usize,
     payload_off: usize,
     payload_len: usize,
@@ -237,63 +260,13 @@ fn align_up(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
 }
 
-/// (ctrl flags offset, payload offset, total length).
-fn layout(members: usize, ctrl_flags: usize, payload: usize) -> (usize, usize, usize) {
-    let ctrl = (3 + members) * LINE;
-    let payload_off = align_up(ctrl + ctrl_flags * LINE, PAGE);
-    (ctrl, payload_off, align_up(payload_off + payload, PAGE))
-}
-
-/// The default job id: `DIST_JOB_ID` if set, else `nojob`.
-pub fn default_job_id() -> String {
-    std::env::var("DIST_JOB_ID").unwrap_or_else(|_| "nojob".to_string())
-}
-
-fn sanitize_job(job: &str) -> String {
-    let s: String = job
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(32)
-        .collect();
-    if s.is_empty() {
-        "nojob".into()
-    } else {
-        s
-    }
-}
-
-fn random_u64() -> u64 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Relaxed));
-    h.write_u32(std::process::id());
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
-}
-
-/// Names (as found in `/dev/shm`, without the leading `/`) of the segments of
-/// job `job` that currently exist. Used by leak checks.
-pub fn list_segments(job: &str) -> Vec<String> {
-    let prefix = format!("{NAME_PREFIX}{}.", sanitize_job(job));
-    std::fs::read_dir(SHM_DIR)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default()
+/// (control lines offset, payload offset, total length), or `None` when the
+/// sizes overflow.
+fn layout(members: usize, ctrl_lines: usize, payload: usize) -> Option<(usize, usize, usize)> {
+    let ctrl = MEMBERS_AT.checked_add(members)?.checked_mul(LINE)?;
+    let payload_off = align_up(ctrl.checked_add(ctrl_lines.checked_mul(LINE)?)?, PAGE);
+    let total = align_up(payload_off.checked_add(payload)?, PAGE);
+    Some((ctrl, payload_off, total))
 }
 
 fn grow_hint(bytes: usize) -> String {
@@ -326,12 +299,21 @@ pub fn check_free_space(bytes: usize) -> Result<()> {
     Ok(())
 }
 
-/// Unlinks a segment name when dropped (ENOENT ignored: someone beat us to it).
-struct UnlinkOnDrop(String);
+/// Unlinks a segment name when dropped unless disarmed (ENOENT ignored:
+/// someone beat us to it).
+struct UnlinkOnDrop(Option<String>);
+
+impl UnlinkOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for UnlinkOnDrop {
     fn drop(&mut self) {
-        let _ = shm::unlink(self.0.as_str());
+        if let Some(n) = &self.0 {
+            let _ = shm::unlink(n.as_str());
+        }
     }
 }
 
@@ -380,30 +362,84 @@ impl Segment {
     /// unlinked.
     pub(crate) fn establish(spec: &SetupSpec<'_>) -> Result<Segment> {
         let dl = Deadline::after(spec.timeout);
-        if spec.members > 4096 {
+        if spec.members > MAX_MEMBERS || spec.members < 2 {
             return Err(CommError::invalid(format!(
-                "{}: too many members ({})",
+                "{}: a segment has 2 to {MAX_MEMBERS} members, not {}",
                 spec.what, spec.members
             )));
         }
+        let t0 = Instant::now();
         let seg = if spec.member == 0 {
             Self::create(spec, &dl)?
         } else {
             Self::attach(spec, &dl)?
         };
+        tracing::debug!(
+            "{}: member {} of {} set up segment {} ({} bytes) in {:.1?}",
+            spec.what,
+            spec.member,
+            spec.members,
+            seg.name,
+            seg.map.len(),
+            t0.elapsed()
+        );
         Ok(seg)
     }
 
+    fn expected_header(spec: &SetupSpec<'_>, total: usize) -> SegmentHeader {
+        SegmentHeader {
+            magic: MAGIC,
+            version: VERSION,
+            members: spec.members as u32,
+            kind: spec.kind,
+            ctrl_lines: spec.ctrl_lines as u32,
+            total_len: total as u64,
+        }
+    }
+
+    fn sizes(spec: &SetupSpec<'_>) -> Result<(usize, usize, usize)> {
+        layout(spec.members, spec.ctrl_lines, spec.payload_bytes)
+            .filter(|&(_, _, t)| t <= isize::MAX as usize && u32::try_from(spec.ctrl_lines).is_ok())
+            .ok_or_else(|| {
+                CommError::invalid(format!(
+                    "{}: a segment of {} members, {} control lines and {} payload bytes is too large",
+                    spec.what, spec.members, spec.ctrl_lines, spec.payload_bytes
+                ))
+            })
+    }
+
+    fn new_mapping(
+        map: memmap2::MmapMut,
+        name: String,
+        spec: &SetupSpec<'_>,
+        ctrl_off: usize,
+        payload_off: usize,
+    ) -> Segment {
+        let mut map = map;
+        let base = map.as_mut_ptr();
+        let total = map.len();
+        Segment {
+            map,
+            base,
+            name,
+            me: spec.member,
+            n: spec.members,
+            nlines: spec.ctrl_lines,
+            ctrl_off,
+            payload_off,
+            payload_len: total - payload_off,
+            my_pid: std::process::id(),
+            policy: spec.policy,
+            spin_budget: AtomicU32::new(spec.policy.spin_iters),
+        }
+    }
+
     fn create(spec: &SetupSpec<'_>, dl: &Deadline) -> Result<Segment> {
-        let (ctrl_off, payload_off, total) =
-            layout(spec.members, spec.ctrl_flags, spec.payload_bytes);
+        let (ctrl_off, payload_off, total) = Self::sizes(spec)?;
         check_free_space(total)?;
-        let job = sanitize_job(spec.job_id);
-        let name = format!(
-            "/{NAME_PREFIX}{job}.{}.{:016x}",
-            std::process::id(),
-            random_u64()
-        );
+        let name = new_name(spec.job_id)?;
+        // Registered before it exists, so no signal can find it unregistered.
+        let guard = SetupGuard::register(&name);
         let fd = shm::open(
             name.as_str(),
             shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
@@ -416,7 +452,7 @@ impl Segment {
             )
         })?;
         // From here on the name is always unlinked when this function returns.
-        let _unlink = UnlinkOnDrop(name.clone());
+        let _unlink = UnlinkOnDrop(Some(name.clone()));
         rustix::fs::ftruncate(&fd, total as u64).map_err(|e| {
             CommError::io(format!("sizing {name}: {}", grow_hint(total)), errno_io(e))
         })?;
@@ -430,103 +466,70 @@ impl Segment {
             }
             Err(e) => return Err(CommError::io(format!("reserving {name}"), errno_io(e))),
         }
-        let mut map = map_fd(fd, total, &name)?;
-        let base = map.as_mut_ptr();
-        let seg = Segment {
-            map,
-            base,
-            name: name.clone(),
-            me: 0,
-            n: spec.members,
-            nflags: spec.ctrl_flags,
-            ctrl_off,
-            payload_off,
-            payload_len: total - payload_off,
-            my_pid: std::process::id(),
-            policy: spec.policy,
-            spin_budget: AtomicU32::new(spec.policy.spin_iters),
-        };
+        let map = map_fd(fd, total, &name)?;
+        let seg = Self::new_mapping(map, name, spec, ctrl_off, payload_off);
+        let h = Self::expected_header(spec, total);
         let m = seg.meta();
-        m.total_len.store(total as u64, Relaxed);
-        m.version.store(VERSION, Relaxed);
-        m.members.store(spec.members as u32, Relaxed);
-        m.kind.store(spec.kind, Relaxed);
-        m.ctrl_flags.store(spec.ctrl_flags as u32, Relaxed);
+        m.total_len.store(h.total_len, Relaxed);
+        m.version.store(h.version, Relaxed);
+        m.members.store(h.members, Relaxed);
+        m.kind.store(h.kind, Relaxed);
+        m.ctrl_lines.store(h.ctrl_lines, Relaxed);
         let jb = spec.job_id.as_bytes();
         let jl = jb.len().min(JOB_BYTES);
         for (d, s) in m.job.iter().zip(&jb[..jl]) {
             d.store(*s, Relaxed);
         }
         m.job_len.store(jl as u32, Relaxed);
-        m.magic.store(MAGIC, Release);
+        m.magic.store(h.magic, Release);
         seg.member(0).pid.store(seg.my_pid, Release);
         seg.attached().publish(1);
-        spec.store.set(&spec.key, name.as_bytes())?;
+        spec.store.set(&spec.key, seg.name.as_bytes())?;
         seg.await_attach(spec, dl)?;
+        drop(guard);
         Ok(seg)
     }
 
     fn attach(spec: &SetupSpec<'_>, dl: &Deadline) -> Result<Segment> {
         let raw = spec.store.get(&spec.key, dl.remaining())?;
-        let name = String::from_utf8(raw).map_err(|_| {
-            CommError::Protocol(format!(
-                "{}: store key `{}` holds no segment name",
-                spec.what, spec.key
-            ))
-        })?;
+        let name = String::from_utf8(raw)
+            .ok()
+            .filter(|n| n.starts_with('/') && n.len() < 256 && !n[1..].contains('/'))
+            .ok_or_else(|| {
+                CommError::Protocol(format!(
+                    "{}: store key `{}` holds no segment name",
+                    spec.what, spec.key
+                ))
+            })?;
+        let guard = SetupGuard::register(&name);
         let fd = shm::open(name.as_str(), shm::OFlags::RDWR, Mode::empty()).map_err(|e| {
             if e == Errno::NOENT {
                 CommError::State(format!(
                     "{}: segment {name} (from store key `{}`) no longer exists: its creator gave up \
-                     (set-up deadline passed or it died) or the key is left over from an earlier group; \
-                     use a fresh key prefix per communicator",
+                     (set-up deadline passed, it died or was stopped) or the key is left over from \
+                     an earlier group; use a fresh key prefix per communicator",
                     spec.what, spec.key
                 ))
             } else {
                 CommError::io(format!("opening shared-memory segment {name}"), errno_io(e))
             }
         })?;
-        let _unlink_on_error = scopeguard_unlink(name.clone());
+        let unlink_on_error = UnlinkOnDrop(Some(name.clone()));
         let st = rustix::fs::fstat(&fd)
             .map_err(|e| CommError::io(format!("stat of {name}"), errno_io(e)))?;
-        let total = st.st_size as usize;
-        let (ctrl_off, payload_off, expect) =
-            layout(spec.members, spec.ctrl_flags, spec.payload_bytes);
-        if total != expect {
+        let (ctrl_off, payload_off, total) = Self::sizes(spec)?;
+        let file_len = u64::try_from(st.st_size).unwrap_or(0);
+        if file_len != total as u64 {
             return Err(CommError::Protocol(format!(
-                "{}: segment {name} is {total} bytes but member {} expects {expect}; do all members \
-                 pass the same sizes and options?",
+                "{}: segment {name} is {file_len} bytes but member {} expects {total}; do all \
+                 members pass the same sizes and options?",
                 spec.what, spec.member
             )));
         }
-        let mut map = map_fd(fd, total, &name)?;
-        let base = map.as_mut_ptr();
-        let seg = Segment {
-            map,
-            base,
-            name: name.clone(),
-            me: spec.member,
-            n: spec.members,
-            nflags: spec.ctrl_flags,
-            ctrl_off,
-            payload_off,
-            payload_len: total - payload_off,
-            my_pid: std::process::id(),
-            policy: spec.policy,
-            spin_budget: AtomicU32::new(spec.policy.spin_iters),
-        };
-        let m = seg.meta();
-        if m.magic.load(Acquire) != MAGIC
-            || m.version.load(Relaxed) != VERSION
-            || m.members.load(Relaxed) as usize != spec.members
-            || m.kind.load(Relaxed) != spec.kind
-            || m.total_len.load(Relaxed) as usize != total
-        {
-            return Err(CommError::Protocol(format!(
-                "{}: segment {name} has a foreign header (magic/version/member count/kind differ)",
-                spec.what
-            )));
-        }
+        let map = map_fd(fd, total, &name)?;
+        let seg = Self::new_mapping(map, name.clone(), spec, ctrl_off, payload_off);
+        seg.header()
+            .check(&Self::expected_header(spec, total), file_len, &spec.what)?;
         seg.member(spec.member).pid.store(seg.my_pid, Release);
         let a = seg.attached().seq.fetch_add(1, AcqRel) + 1;
         seg.attached().wake_if_sleeping();
@@ -534,42 +537,88 @@ impl Segment {
             let _ = shm::unlink(name.as_str());
         }
         seg.await_attach(spec, dl)?;
-        std::mem::forget(_unlink_on_error);
+        unlink_on_error.disarm();
+        drop(guard);
         Ok(seg)
+    }
+
+    /// The header as found in the mapping.
+    fn header(&self) -> SegmentHeader {
+        let m = self.meta();
+        SegmentHeader {
+            magic: m.magic.load(Acquire),
+            version: m.version.load(Relaxed),
+            members: m.members.load(Relaxed),
+            kind: m.kind.load(Relaxed),
+            ctrl_lines: m.ctrl_lines.load(Relaxed),
+            total_len: m.total_len.load(Relaxed),
+        }
     }
 
     fn await_attach(&self, spec: &SetupSpec<'_>, dl: &Deadline) -> Result<()> {
         let n = spec.members as u32;
         let att = self.attached();
-        let r = self.wait(att, || att.seq.load(Acquire) >= n, Watch::Others, dl);
+        let rank = |i: usize| spec.ranks.get(i).copied().unwrap_or(i);
+        let missing = || -> Vec<usize> {
+            (0..spec.members)
+                .filter(|&i| self.member(i).pid.load(Acquire) == 0)
+                .map(rank)
+                .collect()
+        };
+        let report = std::cell::Cell::new(Instant::now() + comm_core::SLOW_WAIT_REPORT);
+        let on_sleep = || {
+            if Instant::now() >= report.get() {
+                report.set(Instant::now() + comm_core::SLOW_WAIT_REPORT);
+                tracing::warn!(
+                    "{}: still waiting for ranks {:?} to attach ({:.0?} so far)",
+                    spec.what,
+                    missing(),
+                    dl.elapsed()
+                );
+            }
+        };
+        let r = self.wait(
+            att,
+            || att.seq.load(Acquire) >= n,
+            Watch::Others,
+            dl,
+            &on_sleep,
+        );
         let Err(fail) = r else { return Ok(()) };
         // Set-up failed: make sure the name is gone and tell the others.
         let _ = shm::unlink(self.name.as_str());
-        self.set_abort(ABORTED);
-        let missing: Vec<String> = (0..spec.members)
+        let absent: Vec<usize> = (0..spec.members)
             .filter(|&i| self.member(i).pid.load(Acquire) == 0)
-            .map(|i| {
-                spec.labels
-                    .get(i)
-                    .cloned()
-                    .unwrap_or_else(|| format!("member {i}"))
-            })
             .collect();
-        Err(match fail {
-            WaitFail::Timeout => CommError::timeout(
-                format!("{} set-up (attach)", spec.what),
-                dl.elapsed(),
-                missing,
-            ),
-            WaitFail::Aborted(_) => CommError::Aborted(format!(
-                "{} set-up was abandoned by another member (still missing: {})",
-                spec.what,
-                missing.join(", ")
-            )),
-            WaitFail::Lost { member, detail } => {
-                CommError::peer_lost(member, format!("{} set-up", spec.what), detail)
-            }
-        })
+        let missing: Vec<comm_core::Missing> = absent
+            .iter()
+            .map(|&i| comm_core::Missing::new(rank(i), "did not attach"))
+            .collect();
+        let op = format!("{} set-up", spec.what);
+        let culprits = match &fail {
+            WaitFail::Lost { member, .. } => vec![*member],
+            _ => absent,
+        };
+        let e = match fail {
+            WaitFail::Timeout => CommError::timeout_ranks(op, dl.elapsed(), missing),
+            WaitFail::Aborted(_) => match self.abort_record() {
+                Some(rec) if rec.member != self.me => CommError::peer_aborted(
+                    rank(rec.member),
+                    op,
+                    rec.reason.clone(),
+                    rec.missing(rank),
+                ),
+                _ => CommError::Aborted(format!("{op} was abandoned")),
+            },
+            WaitFail::Lost { member, detail } => CommError::peer_lost(rank(member), op, detail),
+        };
+        let rec = AbortRecord {
+            member: self.me,
+            reason: e.to_string(),
+            culprits,
+        };
+        self.set_abort(ABORTED, Some(&rec));
+        Err(e)
     }
 
     fn meta(&self) -> &Meta {
@@ -588,24 +637,30 @@ impl Segment {
     }
 
     fn member(&self, i: usize) -> &Member {
-        assert!(i < self.n);
-        // SAFETY: lines 3..3+n hold Members.
-        unsafe { &*(self.base.add((3 + i) * LINE) as *const Member) }
+        assert!(i < self.n, "member {i} of a segment of {}", self.n);
+        // SAFETY: the member table holds `n` Members.
+        unsafe { &*(self.base.add((MEMBERS_AT + i) * LINE) as *const Member) }
     }
 
-    /// Control flag `i` of the owner's area.
+    /// Control line `i` of the owner's area, as a [`Flag`].
     #[inline]
     pub(crate) fn flag(&self, i: usize) -> &Flag {
-        debug_assert!(i < self.nflags);
-        // SAFETY: the ctrl area holds `nflags` Flags.
+        assert!(i < self.nlines, "control line {i} of {}", self.nlines);
+        // SAFETY: the control area holds `nlines` Flags.
         unsafe { &*(self.base.add(self.ctrl_off + i * LINE) as *const Flag) }
     }
 
-    /// Start of the payload area (page aligned).
+    /// `len` bytes of the payload area from `off`, as a raw pointer.
+    /// Panics when the range is outside the payload.
     #[inline]
-    pub(crate) fn payload(&self) -> *mut u8 {
-        // SAFETY: payload_off < mapping length.
-        unsafe { self.base.add(self.payload_off) }
+    pub(crate) fn payload_at(&self, off: usize, len: usize) -> *mut u8 {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= self.payload_len),
+            "payload range {off}+{len} outside {} bytes",
+            self.payload_len
+        );
+        // SAFETY: checked just above to lie inside the mapping.
+        unsafe { self.base.add(self.payload_off + off) }
     }
 
     /// Bytes in the payload area.
@@ -623,6 +678,11 @@ impl Segment {
         self.me
     }
 
+    /// Number of members.
+    pub fn members(&self) -> usize {
+        self.n
+    }
+
     /// Mapping length in bytes.
     pub fn mapped_len(&self) -> usize {
         self.map.len()
@@ -634,20 +694,54 @@ impl Segment {
         self.abort_flag().seq.load(Acquire)
     }
 
-    /// Sets the abort flag (first writer wins) and wakes every sleeper.
-    pub(crate) fn set_abort(&self, code: u32) {
-        let _ = self
-            .abort_flag()
-            .seq
-            .compare_exchange(RUNNING, code, AcqRel, Acquire);
+    /// Sets the abort flag to `code` with `record` (who, why, whom it
+    /// blames) unless another member did first, and wakes every sleeper.
+    /// Returns whether this call set it.
+    pub(crate) fn set_abort(&self, code: u32, record: Option<&AbortRecord>) -> bool {
+        let f = self.abort_flag();
+        let claimed = f.words[0]
+            .compare_exchange(0, self.me as u64 + 1, AcqRel, Acquire)
+            .is_ok();
+        if claimed {
+            let rec = record.cloned().unwrap_or(AbortRecord {
+                member: self.me,
+                reason: String::new(),
+                culprits: Vec::new(),
+            });
+            let bytes = rec.encode();
+            // SAFETY: the record area (ABORT_BYTES from line 3) is written
+            // only by the member that claimed the flag, before the release
+            // store below; readers read it only after an acquire load that
+            // sees a non-zero code.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.add(3 * LINE), ABORT_BYTES)
+            };
+            f.seq.store(code, Release);
+        }
         self.wake_all();
+        claimed
+    }
+
+    /// The abort record, once the abort flag is set (`None` while running
+    /// or when the record is unreadable).
+    pub(crate) fn abort_record(&self) -> Option<AbortRecord> {
+        if self.abort_code() == RUNNING {
+            return None;
+        }
+        let mut b = [0u8; ABORT_BYTES];
+        // SAFETY: written once before the flag's release store, which the
+        // acquire load in `abort_code` saw.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.add(3 * LINE), b.as_mut_ptr(), ABORT_BYTES)
+        };
+        AbortRecord::decode(&b, self.n)
     }
 
     /// Wakes every sleeper on any flag of the segment.
     pub(crate) fn wake_all(&self) {
         self.attached().wake_if_sleeping();
         self.abort_flag().wake_if_sleeping();
-        for i in 0..self.nflags {
+        for i in 0..self.nlines {
             self.flag(i).wake_if_sleeping();
         }
     }
@@ -687,12 +781,14 @@ impl Segment {
 
     /// Waits until `cond()` holds. `cond` must become true only through
     /// stores followed by a publish (or `wake_if_sleeping`) on `flag`.
+    /// `on_sleep` runs before each futex sleep (slow-wait reports).
     pub(crate) fn wait(
         &self,
         flag: &Flag,
         mut cond: impl FnMut() -> bool,
         watch: Watch,
         dl: &Deadline,
+        on_sleep: &dyn Fn(),
     ) -> std::result::Result<(), WaitFail> {
         let p = self.policy;
         let budget = self.spin_budget.load(Relaxed);
@@ -743,6 +839,7 @@ impl Segment {
                     Err(WaitFail::Timeout)
                 };
             }
+            on_sleep();
             let slice = p
                 .sleep_slice
                 .min(dl.remaining())
@@ -761,16 +858,27 @@ impl Segment {
     }
 }
 
-/// Guard that unlinks a name unless forgotten.
-fn scopeguard_unlink(name: String) -> UnlinkOnDrop {
-    UnlinkOnDrop(name)
-}
-
 impl Drop for Segment {
     fn drop(&mut self) {
         // Tell the others we are gone, so that waits on us end with PeerLost
         // at once rather than at the next liveness check.
         self.member(self.me).exited.store(1, Release);
         self.wake_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_overflow_is_refused() {
+        assert!(layout(usize::MAX, 1, 1).is_none());
+        assert!(layout(4, usize::MAX / 64, 1).is_none());
+        assert!(layout(4, 1, usize::MAX - 100).is_none());
+        let (c, p, t) = layout(2, 3, 100).unwrap();
+        assert_eq!(c, (MEMBERS_AT + 2) * LINE);
+        assert_eq!(p % PAGE, 0);
+        assert!(t >= p + 100);
     }
 }

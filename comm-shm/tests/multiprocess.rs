@@ -1,65 +1,102 @@
-//! Multi-process tests: real processes (this test binary re-executed with an
-//! environment marker) rendezvous through a file store in a temp dir.
+//! Real processes (this test binary re-executed per rank, see
+//! `common::on_processes`), rendezvous through dist-utils' `FileStore`:
 //!
-//! * the MessageQueue stress test (4 processes, writer not rank 0, 4 KiB ring,
-//!   10,000 messages of 1 B .. 16 KiB, random sleeps, every message checked);
-//!   `COMM_SHM_SEED` sets the seed, `COMM_SHM_MSGS` the count;
-//! * crash tests: a member killed with SIGKILL mid-collective (or a queue
-//!   writer killed while readers wait) makes the others fail with PeerLost
-//!   within the deadline, and no segment of the job is left in /dev/shm.
+//! * every primitive across processes, both data paths (single copy reads
+//!   another process's memory here, which threads cannot show);
+//! * the MessageQueue stress test (4 processes, writer not rank 0, 4 KiB
+//!   ring, 10,000 messages of 1 B .. 16 KiB, random pauses, every message
+//!   checked); `COMM_SHM_SEED` sets the seed, `COMM_SHM_MSGS` the count;
+//! * crashes: a member killed with SIGKILL mid-collective (or a queue writer
+//!   killed while readers wait) makes the others fail naming it, within the
+//!   deadline, and nothing is left in /dev/shm or the process table.
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use comm_core::{CommError, DeviceCommunicator, ReduceOp, Store, Tensor};
-use comm_shm::{list_segments, MessageQueue, MqOptions, ShmCommunicator, ShmOptions};
+use comm_core::{CommError, DType, ReduceOp, Tensor};
+use comm_shm::{MessageQueue, MqOptions};
 use common::*;
-
-const ROLE: &str = "COMM_SHM_CHILD";
-
-fn var(k: &str) -> String {
-    std::env::var(k).unwrap_or_else(|_| panic!("{k} unset"))
-}
-
-fn spawn(test: &str, role: &str, rank: usize, store: &Path, job: &str, seed: u64) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env(ROLE, role)
-        .env("COMM_SHM_RANK", rank.to_string())
-        .env("COMM_SHM_STORE", store)
-        .env("COMM_SHM_JOB", job)
-        .env("COMM_SHM_SEED", seed.to_string())
-        .spawn()
-        .unwrap()
-}
-
-/// In a child: runs the role and exits with its code. In the parent: returns.
-fn child_dispatch() {
-    let Ok(role) = std::env::var(ROLE) else {
-        return;
-    };
-    let rank: usize = var("COMM_SHM_RANK").parse().unwrap();
-    let store = FileStore::new(var("COMM_SHM_STORE"));
-    let job = var("COMM_SHM_JOB");
-    let seed: u64 = var("COMM_SHM_SEED").parse().unwrap();
-    let code = match role.as_str() {
-        "stress" => stress_child(rank, &store, &job, seed),
-        "crash" => crash_child(rank, &store, &job),
-        "mqcrash" => mq_crash_child(rank, &store, &job),
-        other => panic!("unknown role {other}"),
-    };
-    std::process::exit(code);
-}
 
 fn exit_code_for(e: &CommError, lost: usize) -> i32 {
     eprintln!("child got: {e}");
-    match e {
-        CommError::PeerLost { rank, .. } if *rank == lost => 42,
-        _ => 43,
+    if e.culprits().iter().map(|r| r.group).eq([lost]) {
+        42
+    } else {
+        43
     }
+}
+
+#[test]
+fn every_primitive_across_processes() {
+    on_processes(
+        "every_primitive_across_processes",
+        3,
+        opts(&job("mpprim")),
+        Duration::from_secs(300),
+        |r| {
+            for sc in [false, true] {
+                let (me, w) = (r.rank, r.world);
+                let n = 3001;
+                let inputs: Vec<Tensor> = (0..w).map(|q| input(DType::F32, q, n, 1)).collect();
+                let mut t = inputs[me].try_clone().unwrap();
+                r.comm.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+                assert_eq!(t, reference(&inputs, ReduceOp::Sum), "single copy {sc}");
+                let mut g = Tensor::zeros([n * w], DType::F32);
+                r.comm.all_gather(&inputs[me], &mut g).unwrap();
+                assert_eq!(g.as_bytes().unwrap(), concat(&inputs));
+                let a2a: Vec<Tensor> = (0..w).map(|q| input(DType::F32, q, n * w, 2)).collect();
+                let mut a = Tensor::zeros([n * w], DType::F32);
+                r.comm.all_to_all(&a2a[me], &mut a).unwrap();
+                let bs = 4 * n;
+                let expect: Vec<u8> = (0..w)
+                    .flat_map(|i| a2a[i].as_bytes().unwrap()[me * bs..(me + 1) * bs].to_vec())
+                    .collect();
+                assert_eq!(a.as_bytes().unwrap(), expect);
+                let mut b = if me == 1 {
+                    inputs[1].try_clone().unwrap()
+                } else {
+                    Tensor::zeros([n], DType::F32)
+                };
+                r.comm.broadcast(&mut b, 1).unwrap();
+                assert_eq!(b, inputs[1]);
+                let (next, prev) = ((me + 1) % w, (me + w - 1) % w);
+                let mut got = Tensor::zeros([n * 5], DType::F32);
+                r.comm
+                    .batch_send_recv(vec![
+                        comm_core::P2pOp::send(&input(DType::F32, me, n * 5, 3), next).unwrap(),
+                        comm_core::P2pOp::recv(&mut got, prev).unwrap(),
+                    ])
+                    .unwrap();
+                assert_eq!(got, input(DType::F32, prev, n * 5, 3));
+                if !sc {
+                    // Second round in a fresh group with single copy on.
+                    let o = opts(&r.job).single_copy(true, 1).key_prefix("sc");
+                    let c = join(r.store.clone(), me, w, &o).unwrap();
+                    let active = c
+                        .with_backend(|b| {
+                            b.as_any_mut()
+                                .and_then(|a| a.downcast_mut::<comm_shm::ShmCommunicator>())
+                                .map(|s| s.single_copy_active())
+                        })
+                        .unwrap()
+                        .unwrap();
+                    eprintln!("rank {me}: single copy across processes active: {active}");
+                    let mut t = inputs[me].try_clone().unwrap();
+                    c.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+                    assert_eq!(t, reference(&inputs, ReduceOp::Sum));
+                    let mut a = Tensor::zeros([n * w], DType::F32);
+                    c.all_to_all(&a2a[me], &mut a).unwrap();
+                    assert_eq!(a.as_bytes().unwrap(), expect);
+                    let mut g = Tensor::zeros([n * w], DType::F32);
+                    c.all_gather(&inputs[me], &mut g).unwrap();
+                    assert_eq!(g.as_bytes().unwrap(), concat(&inputs));
+                    c.barrier().unwrap();
+                }
+            }
+        },
+    );
 }
 
 // ---------------------------------------------------------------- stress
@@ -79,229 +116,164 @@ fn stress_msg(seed: u64, i: u64) -> Vec<u8> {
     v
 }
 
-fn maybe_sleep(rng: &mut Rng) {
+/// A random short pause now and then, so the writer and readers overtake
+/// each other in every way (the scenario, not synchronisation).
+fn maybe_pause(rng: &mut Rng) {
     if rng.below(100) == 0 {
         std::thread::sleep(Duration::from_micros(rng.below(200)));
     }
 }
 
-fn stress_child(rank: usize, store: &FileStore, job: &str, seed: u64) -> i32 {
+#[test]
+fn mq_stress_four_processes() {
+    let test = "mq_stress_four_processes";
+    let seed: u64 = std::env::var("COMM_SHM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x5eed);
     let n: u64 = std::env::var("COMM_SHM_MSGS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let o = MqOptions {
-        timeout: Duration::from_secs(60),
-        job_id: job.into(),
-        name: "stress".into(),
-        ..Default::default()
-    };
-    let mut rng = Rng(seed.wrapping_add(rank as u64 * 1000));
-    if rank == WRITER {
-        let mut q =
-            MessageQueue::create_writer(store, "stress", WRITER, &READERS, RING, o).unwrap();
-        for i in 0..n {
-            maybe_sleep(&mut rng);
-            if let Err(e) = q.enqueue(&stress_msg(seed, i)) {
-                eprintln!("writer: message {i}: {e}");
-                return 1;
+    if let Some((rank, _, store, job)) = child_of(test) {
+        let o = MqOptions::default()
+            .timeout(SETUP)
+            .job_id(job)
+            .name("stress");
+        let mut rng = Rng(seed.wrapping_add(rank as u64 * 1000));
+        if rank == WRITER {
+            let mut q =
+                MessageQueue::create_writer(&*store, "stress", WRITER, &READERS, RING, o).unwrap();
+            for i in 0..n {
+                maybe_pause(&mut rng);
+                q.enqueue(&stress_msg(seed, i)).unwrap();
             }
-        }
-        // Wait until every reader confirms, so the queue outlives their reads.
-        for r in READERS {
-            store
-                .get(&format!("stress/done/{r}"), Duration::from_secs(60))
-                .unwrap();
-        }
-        0
-    } else {
-        let mut q = MessageQueue::open_reader(store, "stress", rank, o).unwrap();
-        let mut buf = Vec::new();
-        for i in 0..n {
-            if let Err(e) = q.dequeue_into(&mut buf, Duration::from_secs(60)) {
-                eprintln!("reader {rank}: message {i}: {e}");
-                return 1;
-            }
-            let want = stress_msg(seed, i);
-            if buf.len() != want.len() || checksum(&buf) != checksum(&want) {
-                eprintln!(
-                    "reader {rank}: message {i} corrupt: {} bytes, expected {}",
+            // The queue outlives the readers' last reads.
+            let keys: Vec<String> = READERS.iter().map(|r| format!("stress/done/{r}")).collect();
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            store.wait(&keys, SETUP).unwrap();
+        } else {
+            let mut q = MessageQueue::open_reader(&*store, "stress", rank, o).unwrap();
+            let mut buf = Vec::new();
+            for i in 0..n {
+                q.dequeue_into(&mut buf, SETUP).unwrap();
+                let want = stress_msg(seed, i);
+                assert!(
+                    buf.len() == want.len() && checksum(&buf) == checksum(&want),
+                    "reader {rank}: message {i} corrupt ({} bytes, expected {})",
                     buf.len(),
                     want.len()
                 );
-                return 2;
+                maybe_pause(&mut rng);
             }
-            maybe_sleep(&mut rng);
+            store.set(&format!("stress/done/{rank}"), b"1").unwrap();
         }
-        store.set(&format!("stress/done/{rank}"), b"1").unwrap();
-        0
+        std::process::exit(0);
     }
-}
-
-#[test]
-fn mq_stress_four_processes() {
-    child_dispatch();
-    let seed: u64 = std::env::var("COMM_SHM_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
     println!("mq stress seed: {seed} (set COMM_SHM_SEED to replay)");
     let dir = tempfile::tempdir().unwrap();
+    let (path, _) = file_store(dir.path());
     let job = job("stress");
     let t0 = Instant::now();
     let mut kids: Vec<Child> = (0..4)
-        .map(|r| {
-            spawn(
-                "mq_stress_four_processes",
-                "stress",
-                r,
-                dir.path(),
-                &job,
-                seed,
-            )
-        })
+        .map(|r| spawn_rank(test, r, 4, &path, &job))
         .collect();
-    let codes: Vec<i32> = kids
-        .iter_mut()
-        .map(|k| k.wait().unwrap().code().unwrap_or(-1))
-        .collect();
-    println!("mq stress: {:?} in {:.2?}", codes, t0.elapsed());
-    assert_eq!(codes, [0, 0, 0, 0], "seed {seed}");
-    assert!(list_segments(&job).is_empty());
+    let codes = wait_all(&mut kids, Duration::from_secs(300));
+    println!("mq stress: {codes:?} in {:.2?}", t0.elapsed());
+    assert_eq!(codes, [Some(0); 4], "seed {seed}");
+    assert_reaped(&kids);
+    assert_no_segments(&job);
 }
 
-// ---------------------------------------------------------------- crash
-
-fn crash_child(rank: usize, store: &FileStore, job: &str) -> i32 {
-    let o = ShmOptions {
-        timeout: Duration::from_secs(30),
-        job_id: job.into(),
-        ..Default::default()
-    };
-    let mut c = ShmCommunicator::new(store, rank, 3, o).unwrap();
-    let mut t = Tensor::from_vec1(vec![1f32; 64 << 10]);
-    let mut i = 0u64;
-    loop {
-        if let Err(e) = c.all_reduce(&mut t, ReduceOp::Max) {
-            return exit_code_for(&e, 1);
-        }
-        i += 1;
-        if i == 1 {
-            store.set(&format!("ready/{rank}"), b"1").unwrap();
-        }
-    }
-}
-
-fn wait_exit(k: &mut Child, limit: Duration) -> Option<i32> {
-    let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if let Some(s) = k.try_wait().unwrap() {
-            return s.code();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let _ = k.kill();
-    let _ = k.wait();
-    None
-}
+// ---------------------------------------------------------------- crashes
 
 #[test]
 fn sigkill_mid_collective_is_peer_lost_and_leaves_nothing() {
-    child_dispatch();
+    let test = "sigkill_mid_collective_is_peer_lost_and_leaves_nothing";
+    if let Some((rank, world, store, job)) = child_of(test) {
+        let comm = join(
+            store.clone(),
+            rank,
+            world,
+            &opts(&job).workspace_bytes(1 << 20),
+        )
+        .unwrap();
+        comm.set_timeout(Duration::from_secs(60));
+        let mut t = vec![1f32; 64 << 10];
+        let mut i = 0u64;
+        let code = loop {
+            if let Err(e) = comm.all_reduce(&mut t, ReduceOp::Max) {
+                break exit_code_for(&e, 1);
+            }
+            i += 1;
+            if i == 1 {
+                store.set(&format!("ready/{rank}"), b"1").unwrap();
+            }
+        };
+        std::process::exit(code);
+    }
     let dir = tempfile::tempdir().unwrap();
-    let store = FileStore::new(dir.path());
+    let (path, store) = file_store(dir.path());
     let job = job("crash");
     let mut kids: Vec<Child> = (0..3)
-        .map(|r| {
-            spawn(
-                "sigkill_mid_collective_is_peer_lost_and_leaves_nothing",
-                "crash",
-                r,
-                dir.path(),
-                &job,
-                0,
-            )
-        })
+        .map(|r| spawn_rank(test, r, 3, &path, &job))
         .collect();
     store
-        .wait(&["ready/0", "ready/1", "ready/2"], Duration::from_secs(30))
+        .wait(&["ready/0", "ready/1", "ready/2"], SETUP)
         .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    kids[1].kill().unwrap(); // SIGKILL
+    kids[1].kill().unwrap(); // SIGKILL, mid-collective: they run all_reduce in a loop
     let killed = Instant::now();
     kids[1].wait().unwrap();
-    let c0 = wait_exit(&mut kids[0], Duration::from_secs(10));
-    let c2 = wait_exit(&mut kids[2], Duration::from_secs(10));
+    let codes = wait_all(&mut kids[..], Duration::from_secs(60));
     let took = killed.elapsed();
-    println!("survivors exited with {c0:?} {c2:?} {took:.2?} after the kill (deadline 30 s)");
-    assert_eq!((c0, c2), (Some(42), Some(42)));
-    assert!(took < Duration::from_secs(5));
-    assert!(
-        list_segments(&job).is_empty(),
-        "leaked {:?}",
-        list_segments(&job)
+    println!(
+        "survivors exited with {:?} {took:.2?} after the kill (deadline 60 s)",
+        codes
     );
-}
-
-fn mq_crash_child(rank: usize, store: &FileStore, job: &str) -> i32 {
-    let o = MqOptions {
-        timeout: Duration::from_secs(30),
-        job_id: job.into(),
-        ..Default::default()
-    };
-    if rank == 1 {
-        let mut q = MessageQueue::create_writer(store, "mq", 1, &[0, 2], 4096, o).unwrap();
-        q.enqueue(b"one").unwrap();
-        loop {
-            std::thread::sleep(Duration::from_secs(1));
-        }
-    }
-    let mut q = MessageQueue::open_reader(store, "mq", rank, o).unwrap();
-    assert_eq!(q.dequeue().unwrap(), b"one");
-    store.set(&format!("ready/{rank}"), b"1").unwrap();
-    match q.dequeue() {
-        Ok(_) => 44,
-        Err(e) => exit_code_for(&e, 1),
-    }
+    assert_eq!((codes[0], codes[2]), (Some(42), Some(42)));
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert_reaped(&kids);
+    assert_no_segments(&job);
 }
 
 #[test]
 fn sigkill_of_queue_writer_is_peer_lost_for_readers() {
-    child_dispatch();
+    let test = "sigkill_of_queue_writer_is_peer_lost_for_readers";
+    if let Some((rank, _, store, job)) = child_of(test) {
+        let o = MqOptions::default().timeout(SETUP).job_id(job);
+        if rank == 1 {
+            let mut q = MessageQueue::create_writer(&*store, "mq", 1, &[0, 2], 4096, o).unwrap();
+            q.enqueue(b"one").unwrap();
+            // Stays alive until killed.
+            store.wait(&["never"], SETUP).unwrap_or(());
+            std::process::exit(1);
+        }
+        let mut q = MessageQueue::open_reader(&*store, "mq", rank, o).unwrap();
+        assert_eq!(q.dequeue().unwrap(), b"one");
+        store.set(&format!("ready/{rank}"), b"1").unwrap();
+        let code = match q.dequeue() {
+            Ok(_) => 44,
+            Err(e) => exit_code_for(&e, 1),
+        };
+        std::process::exit(code);
+    }
     let dir = tempfile::tempdir().unwrap();
-    let store = FileStore::new(dir.path());
+    let (path, store) = file_store(dir.path());
     let job = job("mqcrash");
     let mut kids: Vec<Child> = (0..3)
-        .map(|r| {
-            spawn(
-                "sigkill_of_queue_writer_is_peer_lost_for_readers",
-                "mqcrash",
-                r,
-                dir.path(),
-                &job,
-                0,
-            )
-        })
+        .map(|r| spawn_rank(test, r, 3, &path, &job))
         .collect();
-    store
-        .wait(&["ready/0", "ready/2"], Duration::from_secs(30))
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(200)); // readers are asleep in the futex by now
+    store.wait(&["ready/0", "ready/2"], SETUP).unwrap();
     kids[1].kill().unwrap();
     let killed = Instant::now();
     kids[1].wait().unwrap();
-    let c0 = wait_exit(&mut kids[0], Duration::from_secs(10));
-    let c2 = wait_exit(&mut kids[2], Duration::from_secs(10));
+    let codes = wait_all(&mut kids[..], Duration::from_secs(60));
     println!(
-        "readers exited with {c0:?} {c2:?} {:.2?} after the kill",
+        "readers exited with {codes:?} {:.2?} after the kill",
         killed.elapsed()
     );
-    assert_eq!((c0, c2), (Some(42), Some(42)));
-    assert!(killed.elapsed() < Duration::from_secs(5));
-    assert!(list_segments(&job).is_empty());
+    assert_eq!((codes[0], codes[2]), (Some(42), Some(42)));
+    assert!(killed.elapsed() < Duration::from_secs(30));
+    assert_reaped(&kids);
+    assert_no_segments(&job);
 }

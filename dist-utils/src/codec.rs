@@ -102,6 +102,40 @@ pub fn read_frame(r: &mut impl Read, max_len: usize) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Finds the first complete frame at the start of `buf`, for readers that
+/// collect bytes as they arrive (the store servers' event loop).
+///
+/// `Ok(None)`: not complete yet (read more). `Ok(Some((payload, used)))`:
+/// the payload, and how many bytes of `buf` the frame took. A length over
+/// `max_len` is a [`CommError::Protocol`] error as soon as the header is in,
+/// so a hostile length is refused before anything is buffered for it.
+///
+/// ```
+/// use dist_utils::codec::{split_frame, write_frame};
+/// let mut buf = Vec::new();
+/// write_frame(&mut buf, b"abc").unwrap();
+/// assert_eq!(split_frame(&buf[..5], 16).unwrap(), None);
+/// assert_eq!(split_frame(&buf, 16).unwrap(), Some((&b"abc"[..], 11)));
+/// assert!(split_frame(&buf, 2).is_err());
+/// ```
+pub fn split_frame(buf: &[u8], max_len: usize) -> Result<Option<(&[u8], usize)>> {
+    let Some(header) = buf.get(..8) else {
+        return Ok(None);
+    };
+    let mut h = [0u8; 8];
+    h.copy_from_slice(header);
+    let len = u64::from_le_bytes(h);
+    if len > max_len as u64 {
+        return Err(CommError::Protocol(format!(
+            "frame of {len} byte(s) exceeds the limit of {max_len} byte(s)"
+        )));
+    }
+    // `len <= max_len`, so it fits in usize and 8 + len cannot overflow
+    // unless max_len is within 8 of usize::MAX.
+    let end = 8usize.saturating_add(len as usize);
+    Ok(buf.get(8..end).map(|payload| (payload, end)))
+}
+
 /// Encodes `value` and writes it as one frame.
 pub fn write_msg<T: Serialize + ?Sized>(w: &mut impl Write, value: &T) -> Result<()> {
     write_frame(w, &encode(value)?)

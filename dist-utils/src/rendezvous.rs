@@ -11,13 +11,23 @@ use std::time::Duration;
 
 use comm_core::{CommError, Result, Store};
 
-use crate::{FileStore, TcpStore};
+use crate::slurm::{first_host, parse_tasks_per_node};
+use crate::{C10dStore, FileStore, PrefixStore, TcpStore};
 
 /// Environment variable with the per-job secret, as hex (set by `distrun`).
 pub const JOB_SECRET_ENV: &str = "DIST_JOB_SECRET";
 /// Environment variable that is `1` when the launcher hosts the store, so
 /// rank 0 connects as a client instead of serving.
 pub const STORE_HOSTED_ENV: &str = "DIST_STORE_HOSTED";
+/// Set to `True` by torchrun (torch 2.x) when its agent hosts a c10d
+/// TCPStore on `MASTER_PORT` for the ranks.
+pub const AGENT_STORE_ENV: &str = "TORCHELASTIC_USE_AGENT_STORE";
+/// torchrun's restart attempt (keys of each attempt live under
+/// `/worker/attempt_{n}` of the agent's store, as in PyTorch).
+pub const RESTART_COUNT_ENV: &str = "TORCHELASTIC_RESTART_COUNT";
+/// Under Slurm without `MASTER_PORT`, the store port is
+/// `SLURM_BASE_PORT + SLURM_JOB_ID % 10000`, the same on every node.
+pub const SLURM_BASE_PORT: u16 = 15000;
 
 /// Which launcher's variables a [`RankInfo`] came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +65,11 @@ pub struct RankInfo {
     pub job_secret: Option<Vec<u8>>,
     /// True when the launcher hosts the store (`DIST_STORE_HOSTED=1`).
     pub store_hosted: bool,
+    /// True when torchrun's agent hosts a c10d store on `MASTER_PORT`
+    /// (`TORCHELASTIC_USE_AGENT_STORE=True`).
+    pub agent_store: bool,
+    /// torchrun's restart attempt (`TORCHELASTIC_RESTART_COUNT`, default 0).
+    pub restart_count: u64,
     /// Where the values came from.
     pub source: EnvSource,
 }
@@ -74,6 +89,8 @@ impl fmt::Debug for RankInfo {
                 &self.job_secret.as_ref().map(|_| "<redacted>"),
             )
             .field("store_hosted", &self.store_hosted)
+            .field("agent_store", &self.agent_store)
+            .field("restart_count", &self.restart_count)
             .field("source", &self.source)
             .finish()
     }
@@ -114,58 +131,14 @@ fn parse_port(get: Lookup<'_>, var: &str) -> Result<Option<u16>> {
     }
 }
 
+fn has_value(get: Lookup<'_>, var: &str) -> bool {
+    get(var).is_some_and(|v| !v.trim().is_empty())
+}
+
 fn non_empty(get: Lookup<'_>, var: &str) -> Option<String> {
     get(var)
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
-}
-
-/// Decodes a hex secret; `var` names it in the error.
-pub fn decode_hex_secret(var: &str, s: &str) -> Result<Vec<u8>> {
-    let s = s.trim();
-    let bad = || {
-        CommError::invalid(format!(
-            "environment variable {var} must be an even-length hex string (e.g. 32 hex digits), \
-             as distrun sets it; got {} characters",
-            s.len()
-        ))
-    };
-    if s.len() % 2 != 0 {
-        return Err(bad());
-    }
-    (0..s.len() / 2)
-        .map(|i| {
-            s.get(2 * i..2 * i + 2)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(bad)
-        })
-        .collect()
-}
-
-/// Expands Slurm's compressed task counts, e.g. `"4(x2),3"` to `[4, 4, 3]`.
-pub fn parse_slurm_tasks_per_node(var: &str, s: &str) -> Result<Vec<usize>> {
-    let bad = || {
-        CommError::invalid(format!(
-            "environment variable {var}={s:?} is not a Slurm task list like \"4\", \"4(x2)\" or \"4(x2),3\""
-        ))
-    };
-    let mut out = Vec::new();
-    for part in s.trim().split(',') {
-        let (count, reps) = match part.split_once("(x") {
-            Some((c, r)) => (c, r.strip_suffix(')').ok_or_else(bad)?),
-            None => (part, "1"),
-        };
-        let count: usize = count.trim().parse().map_err(|_| bad())?;
-        let reps: usize = reps.trim().parse().map_err(|_| bad())?;
-        if reps == 0 || reps > 1 << 20 {
-            return Err(bad());
-        }
-        out.resize(out.len() + reps, count);
-    }
-    if out.is_empty() {
-        return Err(bad());
-    }
-    Ok(out)
 }
 
 impl RankInfo {
@@ -181,6 +154,8 @@ impl RankInfo {
             master_port: None,
             job_secret: None,
             store_hosted: false,
+            agent_store: false,
+            restart_count: 0,
             source: EnvSource::Manual,
         }
     }
@@ -199,11 +174,17 @@ impl RankInfo {
     /// (in this order of precedence) torchrun / `distrun` (`RANK`,
     /// `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `GROUP_RANK`), Slurm
     /// (`SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`,
-    /// `SLURM_NTASKS_PER_NODE` or `SLURM_TASKS_PER_NODE`, `SLURM_NODEID`),
+    /// `SLURM_NTASKS_PER_NODE`, `SLURM_STEP_TASKS_PER_NODE` or
+    /// `SLURM_TASKS_PER_NODE`, `SLURM_NODEID`),
     /// Open MPI (`OMPI_COMM_WORLD_{RANK,SIZE,LOCAL_RANK,LOCAL_SIZE,NODE_RANK}`)
     /// and PMI (`PMI_RANK`, `PMI_SIZE`, `MPI_LOCALRANKID`, `MPI_LOCALNRANKS`).
-    /// `MASTER_ADDR` / `MASTER_PORT` (Slurm: else `SLURM_LAUNCH_NODE_IPADDR`),
-    /// `DIST_JOB_SECRET` and `DIST_STORE_HOSTED` are read for every source.
+    /// `MASTER_ADDR` / `MASTER_PORT`, `DIST_JOB_SECRET`, `DIST_STORE_HOSTED`,
+    /// `TORCHELASTIC_USE_AGENT_STORE` and `TORCHELASTIC_RESTART_COUNT` are
+    /// read for every source. Under Slurm, without `MASTER_ADDR` the store
+    /// host is the first host of `SLURM_STEP_NODELIST` / `SLURM_JOB_NODELIST`
+    /// / `SLURM_NODELIST` (where rank 0 runs), else `SLURM_LAUNCH_NODE_IPADDR`;
+    /// without `MASTER_PORT` the port is [`SLURM_BASE_PORT`] plus
+    /// `SLURM_JOB_ID % 10000`.
     ///
     /// With torchrun variables, `LOCAL_RANK` and `LOCAL_WORLD_SIZE` may both
     /// be absent (plain `env://` as torch documents it): the job is then taken
@@ -238,10 +219,32 @@ impl RankInfo {
         if info.master_addr.is_none() {
             info.master_addr = non_empty(get, "MASTER_ADDR");
         }
-        info.master_port = parse_port(get, "MASTER_PORT")?;
+        let slurm_port = info.master_port;
+        info.master_port = parse_port(get, "MASTER_PORT")?.or(slurm_port);
         info.job_secret = match get(JOB_SECRET_ENV) {
-            Some(s) if !s.trim().is_empty() => Some(decode_hex_secret(JOB_SECRET_ENV, &s)?),
+            Some(s) if !s.trim().is_empty() => Some(comm_core::auth::from_hex(
+                &format!("environment variable {JOB_SECRET_ENV}"),
+                &s,
+            )?),
             _ => None,
+        };
+        info.agent_store = match get(AGENT_STORE_ENV).as_deref().map(str::trim) {
+            None | Some("") => false,
+            Some(v) if v.eq_ignore_ascii_case("true") || v == "1" => true,
+            Some(v) if v.eq_ignore_ascii_case("false") || v == "0" => false,
+            Some(v) => {
+                return Err(CommError::invalid(format!(
+                    "environment variable {AGENT_STORE_ENV}={v:?} must be True or False"
+                )))
+            }
+        };
+        info.restart_count = match get(RESTART_COUNT_ENV) {
+            None => 0,
+            Some(v) => v.trim().parse::<u64>().map_err(|_| {
+                CommError::invalid(format!(
+                    "environment variable {RESTART_COUNT_ENV}={v:?} is not a non-negative integer"
+                ))
+            })?,
         };
         info.store_hosted = match get(STORE_HOSTED_ENV).as_deref().map(str::trim) {
             None | Some("") | Some("0") => false,
@@ -294,17 +297,21 @@ impl RankInfo {
         let (rank, world) = rank_and_world(get, "SLURM_PROCID", "SLURM_NTASKS", l)?;
         let local_rank = require_num(get, "SLURM_LOCALID", l)?;
         let node_rank = require_num(get, "SLURM_NODEID", l)?;
+        let list_var = ["SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"]
+            .into_iter()
+            .find(|v| has_value(get, v));
         let (local_world, lw_var) = if let Some(n) = parse_num(get, "SLURM_NTASKS_PER_NODE")? {
             (n, "SLURM_NTASKS_PER_NODE")
-        } else if let Some(list) = get("SLURM_TASKS_PER_NODE") {
-            let per_node = parse_slurm_tasks_per_node("SLURM_TASKS_PER_NODE", &list)?;
+        } else if let Some(var) = list_var {
+            let list = get(var).unwrap_or_default();
+            let per_node = parse_tasks_per_node(var, &list)?;
             let n = *per_node.get(node_rank).ok_or_else(|| {
                 CommError::invalid(format!(
-                    "SLURM_NODEID={node_rank} is out of range for SLURM_TASKS_PER_NODE={list:?} ({} nodes)",
+                    "SLURM_NODEID={node_rank} is out of range for {var}={list:?} ({} nodes)",
                     per_node.len()
                 ))
             })?;
-            (n, "SLURM_TASKS_PER_NODE")
+            (n, var)
         } else {
             return Err(CommError::invalid(
                 "environment variables SLURM_NTASKS_PER_NODE and SLURM_TASKS_PER_NODE are both missing; \
@@ -327,9 +334,35 @@ impl RankInfo {
             node_rank,
             EnvSource::Slurm,
         );
-        // An explicit MASTER_ADDR wins; else the node srun was started from.
-        info.master_addr =
-            non_empty(get, "MASTER_ADDR").or_else(|| non_empty(get, "SLURM_LAUNCH_NODE_IPADDR"));
+        // An explicit MASTER_ADDR wins; else the first node of the step
+        // (rank 0's node under block distribution; srun may have been started
+        // from a login node, so not SLURM_LAUNCH_NODE_IPADDR first).
+        info.master_addr = match non_empty(get, "MASTER_ADDR") {
+            Some(a) => Some(a),
+            None => match [
+                "SLURM_STEP_NODELIST",
+                "SLURM_JOB_NODELIST",
+                "SLURM_NODELIST",
+            ]
+            .into_iter()
+            .find(|v| has_value(get, v))
+            {
+                Some(var) => Some(first_host(var, &get(var).unwrap_or_default())?),
+                None => non_empty(get, "SLURM_LAUNCH_NODE_IPADDR"),
+            },
+        };
+        // A port every task derives alike; MASTER_PORT overrides it.
+        info.master_port = match get("SLURM_JOB_ID") {
+            Some(id) => {
+                let id: u64 = id.trim().parse().map_err(|_| {
+                    CommError::invalid(format!(
+                        "environment variable SLURM_JOB_ID={id:?} is not a non-negative integer"
+                    ))
+                })?;
+                Some(SLURM_BASE_PORT + (id % 10_000) as u16)
+            }
+            None => None,
+        };
         Ok(info)
     }
 
@@ -399,6 +432,8 @@ impl RankInfo {
             master_port: None,
             job_secret: None,
             store_hosted: false,
+            agent_store: false,
+            restart_count: 0,
             source: src,
         }
     }
@@ -465,8 +500,20 @@ fn check_local(
 
 static WARNED_NO_SECRET: AtomicBool = AtomicBool::new(false);
 
+/// Which wire protocol a TCP rendezvous store speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreProtocol {
+    /// Ours ([`TcpStore`]): every connection proves the job secret.
+    Dist,
+    /// PyTorch's c10d TCPStore ([`C10dStore`]): torchrun's agent store, or
+    /// a store shared with Python ranks. No secret.
+    C10d,
+}
+
 /// How a [`init_store`] call reaches its store.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InitMethod {
     /// A TCP store at `host:port`.
     Tcp {
@@ -474,16 +521,71 @@ pub enum InitMethod {
         host: String,
         /// Port.
         port: u16,
+        /// The protocol: `?store=dist|c10d` when given, else c10d when
+        /// torchrun's agent hosts the store (`TORCHELASTIC_USE_AGENT_STORE`),
+        /// else ours.
+        store: StoreProtocol,
     },
     /// A [`FileStore`] at this path.
     File(std::path::PathBuf),
 }
 
+/// Splits `url?k=v&k2=v2` and returns the `store` option (the only one).
+fn split_options(init_method: &str) -> Result<(&str, Option<StoreProtocol>)> {
+    let Some((base, query)) = init_method.split_once('?') else {
+        return Ok((init_method, None));
+    };
+    let mut store = None;
+    for opt in query.split('&').filter(|o| !o.is_empty()) {
+        match opt.split_once('=') {
+            Some(("store", "c10d")) => store = Some(StoreProtocol::C10d),
+            Some(("store", "dist")) => store = Some(StoreProtocol::Dist),
+            Some(("store", other)) => {
+                return Err(CommError::invalid(format!(
+                    "init method {init_method:?}: store={other:?} is not a store protocol; use \
+                     store=dist (ours, with the job secret) or store=c10d (PyTorch's TCPStore)"
+                )))
+            }
+            _ => {
+                return Err(CommError::invalid(format!(
+                    "init method {init_method:?}: unknown option {opt:?}; the only option is \
+                     store=dist|c10d"
+                )))
+            }
+        }
+    }
+    Ok((base, store))
+}
+
 impl InitMethod {
     /// Parses `env://` (using `info.master_addr` / `master_port`),
     /// `tcp://host:port` (IPv6 as `tcp://[::1]:port`) or `file://path`.
+    /// `env://` and `tcp://` take the option `?store=dist` or `?store=c10d`.
+    ///
+    /// ```
+    /// use dist_utils::{InitMethod, RankInfo, StoreProtocol};
+    /// let one = RankInfo::single_process();
+    /// assert_eq!(
+    ///     InitMethod::parse("tcp://node0:29500?store=c10d", &one).unwrap(),
+    ///     InitMethod::Tcp { host: "node0".into(), port: 29500, store: StoreProtocol::C10d }
+    /// );
+    /// ```
     pub fn parse(init_method: &str, info: &RankInfo) -> Result<Self> {
-        if init_method == "env://" {
+        if let Some(path) = init_method.strip_prefix("file://") {
+            if path.is_empty() {
+                return Err(CommError::invalid(
+                    "init method file:// needs a path, e.g. file:///shared/job/store",
+                ));
+            }
+            return Ok(InitMethod::File(path.into()));
+        }
+        let (base, explicit) = split_options(init_method)?;
+        let store = explicit.unwrap_or(if info.agent_store {
+            StoreProtocol::C10d
+        } else {
+            StoreProtocol::Dist
+        });
+        if base == "env://" {
             let host = info.master_addr.clone().ok_or_else(|| {
                 CommError::invalid(
                     "init method env:// needs environment variable MASTER_ADDR (the host of rank 0), which is not set",
@@ -494,8 +596,8 @@ impl InitMethod {
                     "init method env:// needs environment variable MASTER_PORT (a free port on MASTER_ADDR), which is not set",
                 )
             })?;
-            Ok(InitMethod::Tcp { host, port })
-        } else if let Some(rest) = init_method.strip_prefix("tcp://") {
+            Ok(InitMethod::Tcp { host, port, store })
+        } else if let Some(rest) = base.strip_prefix("tcp://") {
             let bad = || {
                 CommError::invalid(format!(
                     "init method {init_method:?} is not of the form tcp://host:port (IPv6: tcp://[addr]:port)"
@@ -513,14 +615,8 @@ impl InitMethod {
             Ok(InitMethod::Tcp {
                 host: host.to_string(),
                 port,
+                store,
             })
-        } else if let Some(path) = init_method.strip_prefix("file://") {
-            if path.is_empty() {
-                return Err(CommError::invalid(
-                    "init method file:// needs a path, e.g. file:///shared/job/store",
-                ));
-            }
-            Ok(InitMethod::File(path.into()))
         } else {
             Err(CommError::invalid(format!(
                 "unsupported init method {init_method:?}; use env://, tcp://host:port or file://path"
@@ -529,23 +625,59 @@ impl InitMethod {
     }
 }
 
+/// Adds what rank 0 hosting the store on `port` means to a bind error.
+fn explain_bind(e: CommError, port: u16) -> CommError {
+    match e {
+        CommError::Io { context, source } => CommError::Io {
+            context: format!(
+                "{context} (rank 0 hosts the rendezvous store on port {port}; is the port \
+                 already in use, e.g. by an earlier job or by torchrun's agent? Under torchrun, \
+                 TORCHELASTIC_USE_AGENT_STORE=True makes every rank use the agent's store)"
+            ),
+            source,
+        },
+        other => other,
+    }
+}
+
 /// Opens the rendezvous store named by `init_method` for this rank.
 ///
-/// - `env://` and `tcp://host:port`: a [`TcpStore`]. When the launcher hosts
-///   the store (`info.store_hosted`, from `DIST_STORE_HOSTED=1`), every rank
-///   connects as a client; otherwise rank 0 starts the server on that port
-///   (listening on every interface) and connects to it, and the others
-///   connect, retrying until `timeout`.
+/// - `env://` and `tcp://host:port` with our protocol: a [`TcpStore`]. When
+///   the launcher hosts the store (`info.store_hosted`, from
+///   `DIST_STORE_HOSTED=1`), every rank connects as a client; otherwise rank
+///   0 starts the server on that port (listening on every interface) and
+///   connects to it, and the others connect, retrying until `timeout`.
+///   Connections prove `info.job_secret`; without one (no `DIST_JOB_SECRET`)
+///   an empty secret is used and a warning is logged once, since any process
+///   that reaches the port could then join.
+/// - With the c10d protocol (`?store=c10d`, or torchrun's agent store): a
+///   [`C10dStore`]. Under torchrun's agent (`info.agent_store`) every rank
+///   connects to the agent's store, under the key prefix
+///   `/worker/attempt_{restart_count}` as PyTorch's own ranks do; otherwise
+///   rank 0 hosts a [`crate::C10dServer`] unless the launcher hosts one.
 /// - `file://path`: a [`FileStore`] (the file's directory must exist and be
 ///   shared by every rank).
-///
-/// Connections present `info.job_secret`; without one (no
-/// `DIST_JOB_SECRET`) an empty secret is used and a warning is logged once,
-/// since any process that reaches the port could then join.
 pub fn init_store(init_method: &str, info: &RankInfo, timeout: Duration) -> Result<Arc<dyn Store>> {
     match InitMethod::parse(init_method, info)? {
         InitMethod::File(path) => Ok(Arc::new(FileStore::new(path)?)),
-        InitMethod::Tcp { host, port } => {
+        InitMethod::Tcp { host, port, store } => {
+            let bind_ip = match host.parse::<IpAddr>() {
+                Ok(IpAddr::V6(_)) => "::",
+                _ => "0.0.0.0",
+            };
+            let hosts = info.rank == 0 && !info.store_hosted && !info.agent_store;
+            if store == StoreProtocol::C10d {
+                let c10d = if hosts {
+                    C10dStore::serve((bind_ip, port), timeout).map_err(|e| explain_bind(e, port))?
+                } else {
+                    C10dStore::connect((host.as_str(), port), timeout)?
+                };
+                if info.agent_store {
+                    let prefix = format!("/worker/attempt_{}", info.restart_count);
+                    return Ok(Arc::new(PrefixStore::new(prefix, Arc::new(c10d))));
+                }
+                return Ok(Arc::new(c10d));
+            }
             let secret = match &info.job_secret {
                 Some(s) => s.clone(),
                 None => {
@@ -559,21 +691,9 @@ pub fn init_store(init_method: &str, info: &RankInfo, timeout: Duration) -> Resu
                     Vec::new()
                 }
             };
-            let store = if info.rank == 0 && !info.store_hosted {
-                let bind_ip = match host.parse::<IpAddr>() {
-                    Ok(IpAddr::V6(_)) => "::",
-                    _ => "0.0.0.0",
-                };
-                TcpStore::serve((bind_ip, port), &secret, timeout).map_err(|e| match e {
-                    CommError::Io { context, source } => CommError::Io {
-                        context: format!(
-                            "{context} (rank 0 hosts the rendezvous store on port {port}; is the port \
-                             already in use, e.g. by an earlier job?)"
-                        ),
-                        source,
-                    },
-                    other => other,
-                })?
+            let store = if hosts {
+                TcpStore::serve((bind_ip, port), &secret, timeout)
+                    .map_err(|e| explain_bind(e, port))?
             } else {
                 TcpStore::connect((host.as_str(), port), &secret, timeout)?
             };

@@ -23,7 +23,7 @@ impl Segment {
         let name = format!(
             "/dist-samehost-{}-r{rank}-{}",
             std::process::id(),
-            random_hex(8)?
+            random_hex::<8>()?
         );
         let fd = shm::open(
             name.as_str(),
@@ -47,12 +47,11 @@ impl Drop for Segment {
     }
 }
 
-fn random_hex(nbytes: usize) -> Result<String> {
-    let mut b = vec![0u8; nbytes];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| CommError::io("reading /dev/urandom", e))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+/// `N` random bytes as hex.
+fn random_hex<const N: usize>() -> Result<String> {
+    Ok(comm_core::auth::to_hex(
+        &comm_core::auth::random_bytes::<N>()?,
+    ))
 }
 
 /// True when segment `name` exists, can be opened by this process and holds `token`.
@@ -98,7 +97,7 @@ pub fn same_host_ranks(
     let gen = store.add(&format!("{KEY}/calls/{rank}"), 1)?;
     let prefix = format!("{KEY}/{gen}");
 
-    let token = random_hex(16)?;
+    let token = random_hex::<16>()?;
     let seg = Segment::create(rank, &token)?;
     store.set(
         &format!("{prefix}/{rank}"),

@@ -203,10 +203,8 @@ impl StatelessProcessGroup {
     fn rank_timeout(&self, e: CommError, op: String, owners: &HashMap<String, usize>) -> CommError {
         match e {
             CommError::Timeout { waited, keys, .. } => {
-                let mut ranks: Vec<usize> = keys
-                    .iter()
-                    .filter_map(|k| owners.get(k).copied())
-                    .collect();
+                let mut ranks: Vec<usize> =
+                    keys.iter().filter_map(|k| owners.get(k).copied()).collect();
                 ranks.sort_unstable();
                 ranks.dedup();
                 CommError::timeout_ranks(
@@ -349,10 +347,10 @@ impl StatelessProcessGroup {
             let mut missing = Vec::new();
             for r in 0..self.world_size {
                 if self.store.try_get(&arrived(r))?.is_none() {
-                    missing.push(format!("rank {r}"));
+                    missing.push(comm_core::Missing::new(r, "did not reach the barrier"));
                 }
             }
-            return Err(CommError::timeout(
+            return Err(CommError::timeout_ranks(
                 self.op_name(format_args!("barrier #{generation}")),
                 waited,
                 missing,

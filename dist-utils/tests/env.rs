@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use comm_core::{CommError, Store};
-use dist_utils::{init_store, EnvSource, InitMethod, RankInfo};
+use dist_utils::{init_store, EnvSource, InitMethod, RankInfo, StoreProtocol};
 
 fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
     pairs
@@ -231,7 +231,7 @@ fn slurm_variables() {
     let refs: Vec<(&str, &str)> = m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     assert_eq!(parse(&refs).unwrap().source, EnvSource::Torchrun);
 
-    let tpn = dist_utils::rendezvous::parse_slurm_tasks_per_node("V", "2(x3),1,3").unwrap();
+    let tpn = dist_utils::slurm::parse_tasks_per_node("V", "2(x3),1,3").unwrap();
     assert_eq!(tpn, [2, 2, 2, 1, 3]);
 }
 
@@ -401,27 +401,70 @@ fn init_method_parsing() {
         InitMethod::parse("env://", &info).unwrap(),
         InitMethod::Tcp {
             host: "h".into(),
-            port: 9
+            port: 9,
+            store: StoreProtocol::Dist
         }
     );
     assert_eq!(
         InitMethod::parse("tcp://10.1.1.1:29500", &info).unwrap(),
         InitMethod::Tcp {
             host: "10.1.1.1".into(),
-            port: 29500
+            port: 29500,
+            store: StoreProtocol::Dist
         }
     );
     assert_eq!(
         InitMethod::parse("tcp://[::1]:80", &info).unwrap(),
         InitMethod::Tcp {
             host: "::1".into(),
-            port: 80
+            port: 80,
+            store: StoreProtocol::Dist
         }
     );
     assert_eq!(
         InitMethod::parse("file:///tmp/x", &info).unwrap(),
         InitMethod::File("/tmp/x".into())
     );
+    // The store protocol: explicit option, else the agent's c10d store.
+    assert_eq!(
+        InitMethod::parse("env://?store=c10d", &info).unwrap(),
+        InitMethod::Tcp {
+            host: "h".into(),
+            port: 9,
+            store: StoreProtocol::C10d
+        }
+    );
+    assert_eq!(
+        InitMethod::parse("tcp://[::1]:80?store=c10d", &info).unwrap(),
+        InitMethod::Tcp {
+            host: "::1".into(),
+            port: 80,
+            store: StoreProtocol::C10d
+        }
+    );
+    let mut agent = info.clone();
+    agent.agent_store = true;
+    assert!(matches!(
+        InitMethod::parse("env://", &agent).unwrap(),
+        InitMethod::Tcp {
+            store: StoreProtocol::C10d,
+            ..
+        }
+    ));
+    assert!(matches!(
+        InitMethod::parse("env://?store=dist", &agent).unwrap(),
+        InitMethod::Tcp {
+            store: StoreProtocol::Dist,
+            ..
+        }
+    ));
+    for bad in ["env://?store=gloo", "env://?backend=x", "tcp://h:1?store"] {
+        let e = InitMethod::parse(bad, &info).unwrap_err().to_string();
+        assert!(
+            e.contains("store=dist|c10d") || e.contains("store protocol"),
+            "{bad}: {e}"
+        );
+    }
     for bad in [
         "tcp://host",
         "tcp://host:0",
@@ -542,9 +585,181 @@ fn file_init_method() {
 }
 
 #[test]
-fn from_env_reads_the_process_environment() {
-    // Only checks that from_env agrees with from_vars over the real environment.
-    let a = RankInfo::from_env();
-    let b = RankInfo::from_vars(&|k: &str| std::env::var(k).ok());
-    assert_eq!(a.is_ok(), b.is_ok());
+fn slurm_store_address_from_the_node_list_and_port_from_the_job_id() {
+    // srun's variables for task 3 of 2 nodes x 2 tasks, no MASTER_*.
+    let srun = [
+        ("SLURM_PROCID", "3"),
+        ("SLURM_NTASKS", "4"),
+        ("SLURM_LOCALID", "1"),
+        ("SLURM_NODEID", "1"),
+        ("SLURM_TASKS_PER_NODE", "2(x2)"),
+        ("SLURM_NODELIST", "node[01-02]"),
+        ("SLURM_JOB_ID", "123456"),
+        ("SLURM_LAUNCH_NODE_IPADDR", "10.9.9.9"),
+    ];
+    let i = parse(&srun).unwrap();
+    assert_eq!(i.source, EnvSource::Slurm);
+    assert_eq!(
+        (
+            i.rank,
+            i.world_size,
+            i.local_rank,
+            i.local_world_size,
+            i.node_rank
+        ),
+        (3, 4, 1, 2, 1)
+    );
+    assert_eq!(i.master_addr.as_deref(), Some("node01"));
+    assert_eq!(i.master_port, Some(15000 + 3456));
+    assert_eq!(i.num_nodes(), 2);
+
+    // The step's lists win over the job's; MASTER_* win over both.
+    let m = with(
+        &srun,
+        &[
+            ("SLURM_STEP_NODELIST", Some("gpu[7-8]")),
+            ("SLURM_STEP_TASKS_PER_NODE", Some("3,2")),
+            ("SLURM_NTASKS", Some("5")),
+            ("SLURM_PROCID", Some("4")),
+        ],
+    );
+    let refs: Vec<(&str, &str)> = m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let i = parse(&refs).unwrap();
+    assert_eq!(i.master_addr.as_deref(), Some("gpu7"));
+    assert_eq!(i.local_world_size, 2);
+    let m = with(
+        &srun,
+        &[
+            ("MASTER_ADDR", Some("head")),
+            ("MASTER_PORT", Some("29400")),
+        ],
+    );
+    let refs: Vec<(&str, &str)> = m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let i = parse(&refs).unwrap();
+    assert_eq!(i.master_addr.as_deref(), Some("head"));
+    assert_eq!(i.master_port, Some(29400));
+
+    // No node list: the launch node, as before.
+    let m = with(&srun, &[("SLURM_NODELIST", None)]);
+    let refs: Vec<(&str, &str)> = m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(
+        parse(&refs).unwrap().master_addr.as_deref(),
+        Some("10.9.9.9")
+    );
+
+    // Bad lists name their variable.
+    assert_err_with(
+        &srun,
+        &[("SLURM_NODELIST", Some("node[01-"))],
+        &["SLURM_NODELIST"],
+    );
+    assert_err_with(&srun, &[("SLURM_JOB_ID", Some("x1"))], &["SLURM_JOB_ID"]);
+}
+
+#[test]
+fn hostlist_expansion() {
+    use dist_utils::slurm::{expand_hostlist, first_host};
+    let ok = |s: &str| expand_hostlist("V", s).unwrap();
+    assert_eq!(ok("node[01-02]"), ["node01", "node02"]);
+    assert_eq!(ok("n[8-11]"), ["n8", "n9", "n10", "n11"]);
+    assert_eq!(ok("n[098-101]"), ["n098", "n099", "n100", "n101"]);
+    assert_eq!(ok("a,b[1,3],c"), ["a", "b1", "b3", "c"]);
+    assert_eq!(ok("r[1-2]-n[1-2]"), ["r1-n1", "r1-n2", "r2-n1", "r2-n2"]);
+    assert_eq!(ok("10.0.0.[1-2]"), ["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(ok(" single "), ["single"]);
+    assert_eq!(first_host("V", "gpu[3-900],cpu1").unwrap(), "gpu3");
+    for bad in [
+        "",
+        "a,,b",
+        "n[1-",
+        "n]1[",
+        "n[2-1]",
+        "n[x]",
+        "n[1-2",
+        "n[[1]]",
+        "n[]",
+        "n[1-99999999999]",
+    ] {
+        let e = expand_hostlist("SLURM_NODELIST", bad).unwrap_err();
+        assert!(e.to_string().contains("SLURM_NODELIST"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
+fn torchrun_agent_store_variables() {
+    let m = with(
+        TORCHRUN,
+        &[
+            ("TORCHELASTIC_USE_AGENT_STORE", Some("True")),
+            ("TORCHELASTIC_RESTART_COUNT", Some("2")),
+        ],
+    );
+    let refs: Vec<(&str, &str)> = m.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let i = parse(&refs).unwrap();
+    assert!(i.agent_store);
+    assert_eq!(i.restart_count, 2);
+    assert!(!parse(TORCHRUN).unwrap().agent_store);
+    assert_err_with(
+        TORCHRUN,
+        &[("TORCHELASTIC_USE_AGENT_STORE", Some("yes please"))],
+        &["TORCHELASTIC_USE_AGENT_STORE"],
+    );
+    assert_err_with(
+        TORCHRUN,
+        &[("TORCHELASTIC_RESTART_COUNT", Some("-1"))],
+        &["TORCHELASTIC_RESTART_COUNT"],
+    );
+}
+
+#[test]
+fn agent_store_means_c10d_clients_under_the_attempt_prefix() {
+    // torchrun's agent already listens on MASTER_PORT: every rank connects,
+    // rank 0 included (binding the port would fail).
+    let agent = dist_utils::C10dServer::bind("127.0.0.1:0").unwrap();
+    let port = agent.local_addr().port();
+    let t = Duration::from_secs(10);
+    let mk = |rank: usize| {
+        let mut i = info(rank, 2, port, None, false);
+        i.agent_store = true;
+        i.restart_count = 3;
+        i
+    };
+    let s0 = init_store("env://", &mk(0), t).unwrap();
+    let s1 = init_store("env://", &mk(1), t).unwrap();
+    s0.set("k", b"v").unwrap();
+    assert_eq!(s1.get("k", t).unwrap(), b"v");
+    // Where a Python rank's PrefixStore("/worker/attempt_3", TCPStore) finds it.
+    let raw = dist_utils::C10dStore::connect(agent.local_addr(), t).unwrap();
+    assert_eq!(raw.get("/worker/attempt_3/k", t).unwrap(), b"v");
+}
+
+#[test]
+fn c10d_option_makes_rank0_host_a_c10d_server() {
+    let port = free_port();
+    let t = Duration::from_secs(10);
+    let handles: Vec<_> = (0..3)
+        .map(|r| {
+            std::thread::spawn(move || {
+                let s = init_store("env://?store=c10d", &info(r, 3, port, None, false), t).unwrap();
+                s.add("n", 1).unwrap();
+                s.set(&format!("r{r}"), b"x").unwrap();
+                s.wait(&["r0", "r1", "r2"], t).unwrap();
+                let n = s.get("n", t).unwrap();
+                if r == 0 {
+                    // Keep the server up until the others have read.
+                    let end = std::time::Instant::now() + t;
+                    while s.try_get("done").unwrap().as_deref() != Some(b"2") {
+                        assert!(std::time::Instant::now() < end);
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                } else {
+                    s.add("done", 1).unwrap();
+                }
+                n
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), b"3");
+    }
 }

@@ -2,18 +2,20 @@
 //! threads and a child process, PrefixStore isolation, and the semantics
 //! every store shares.
 
-use std::io::{Read, Write};
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use comm_core::{CommError, Store};
-use dist_utils::codec::{encode, read_frame, write_frame};
-use dist_utils::tcp_store::{TCP_STORE_MAGIC, TCP_STORE_VERSION};
+use common::{assert_timeout_names, check_add_refuses_text, check_store_semantics, eventually, T};
+use dist_utils::codec::{encode, write_frame};
+use dist_utils::tcp_store::client_handshake;
 use dist_utils::{FileStore, HashStore, PrefixStore, TcpStore, TcpStoreServer};
 
 const SECRET: &[u8] = b"test-job-secret";
-const T: Duration = Duration::from_secs(10);
 
 fn server() -> TcpStoreServer {
     TcpStoreServer::bind("127.0.0.1:0", SECRET).unwrap()
@@ -23,95 +25,18 @@ fn client(s: &TcpStoreServer) -> TcpStore {
     TcpStore::connect(s.local_addr(), SECRET, T).unwrap()
 }
 
-/// Polls `cond` until it holds or `limit` passes (the state it observes lives
-/// in another thread or process, so there is nothing to wait on directly).
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    cond()
-}
-
-fn assert_timeout_names(e: CommError, key: &str) {
-    let text = e.to_string();
-    match e {
-        CommError::Timeout { missing, .. } => {
-            assert_eq!(missing, vec![key.to_string()], "{text}");
-            assert!(text.contains(key), "{text}");
-        }
-        other => panic!("expected a Timeout naming `{key}`, got {other:?}"),
-    }
-}
-
-/// Semantics every store must share.
-fn check_store_semantics(s: &dyn Store) {
-    assert_eq!(s.try_get("sem/a").unwrap(), None);
-    s.set("sem/a", b"1").unwrap();
-    assert_eq!(s.get("sem/a", T).unwrap(), b"1");
-    s.set("sem/a", b"22").unwrap();
-    assert_eq!(s.try_get("sem/a").unwrap().as_deref(), Some(&b"22"[..]));
-    s.set("sem/empty", b"").unwrap();
-    assert_eq!(s.get("sem/empty", T).unwrap(), b"");
-
-    assert_eq!(s.add("sem/n", 5).unwrap(), 5);
-    assert_eq!(s.add("sem/n", -7).unwrap(), -2);
-    assert_eq!(s.get("sem/n", T).unwrap(), b"-2");
-    s.set("sem/text", b"not a number").unwrap();
-    assert!(matches!(
-        s.add("sem/text", 1),
-        Err(CommError::InvalidArgument(_))
-    ));
-
-    s.wait(&["sem/a", "sem/n"], T).unwrap();
-    let e = s
-        .wait(&["sem/a", "sem/missing"], Duration::from_millis(50))
-        .unwrap_err();
-    assert_timeout_names(e, "sem/missing");
-    let started = Instant::now();
-    let e = s.get("sem/absent", Duration::from_millis(100)).unwrap_err();
-    assert!(started.elapsed() >= Duration::from_millis(90));
-    assert_timeout_names(e, "sem/absent");
-
-    let n = s.num_keys().unwrap();
-    assert!(s.delete("sem/a").unwrap());
-    assert!(!s.delete("sem/a").unwrap());
-    assert_eq!(s.num_keys().unwrap(), n - 1);
-    assert_eq!(s.try_get("sem/a").unwrap(), None);
-
-    check_compare_set(s);
-}
-
-fn check_compare_set(s: &dyn Store) {
-    // Absent key, expected absent: set.
-    assert_eq!(s.compare_set("cs", None, b"one").unwrap(), b"one");
-    assert_eq!(s.try_get("cs").unwrap().as_deref(), Some(&b"one"[..]));
-    // Present key, expected absent: unchanged, current value returned.
-    assert_eq!(s.compare_set("cs", None, b"two").unwrap(), b"one");
-    // Wrong expectation: unchanged.
-    assert_eq!(s.compare_set("cs", Some(b"nope"), b"two").unwrap(), b"one");
-    assert_eq!(s.try_get("cs").unwrap().as_deref(), Some(&b"one"[..]));
-    // Right expectation: swapped.
-    assert_eq!(s.compare_set("cs", Some(b"one"), b"two").unwrap(), b"two");
-    assert_eq!(s.try_get("cs").unwrap().as_deref(), Some(&b"two"[..]));
-    // Absent key, expected present: nothing stored, empty value returned.
-    assert_eq!(s.compare_set("cs-absent", Some(b"x"), b"y").unwrap(), b"");
-    assert_eq!(s.try_get("cs-absent").unwrap(), None);
-    s.delete("cs").unwrap();
-}
-
 #[test]
 fn semantics_of_every_store() {
     check_store_semantics(&HashStore::new());
+    check_add_refuses_text(&HashStore::new());
 
     let srv = server();
     check_store_semantics(&client(&srv));
+    check_add_refuses_text(&client(&srv));
 
     let dir = tempfile::tempdir().unwrap();
     check_store_semantics(&FileStore::new(dir.path().join("store")).unwrap());
+    check_add_refuses_text(&FileStore::new(dir.path().join("store")).unwrap());
 
     let base: Arc<dyn Store> = Arc::new(HashStore::new());
     check_store_semantics(&PrefixStore::new("p", base.clone()));
@@ -248,14 +173,27 @@ fn tcp_store_wrong_secret_is_refused_and_server_keeps_serving() {
 /// A raw connection that has done the handshake.
 fn raw_authenticated(srv: &TcpStoreServer) -> TcpStream {
     let mut raw = TcpStream::connect(srv.local_addr()).unwrap();
-    write_frame(
-        &mut raw,
-        &encode(&(TCP_STORE_MAGIC, TCP_STORE_VERSION, SECRET.to_vec())).unwrap(),
-    )
-    .unwrap();
-    let reply = read_frame(&mut raw, 1024).unwrap();
-    assert_eq!(reply, [0], "handshake accepted");
+    raw.set_read_timeout(Some(T)).unwrap();
+    client_handshake(&mut raw, SECRET).unwrap();
     raw
+}
+
+/// True once the server has closed `raw` (end of stream or reset); a read
+/// that times out means the connection is still open and fails the test.
+fn closed_by_server(raw: &mut TcpStream) -> bool {
+    raw.set_read_timeout(Some(T)).unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match raw.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a refusal or error reply before the close
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false
+            }
+            Err(e) => panic!("unexpected error reading from the server: {e}"),
+        }
+    }
 }
 
 #[test]
@@ -311,9 +249,10 @@ fn tcp_store_oversized_frame_is_a_protocol_error_not_an_allocation() {
     let mut raw = raw_authenticated(&srv);
     raw.write_all(&u64::MAX.to_le_bytes()).unwrap();
     // The server closes the connection instead of allocating.
-    let mut buf = [0u8; 1];
-    raw.set_read_timeout(Some(T)).unwrap();
-    assert_eq!(raw.read(&mut buf).unwrap_or(0), 0);
+    assert!(
+        closed_by_server(&mut raw),
+        "the server kept the connection open"
+    );
     let s = client(&srv);
     s.set("still", b"alive").unwrap();
 }

@@ -39,7 +39,8 @@ struct Args {
     /// Number of attention layers.
     #[arg(long, default_value_t = 4)]
     layers: usize,
-    /// `cpu`, or `cuda` (needs the `nccl` feature and a GPU).
+    /// `auto` (the local GPU when CUDA is visible), `cpu`, `cuda` (the
+    /// local rank's GPU; needs the `nccl` feature) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Force a host backend (`tcp` or `shm`); default: automatic.
@@ -161,16 +162,11 @@ fn to_device(t: Tensor, device: Device) -> parallel_state::Result<Tensor> {
 }
 
 fn run_rank(a: &Args) -> parallel_state::Result<bool> {
-    let device: Device = a.device.parse()?;
-    let backend = a.backend.as_deref().map(str::parse).transpose()?;
-    let ps = ParallelState::init_from_env(InitOptions {
-        backend,
-        ..Default::default()
-    })?;
-    let device = match device {
-        Device::Cuda(_) => Device::Cuda(ps.local_rank()),
-        d => d,
-    };
+    let request: parallel_state::DeviceRequest = a.device.parse()?;
+    let mut opts = InitOptions::default().with_device(request);
+    opts.backend = a.backend.clone();
+    let ps = ParallelState::init_from_env(opts)?;
+    let device = ps.local_device();
     let p = ps.world_size();
     ps.initialize_model_parallel(1, p, None)?;
     let sp = ps.sp_group()?;

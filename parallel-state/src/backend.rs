@@ -1,193 +1,155 @@
-//! Choosing and building a group's communicators.
+//! Which backend a group uses, chosen from one open [`Registry`].
+//!
+//! The built-in backends (`single`, `tcp`, `shm`, and `nccl` with the
+//! feature) are registered exactly like a third party's
+//! ([`InitOptions::backends`](crate::InitOptions)); `DIST_BACKEND` or
+//! `InitOptions::backend` can name any registered backend.
 
-use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use comm_core::{CommError, Device, DeviceCommunicator, Result, SingleRankCommunicator, Store};
+use comm_core::{BackendFactory, CommError, Device, Registry, Result};
 
-/// Environment variable that forces the host backend of every group
-/// (`tcp` or `shm`), or `nccl` for the device plane.
+/// Environment variable that forces a backend by name: a host backend
+/// (`tcp`, `shm`, or any registered one serving host memory) for every
+/// group's host plane, or a device backend (`nccl`) for the device plane.
 pub const BACKEND_ENV: &str = "DIST_BACKEND";
 
-/// The backends a group can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Backend {
-    /// One-member group: every collective is the identity.
-    Single,
-    /// TCP sockets (any hosts).
-    Tcp,
-    /// Shared memory (one host).
-    Shm,
-    /// NCCL (CUDA tensors).
-    Nccl,
+/// The registry of the built-in backends: `single`, `tcp`, `shm`, and
+/// `nccl` when built with the `nccl` feature (which also installs the CUDA
+/// device allocator, so device tensors can be allocated anywhere).
+///
+/// ```
+/// let r = parallel_state::default_registry();
+/// assert!(r.names().contains(&"tcp") && r.names().contains(&"shm"));
+/// ```
+pub fn default_registry() -> Registry {
+    let r = Registry::new()
+        .with(comm_core::SingleFactory)
+        .with(comm_cpu::TcpFactory::default())
+        .with(comm_shm::ShmFactory::default());
+    #[cfg(feature = "nccl-app-cudarc")]
+    let r = {
+        comm_nccl::install();
+        r.with(comm_nccl::NcclFactory)
+    };
+    r
 }
 
-impl Backend {
-    /// Lower-case name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Single => "single",
-            Backend::Tcp => "tcp",
-            Backend::Shm => "shm",
-            Backend::Nccl => "nccl",
-        }
+/// The built-in registry plus `extra` factories (a third party's replace a
+/// built-in of the same name).
+pub fn registry_with(extra: &[Arc<dyn BackendFactory>]) -> Registry {
+    let mut r = default_registry();
+    for f in extra {
+        r.register_arc(f.clone());
+    }
+    r
+}
+
+/// The forced backend name from [`BACKEND_ENV`], if any (aliases: `gloo`
+/// and `cpu` mean `tcp`, `cuda` means `nccl`).
+pub fn backend_from_env() -> Option<String> {
+    std::env::var(BACKEND_ENV)
+        .ok()
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .map(|s| canonical(&s))
+}
+
+/// Maps the aliases users know from torch to our names.
+pub fn canonical(name: &str) -> String {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "gloo" | "cpu" => "tcp".into(),
+        "cuda" => "nccl".into(),
+        other => other.to_string(),
     }
 }
 
-impl fmt::Display for Backend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// True when the named backend moves host memory (so it can serve a
+/// group's host plane).
+pub fn is_host_backend(reg: &Registry, name: &str) -> Result<bool> {
+    Ok(reg.get(name)?.serves(Device::Cpu))
 }
 
-impl std::str::FromStr for Backend {
-    type Err = CommError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "single" => Ok(Backend::Single),
-            "tcp" | "gloo" | "cpu" => Ok(Backend::Tcp),
-            "shm" => Ok(Backend::Shm),
-            "nccl" | "cuda" => Ok(Backend::Nccl),
-            other => Err(CommError::invalid(format!(
-                "unknown backend `{other}`; expected tcp, shm or nccl (from {BACKEND_ENV} or the backend argument)"
-            ))),
-        }
-    }
-}
-
-/// The forced backend from [`BACKEND_ENV`], if any.
-pub fn backend_from_env() -> Result<Option<Backend>> {
-    match std::env::var(BACKEND_ENV) {
-        Ok(s) if !s.trim().is_empty() => s.parse().map(Some),
-        _ => Ok(None),
-    }
-}
-
-/// Picks the host (CPU-plane) backend of a group and says why.
+/// Picks the host-plane backend of a group, and says why.
 ///
 /// Every member reaches the same decision: `all_on_this_host` is true on
-/// every member or on none (a group that spans hosts has, on every member, a
-/// rank that is elsewhere).
+/// every member or on none (a group that spans hosts has, on every member,
+/// a rank that is elsewhere).
 pub fn choose_host_backend(
-    world_size: usize,
+    reg: &Registry,
+    world: usize,
     all_on_this_host: bool,
-    forced: Option<Backend>,
-) -> Result<(Backend, String)> {
-    if world_size == 1 {
-        return Ok((Backend::Single, "the group has one member".into()));
+    forced: Option<&str>,
+) -> Result<(String, String)> {
+    if world == 1 {
+        return Ok(("single".into(), "the group has one member".into()));
     }
-    match forced {
-        Some(Backend::Shm) if !all_on_this_host => Err(CommError::invalid(
-            "shm backend forced, but the group spans several hosts; use tcp",
-        )),
-        Some(b @ (Backend::Shm | Backend::Tcp)) => Ok((b, "forced by configuration".into())),
-        _ if all_on_this_host => Ok((Backend::Shm, "every member is on this host".into())),
-        _ => Ok((Backend::Tcp, "members are on different hosts".into())),
+    if let Some(name) = forced {
+        let f = reg.get(name)?;
+        if f.serves(Device::Cpu) {
+            if f.same_host_only() && !all_on_this_host {
+                return Err(CommError::invalid(format!(
+                    "backend `{name}` was forced ({BACKEND_ENV} or InitOptions::backend), but it \
+                     needs every member on one host and this group spans several; use tcp"
+                )));
+            }
+            return Ok((f.name().to_string(), "forced by configuration".into()));
+        }
+        // A device backend was forced: it applies to the device plane only.
     }
-}
-
-/// Builds a host communicator of `kind` over `store` (already namespaced).
-pub(crate) fn host_communicator(
-    kind: Backend,
-    store: Arc<dyn Store>,
-    rank: usize,
-    world: usize,
-    timeout: Duration,
-    group_name: &str,
-) -> Result<Box<dyn DeviceCommunicator>> {
-    Ok(match kind {
-        Backend::Single => {
-            let mut c = SingleRankCommunicator::new();
-            c.set_timeout(timeout);
-            Box::new(c)
-        }
-        Backend::Tcp => {
-            let opts = comm_cpu::TcpOptions {
-                timeout,
-                group_name: group_name.to_string(),
-                ..Default::default()
-            };
-            Box::new(comm_cpu::TcpCommunicator::new(store, rank, world, opts)?)
-        }
-        Backend::Shm => {
-            let opts = comm_shm::ShmOptions {
-                timeout,
-                group_name: group_name.to_string(),
-                ..Default::default()
-            };
-            Box::new(comm_shm::ShmCommunicator::new(&*store, rank, world, opts)?)
-        }
-        Backend::Nccl => {
-            return Err(CommError::invalid(
-                "nccl is a device backend, not a host backend",
-            ))
-        }
-    })
-}
-
-/// Why NCCL cannot serve CUDA tensors in this process, or `None` when it can.
-pub fn nccl_unavailable_reason() -> Option<String> {
-    #[cfg(feature = "nccl")]
-    {
-        match comm_nccl::nccl_available() {
-            Ok(_) => None,
-            Err(e) => Some(e.to_string()),
-        }
-    }
-    #[cfg(not(feature = "nccl"))]
-    {
-        Some("parallel-state was built without the `nccl` feature".into())
+    if all_on_this_host && reg.get("shm").is_ok() {
+        Ok(("shm".into(), "every member is on this host".into()))
+    } else {
+        reg.get("tcp")?;
+        Ok(("tcp".into(), "members are on different hosts".into()))
     }
 }
 
-/// Builds the NCCL device communicator for CUDA device `ordinal`.
-#[cfg(feature = "nccl")]
-pub(crate) fn nccl_communicator(
-    store: Arc<dyn Store>,
-    rank: usize,
-    world: usize,
-    ordinal: usize,
-    timeout: Duration,
-) -> Result<Box<dyn DeviceCommunicator>> {
-    let opts = comm_nccl::NcclOptions {
-        device: ordinal,
-        timeout,
-        ..Default::default()
-    };
-    Ok(Box::new(comm_nccl::NcclCommunicator::new(
-        store, rank, world, opts,
-    )?))
-}
-
-/// Builds the device communicator for `device`, or returns why none is used
-/// (then CUDA tensors are staged through host memory on the host backend).
-pub(crate) fn device_communicator(
+/// Picks the device-plane backend for `device`: the forced one, else the
+/// first registered backend serving the device that is available here.
+/// `Err(reason)` when there is none (device buffers are then staged through
+/// host memory on the host plane).
+pub fn choose_device_backend(
+    reg: &Registry,
     device: Device,
-    store: &Arc<dyn Store>,
-    rank: usize,
     world: usize,
-    timeout: Duration,
-) -> Result<std::result::Result<Box<dyn DeviceCommunicator>, String>> {
-    let Device::Cuda(ordinal) = device else {
+    forced: Option<&str>,
+) -> Result<std::result::Result<Arc<dyn BackendFactory>, String>> {
+    if device == Device::Cpu {
         return Ok(Err("host tensors use the host backend".into()));
-    };
+    }
     if world == 1 {
         return Ok(Err("one-member group".into()));
     }
-    if let Some(why) = nccl_unavailable_reason() {
-        return Ok(Err(format!(
-            "NCCL unavailable ({why}); CUDA tensors are staged through host memory"
-        )));
+    if let Some(name) = forced {
+        let f = reg.get(name)?;
+        if f.serves(device) && !f.serves(Device::Cpu) {
+            return match f.available(device) {
+                Ok(()) => Ok(Ok(f)),
+                Err(e) => Err(CommError::unavailable(
+                    name,
+                    format!("forced for {device} tensors, but: {e}"),
+                )),
+            };
+        }
     }
-    #[cfg(feature = "nccl")]
-    {
-        let store = Arc::new(dist_utils::PrefixStore::new("nccl", store.clone())) as Arc<dyn Store>;
-        nccl_communicator(store, rank, world, ordinal, timeout).map(Ok)
+    let mut why = Vec::new();
+    for name in reg.names() {
+        let f = reg.get(name)?;
+        if !f.serves(device) || f.serves(Device::Cpu) {
+            continue;
+        }
+        match f.available(device) {
+            Ok(()) => return Ok(Ok(f)),
+            Err(e) => why.push(format!("{name}: {e}")),
+        }
     }
-    #[cfg(not(feature = "nccl"))]
-    {
-        let _ = (store, rank, ordinal, timeout);
-        Ok(Err("nccl feature off".into()))
-    }
+    Ok(Err(if why.is_empty() {
+        format!("no registered backend serves {device} (build with the `nccl` feature); device tensors are staged through host memory")
+    } else {
+        format!(
+            "{}; device tensors are staged through host memory",
+            why.join("; ")
+        )
+    }))
 }

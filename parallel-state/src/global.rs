@@ -6,7 +6,6 @@ use std::sync::{Arc, RwLock};
 
 use comm_core::{CommError, Device, ReduceOp, Result, Tensor};
 
-use crate::backend::Backend;
 use crate::coordinator::GroupCoordinator;
 use crate::state::{InitOptions, ParallelState};
 
@@ -52,17 +51,15 @@ pub fn init_distributed_environment(
     rank: usize,
     init_method: &str,
     local_rank: Option<usize>,
-    backend: Option<Backend>,
+    backend: Option<&str>,
 ) -> Result<()> {
     if state().is_ok() {
         return Err(CommError::State(
             "init_distributed_environment called twice".into(),
         ));
     }
-    let opts = InitOptions {
-        backend,
-        ..Default::default()
-    };
+    let mut opts = InitOptions::default();
+    opts.backend = backend.map(str::to_string);
     set_global_state(ParallelState::init(
         world_size,
         rank,

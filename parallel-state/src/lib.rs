@@ -30,14 +30,22 @@ mod mq;
 mod state;
 mod tensor_dict;
 
-pub use backend::{Backend, BACKEND_ENV};
-pub use coordinator::{GroupCoordinator, GroupOptions};
-pub use device::{to_device, GraphCaptureContext};
+pub use backend::{default_registry, registry_with, BACKEND_ENV};
+pub use coordinator::{GroupCoordinator, GroupOptions, RingTimes, VERIFY_ENV};
+pub use device::{choose_device, to_device, DeviceRequest, GraphCaptureContext, DEVICE_ENV};
 pub use global::*;
 pub use layout::{GroupLayout, LayoutKind};
 pub use state::{InitOptions, ModelGroups, ParallelState, TpPatch};
 pub use tensor_dict::{TensorDict, Value};
 
+/// The NCCL backend crate (features `nccl` / `nccl-app-cudarc`): its stream,
+/// events and graph capture (`nccl::with_nccl`, `nccl::graph_capture`).
+#[cfg(feature = "nccl-app-cudarc")]
+pub use comm_nccl as nccl;
+
 /// The vocabulary crate, re-exported (tensor layout ops live in `core::layout`).
 pub use comm_core as core;
-pub use comm_core::{CommError, DType, Device, ReduceOp, Result, Tensor};
+pub use comm_core::{
+    AsBuf, AsBufMut, BackendFactory, CommError, Communicator, DType, Device, ReduceOp, Registry,
+    Result, Tensor,
+};

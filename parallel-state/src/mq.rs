@@ -25,11 +25,9 @@ impl MqBroadcaster {
         world: usize,
         timeout: Duration,
     ) -> Result<Self> {
-        let opts = MqOptions {
-            timeout,
-            name: "broadcast_object".into(),
-            ..Default::default()
-        };
+        let opts = MqOptions::default()
+            .timeout(timeout)
+            .name("broadcast_object");
         let queue = if rank == 0 {
             let readers: Vec<usize> = (1..world).collect();
             MessageQueue::create_writer(&*store, "bcast", 0, &readers, RING_BYTES, opts)?

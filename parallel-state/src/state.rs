@@ -6,27 +6,41 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
-use comm_core::{CommError, Device, Result, Store};
+use comm_core::{BackendFactory, CommError, Device, Registry, Result, Store};
 use dist_utils::rendezvous::RankInfo;
 use dist_utils::{HashStore, PrefixStore};
 
-use crate::backend::Backend;
 use crate::coordinator::{GroupCoordinator, GroupOptions};
+use crate::device::DeviceRequest;
 use crate::layout::{self, GroupLayout, LayoutKind};
 
-/// Options of [`ParallelState::init`].
+/// Options of [`ParallelState::init`]. `#[non_exhaustive]`: start from
+/// [`InitOptions::default`] and use the `with_*` methods.
+///
+/// ```
+/// use parallel_state::{Device, InitOptions};
+/// let o = InitOptions::default().with_device(Device::Cpu).with_backend("tcp");
+/// assert_eq!(o.backend.as_deref(), Some("tcp"));
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct InitOptions {
     /// Deadline of every blocking operation (set-up and collectives).
     pub timeout: Duration,
-    /// Forces a backend for every group (`None`: automatic, or `DIST_BACKEND`).
-    pub backend: Option<Backend>,
-    /// Device whose tensors the data planes move (`Cuda(local_rank)` on GPU
-    /// machines).
-    pub device: Device,
+    /// Forces a backend by name for every group (`None`: automatic, or
+    /// `DIST_BACKEND`); any registered backend can be named.
+    pub backend: Option<String>,
+    /// Device whose tensors the data planes move. `Auto` (the default)
+    /// chooses as FastVideo does: `cuda:{local_rank % count}` when CUDA
+    /// devices are visible (feature `nccl`), else the CPU; `DIST_DEVICE`
+    /// overrides it.
+    pub device: DeviceRequest,
     /// Use the shared-memory message queue for `broadcast_object` from rank 0
     /// of groups that live on one host.
     pub use_message_queue_broadcaster: bool,
+    /// Extra backends, registered next to the built-in ones (a factory with
+    /// a built-in's name replaces it).
+    pub backends: Vec<Arc<dyn BackendFactory>>,
 }
 
 impl Default for InitOptions {
@@ -34,9 +48,40 @@ impl Default for InitOptions {
         InitOptions {
             timeout: comm_core::default_timeout(),
             backend: None,
-            device: Device::Cpu,
+            device: DeviceRequest::Auto,
             use_message_queue_broadcaster: false,
+            backends: Vec::new(),
         }
+    }
+}
+
+impl InitOptions {
+    /// With a deadline for every blocking operation.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+    /// Forcing the backend `name` for every group.
+    pub fn with_backend(mut self, name: impl Into<String>) -> Self {
+        self.backend = Some(name.into());
+        self
+    }
+    /// With a device (`Device::Cuda(1)`, or a [`DeviceRequest`] such as
+    /// `"cuda".parse()?` for the local rank's GPU) instead of the automatic
+    /// choice.
+    pub fn with_device(mut self, device: impl Into<DeviceRequest>) -> Self {
+        self.device = device.into();
+        self
+    }
+    /// With the message-queue broadcaster on host groups.
+    pub fn with_message_queue(mut self, yes: bool) -> Self {
+        self.use_message_queue_broadcaster = yes;
+        self
+    }
+    /// Registering an extra backend factory.
+    pub fn with_factory(mut self, f: Arc<dyn BackendFactory>) -> Self {
+        self.backends.push(f);
+        self
     }
 }
 
@@ -79,6 +124,8 @@ pub struct ParallelState {
     store: Arc<dyn Store>,
     node_ranks: Vec<usize>,
     opts: InitOptions,
+    device: Device,
+    backends: Arc<Registry>,
     world: Arc<GroupCoordinator>,
     node: Arc<GroupCoordinator>,
     model: RwLock<Option<ModelGroups>>,
@@ -167,11 +214,17 @@ impl ParallelState {
             let probe = PrefixStore::new("same-host", store.clone());
             dist_utils::same_host_ranks(&probe, rank, world_size, opts.timeout)?
         };
+        // The registry first: building it installs the device allocator
+        // (feature `nccl`), which the device choice looks at.
+        let registry = Arc::new(crate::backend::registry_with(&opts.backends));
+        let device = crate::device::choose_device(opts.device, local_rank)?;
         let mut st = ParallelState {
             rank,
             world_size,
             local_rank,
             store,
+            device,
+            backends: registry,
             node_ranks: node_ranks.clone(),
             world: Arc::new(GroupCoordinator::single(rank, local_rank, "world-pending")),
             node: Arc::new(GroupCoordinator::single(rank, local_rank, "node-pending")),
@@ -212,7 +265,11 @@ impl ParallelState {
     }
     /// The device this process's data planes move.
     pub fn local_device(&self) -> Device {
-        self.opts.device
+        self.device
+    }
+    /// The backends groups are built from.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.backends
     }
     /// The world group.
     pub fn world_group(&self) -> Arc<GroupCoordinator> {
@@ -260,12 +317,12 @@ impl ParallelState {
                 self.store.clone(),
             ));
             let on_host = ranks.iter().all(|r| self.node_ranks.contains(r));
-            let opts = GroupOptions {
-                timeout: self.opts.timeout,
-                backend: self.opts.backend,
-                device: self.opts.device,
-                use_message_queue_broadcaster: use_mq,
-            };
+            let mut opts = GroupOptions::default();
+            opts.timeout = self.opts.timeout;
+            opts.backend = self.opts.backend.clone();
+            opts.device = self.device;
+            opts.use_message_queue_broadcaster = use_mq;
+            opts.registry = self.backends.clone();
             GroupCoordinator::new(
                 ranks,
                 self.rank,

@@ -1,7 +1,7 @@
 //! Ordered dictionaries of tensors and plain values, as broadcast by
 //! `broadcast_tensor_dict` and sent by `send_tensor_dict`.
 
-use comm_core::{Tensor, TensorMetadata};
+use comm_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 /// A value in a [`TensorDict`].
@@ -58,13 +58,32 @@ impl From<String> for Value {
 /// their metadata.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum MetaValue {
-    Tensor(TensorMetadata),
+    Tensor(TensorMeta),
     Int(i64),
     Float(f64),
     Bool(bool),
     Str(String),
     Bytes(Vec<u8>),
     None,
+}
+
+/// What travels ahead of a tensor of a dict: the device KIND only (as in
+/// FastVideo, so every receiver allocates on its own device), dtype, shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TensorMeta {
+    pub(crate) cuda: bool,
+    pub(crate) dtype: comm_core::DType,
+    pub(crate) shape: Vec<usize>,
+}
+
+impl TensorMeta {
+    pub(crate) fn of(t: &Tensor) -> Self {
+        TensorMeta {
+            cuda: t.device().is_cuda(),
+            dtype: t.dtype(),
+            shape: t.shape().to_vec(),
+        }
+    }
 }
 
 /// An insertion-ordered map from string keys to [`Value`]s.
@@ -134,7 +153,7 @@ impl TensorDict {
             .iter()
             .map(|(k, v)| {
                 let m = match v {
-                    Value::Tensor(t) => MetaValue::Tensor(t.metadata()),
+                    Value::Tensor(t) => MetaValue::Tensor(TensorMeta::of(t)),
                     Value::Int(i) => MetaValue::Int(*i),
                     Value::Float(f) => MetaValue::Float(*f),
                     Value::Bool(b) => MetaValue::Bool(*b),

@@ -65,11 +65,15 @@ fn run(scenario: &str, nproc: usize, env: &[(&str, &str)]) {
 #[ignore = "entry point of the processes the other tests launch"]
 fn worker_entry() {
     let scenario = std::env::var("PS_SCENARIO").expect("PS_SCENARIO is set by the launching test");
-    let ps = ParallelState::init_from_env(InitOptions {
-        timeout: Duration::from_secs(if scenario == "absent" { 3 } else { 60 }),
-        use_message_queue_broadcaster: scenario == "mq",
-        ..Default::default()
-    })
+    let ps = ParallelState::init_from_env(
+        InitOptions::default()
+            .with_timeout(Duration::from_secs(if scenario == "absent" {
+                3
+            } else {
+                60
+            }))
+            .with_message_queue(scenario == "mq"),
+    )
     .expect("init");
     match scenario.as_str() {
         "a2a" => a2a(&ps),

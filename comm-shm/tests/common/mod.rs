@@ -1,119 +1,229 @@
-//! Test helpers: a file-based store for multi-process tests, data builders
-//! and reference reductions.
+//! Test helpers: one way to run N ranks (threads of this process, or real
+//! processes re-executing this test binary), each a
+//! [`Communicator`](comm_core::Communicator) made through the registry
+//! ([`ShmFactory`]), plus data builders, reference reductions and leak
+//! checks. Stores are dist-utils' (`HashStore` for threads, `FileStore` in
+//! a temporary directory for processes).
 #![allow(dead_code)]
 
-use std::fs::{self, File, OpenOptions};
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use comm_core::reduce::{finish_avg, reduce_into};
-use comm_core::{bf16, f16, CommError, DType, Deadline, Element, ReduceOp, Result, Store, Tensor};
+use comm_core::{
+    bf16, f16, Communicator, DType, Element, GroupContext, ReduceOp, Registry, Result, Store,
+    Tensor,
+};
+use comm_shm::{list_segments, ShmFactory, ShmOptions};
+use dist_utils::{FileStore, HashStore};
 
-/// A [`Store`] in a directory, shared by processes: one file per key,
-/// written by rename, counters under `flock`.
-#[derive(Debug, Clone)]
-pub struct FileStore {
-    dir: PathBuf,
+/// Deadline of set-up in tests: generous, so a loaded machine never fails
+/// a test at set-up; tests that need a short deadline set it on the
+/// communicator after set-up ([`Communicator::set_timeout`]).
+pub const SETUP: Duration = Duration::from_secs(120);
+
+/// How the ranks of a test run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Threads of this process (each with its own mapping of the segment).
+    Threads,
+    /// Processes: this test binary re-executed once per rank.
+    Processes,
 }
 
-fn hex(key: &str) -> String {
-    key.bytes().map(|b| format!("{b:02x}")).collect()
+/// One rank of a test group.
+pub struct Rank {
+    pub rank: usize,
+    pub world: usize,
+    pub comm: Communicator,
+    pub store: Arc<dyn Store>,
+    pub job: String,
 }
 
-impl FileStore {
-    pub fn new(dir: impl AsRef<Path>) -> Self {
-        fs::create_dir_all(dir.as_ref()).unwrap();
-        FileStore {
-            dir: dir.as_ref().to_path_buf(),
+/// Options for tests: tiny buffers (so chunking is exercised), the job id
+/// `job`, a generous set-up deadline.
+pub fn opts(job: &str) -> ShmOptions {
+    ShmOptions::default()
+        .timeout(SETUP)
+        .workspace_bytes(4096)
+        .p2p_bytes(4096)
+        .job_id(job)
+}
+
+/// Member `rank` of a `world`-rank group on `store`, through the registry.
+pub fn join(
+    store: Arc<dyn Store>,
+    rank: usize,
+    world: usize,
+    o: &ShmOptions,
+) -> Result<Communicator> {
+    let reg = Registry::new().with(ShmFactory::with_options(o.clone()));
+    let ctx = GroupContext::new(store, rank, world)
+        .timeout(o.timeout)
+        .group_name("test");
+    reg.create("shm", &ctx)
+}
+
+/// Runs `f` on `world` threads, each with its own communicator, and returns
+/// their results in rank order; afterwards nothing of the job is left in
+/// /dev/shm.
+pub fn on_threads<R: Send>(world: usize, o: ShmOptions, f: impl Fn(&Rank) -> R + Sync) -> Vec<R> {
+    let store: Arc<dyn Store> = Arc::new(HashStore::new());
+    let out = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..world)
+            .map(|rank| {
+                let (store, o, f) = (store.clone(), o.clone(), &f);
+                s.spawn(move || {
+                    let comm = join(store.clone(), rank, world, &o).unwrap();
+                    f(&Rank {
+                        rank,
+                        world,
+                        comm,
+                        store,
+                        job: o.job_id.clone(),
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_no_segments(&o.job_id);
+    out
+}
+
+const CHILD_TEST: &str = "COMM_SHM_TEST_CHILD";
+const CHILD_RANK: &str = "COMM_SHM_TEST_RANK";
+const CHILD_WORLD: &str = "COMM_SHM_TEST_WORLD";
+const CHILD_STORE: &str = "COMM_SHM_TEST_STORE";
+const CHILD_JOB: &str = "COMM_SHM_TEST_JOB";
+
+/// The rank this process plays when it is a child of [`on_processes`] for
+/// `test`: `(rank, world, store, job)`.
+pub fn child_of(test: &str) -> Option<(usize, usize, Arc<dyn Store>, String)> {
+    if std::env::var(CHILD_TEST).ok()? != test {
+        return None;
+    }
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} unset"));
+    let store: Arc<dyn Store> = Arc::new(FileStore::new(var(CHILD_STORE)).unwrap());
+    Some((
+        var(CHILD_RANK).parse().unwrap(),
+        var(CHILD_WORLD).parse().unwrap(),
+        store,
+        var(CHILD_JOB),
+    ))
+}
+
+/// Spawns this test binary as rank `rank` of `world` for test `test`.
+pub fn spawn_rank(test: &str, rank: usize, world: usize, store: &Path, job: &str) -> Child {
+    spawn_with(test, rank, world, store, job, &[])
+}
+
+/// [`spawn_rank`] with extra environment variables.
+pub fn spawn_with(
+    test: &str,
+    rank: usize,
+    world: usize,
+    store: &Path,
+    job: &str,
+    env: &[(&str, &str)],
+) -> Child {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
+        .env(CHILD_TEST, test)
+        .env(CHILD_RANK, rank.to_string())
+        .env(CHILD_WORLD, world.to_string())
+        .env(CHILD_STORE, store)
+        .env(CHILD_JOB, job);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.spawn().unwrap()
+}
+
+/// A fresh file store for processes, in `dir`.
+pub fn file_store(dir: &Path) -> (std::path::PathBuf, Arc<dyn Store>) {
+    let p = dir.join("store");
+    let s: Arc<dyn Store> = Arc::new(FileStore::new(&p).unwrap());
+    (p, s)
+}
+
+/// Runs `f` as `world` real processes (this test binary re-executed), each
+/// with its own communicator; a rank passes when `f` returns without
+/// panicking. In the parent: spawns them, requires every one to exit 0
+/// within `limit`, and checks that nothing is left in /dev/shm or the
+/// process table. In a child: runs its rank and exits.
+pub fn on_processes(test: &str, world: usize, o: ShmOptions, limit: Duration, f: impl Fn(&Rank)) {
+    if let Some((rank, world, store, job)) = child_of(test) {
+        let o = o.job_id(&job);
+        let comm = join(store.clone(), rank, world, &o).unwrap();
+        f(&Rank {
+            rank,
+            world,
+            comm,
+            store,
+            job,
+        });
+        std::process::exit(0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _store) = file_store(dir.path());
+    let job = o.job_id.clone();
+    let mut kids: Vec<Child> = (0..world)
+        .map(|r| spawn_rank(test, r, world, &path, &job))
+        .collect();
+    let codes = wait_all(&mut kids, limit);
+    assert_eq!(codes, vec![Some(0); world], "rank exit codes of {test}");
+    assert_reaped(&kids);
+    assert_no_segments(&job);
+}
+
+/// Either mode.
+pub fn on(mode: Mode, test: &str, world: usize, o: ShmOptions, f: impl Fn(&Rank) + Sync) {
+    match mode {
+        Mode::Threads => {
+            on_threads(world, o, f);
         }
-    }
-    fn path(&self, key: &str) -> PathBuf {
-        self.dir.join(format!("k{}", hex(key)))
-    }
-    fn put(&self, key: &str, value: &[u8]) -> Result<()> {
-        let tmp = self.dir.join(format!(
-            ".tmp.{}.{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        fs::write(&tmp, value).map_err(|e| CommError::io("file store write", e))?;
-        fs::rename(&tmp, self.path(key)).map_err(|e| CommError::io("file store rename", e))
-    }
-    fn locked<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let lock: File = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(self.dir.join(".lock"))
-            .map_err(|e| CommError::io("file store lock", e))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| CommError::io("flock", e.into()))?;
-        f()
+        Mode::Processes => on_processes(test, world, o, Duration::from_secs(300), f),
     }
 }
 
-impl Store for FileStore {
-    fn set(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.put(key, value)
-    }
-    fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
-        let dl = Deadline::after(timeout);
-        loop {
-            if let Some(v) = self.try_get(key)? {
-                return Ok(v);
+/// Waits for every child up to `limit` (then kills the rest); exit codes
+/// (`None`: killed by a signal or by this function).
+pub fn wait_all(kids: &mut [Child], limit: Duration) -> Vec<Option<i32>> {
+    let t0 = Instant::now();
+    kids.iter_mut()
+        .map(|k| loop {
+            if let Some(s) = k.try_wait().unwrap() {
+                break s.code();
             }
-            dl.check(
-                || format!("file store get `{key}`"),
-                || vec![key.to_string()],
-            )?;
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-    fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        match fs::read(self.path(key)) {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(CommError::io("file store read", e)),
-        }
-    }
-    fn add(&self, key: &str, delta: i64) -> Result<i64> {
-        self.locked(|| {
-            let cur = match self.try_get(key)? {
-                None => 0,
-                Some(v) => String::from_utf8_lossy(&v)
-                    .trim()
-                    .parse::<i64>()
-                    .unwrap_or(0),
-            };
-            let new = cur + delta;
-            self.put(key, new.to_string().as_bytes())?;
-            Ok(new)
-        })
-    }
-    fn wait(&self, keys: &[&str], timeout: Duration) -> Result<()> {
-        let dl = Deadline::after(timeout);
-        for k in keys {
-            self.get(k, dl.remaining())?;
-        }
-        Ok(())
-    }
-    fn delete(&self, key: &str) -> Result<bool> {
-        Ok(fs::remove_file(self.path(key)).is_ok())
-    }
-    fn compare_set(&self, key: &str, expected: Option<&[u8]>, desired: &[u8]) -> Result<Vec<u8>> {
-        self.locked(|| {
-            let cur = self.try_get(key)?;
-            if cur.as_deref() == expected {
-                self.put(key, desired)?;
-                Ok(desired.to_vec())
-            } else {
-                Ok(cur.unwrap_or_default())
+            if t0.elapsed() > limit {
+                let _ = k.kill();
+                let _ = k.wait();
+                break None;
             }
+            std::thread::sleep(Duration::from_millis(5));
         })
+        .collect()
+}
+
+/// Every child was waited for: no process and no zombie is left.
+pub fn assert_reaped(kids: &[Child]) {
+    for k in kids {
+        let p = format!("/proc/{}", k.id());
+        assert!(
+            !Path::new(&p).exists(),
+            "process {} is still in the table",
+            k.id()
+        );
     }
-    fn num_keys(&self) -> Result<usize> {
-        Ok(fs::read_dir(&self.dir).map(|d| d.count()).unwrap_or(0))
-    }
+}
+
+/// Nothing of job `job` is left in /dev/shm.
+pub fn assert_no_segments(job: &str) {
+    let left = list_segments(job);
+    assert!(left.is_empty(), "leaked segments: {left:?}");
 }
 
 /// A tensor of `dt` holding `vals` (converted as `Element::from_f64` does).
