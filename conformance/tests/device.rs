@@ -1,9 +1,9 @@
-//! Host backends moving device memory (features `builtin` and `nccl`, which
-//! installs the CUDA allocator): 2 and 3 processes sharing GPU 0, every
+//! Host backends moving device memory (feature `nccl`, which installs the
+//! CUDA allocator): 2 and 3 processes sharing GPU 0, every
 //! buffer a CUDA tensor that the front stages through host memory. Skipped
 //! with a message where no GPU is visible (`COMM_CONFORMANCE_REQUIRE=1`
 //! makes that a failure).
-#![cfg(all(feature = "builtin", feature = "nccl"))]
+#![cfg(feature = "nccl")]
 
 use std::sync::Arc;
 

@@ -26,7 +26,7 @@ fn nccl(mode: Mode) -> Option<Kit> {
         eprintln!("skipped: {why}");
         return None;
     }
-    let kit = Kit::new(Arc::new(comm_nccl::NcclFactory::default()))
+    let kit = Kit::new(Arc::new(comm_nccl::NcclFactory))
         .world(gpus.min(4))
         .mode(mode)
         .device(Device::Cuda(0));

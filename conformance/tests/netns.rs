@@ -29,8 +29,6 @@
 //! `DIST_NETNS_REQUIRED=1` to make that a failure instead. Where namespaces
 //! can be created but not wired (bridge, veth, `ip netns exec`), the tests
 //! fail: the machine allows the test, so a wiring failure is a real one.
-#![cfg(feature = "builtin")]
-
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

@@ -1,8 +1,6 @@
 //! The conformance kit over the shared-memory backend (comm-shm's `ShmFactory`):
 //! real processes at world sizes 1 to 5 and >= 64 MiB, threads, call
 //! mismatches and failures naming the culprit.
-#![cfg(feature = "builtin")]
-
 use comm_shm::ShmFactory;
 
 comm_conformance::conformance_tests! { ShmFactory::default();

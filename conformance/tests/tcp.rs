@@ -1,8 +1,6 @@
 //! The conformance kit over the TCP backend (comm-cpu's `TcpFactory`):
 //! real processes at world sizes 1 to 5 and >= 64 MiB, threads, call
 //! mismatches and failures naming the culprit.
-#![cfg(feature = "builtin")]
-
 use comm_cpu::TcpFactory;
 
 comm_conformance::conformance_tests! { TcpFactory::default();

@@ -7,8 +7,9 @@
 //!     --backend tcp [--mode basic|large|mismatch|failures] [--device cpu|cuda]
 //! ```
 //!
-//! `--backend` (or `CONFORMANCE_BACKEND`): single, tcp, shm, and nccl with
-//! the `nccl` feature. `--device cuda` (or `CONFORMANCE_DEVICE`) puts the
+//! `--backend` (or `CONFORMANCE_BACKEND`): any backend of
+//! `parallel_state::default_registry()` (single, tcp, shm, and nccl with the
+//! `nccl` feature). `--device cuda` (or `CONFORMANCE_DEVICE`) puts the
 //! buffers on `cuda:(LOCAL_RANK % device count)` (needs the `nccl` feature,
 //! which installs the CUDA allocator): nccl moves them natively, tcp / shm
 //! stage them through host memory. Prints `rank R: N checks passed` and
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use comm_conformance::{Kit, Mode};
-use comm_core::{Device, Registry, SingleFactory};
+use comm_core::{Device, Registry};
 
 /// Environment fallback for `--backend`.
 const BACKEND_ENV: &str = "CONFORMANCE_BACKEND";
@@ -35,19 +36,10 @@ fn arg_or_env(flag: &str, env: &str) -> Option<String> {
         .or_else(|| std::env::var(env).ok())
 }
 
-/// The built-in backends of this build.
+/// The built-in backends of this build: the group layer's registry, so the
+/// worker runs exactly what `DIST_BACKEND` can name.
 fn registry() -> Registry {
-    #[allow(unused_mut)]
-    let mut r = Registry::new()
-        .with(SingleFactory)
-        .with(comm_cpu::TcpFactory::default())
-        .with(comm_shm::ShmFactory::default());
-    #[cfg(feature = "nccl")]
-    {
-        comm_nccl::install();
-        r.register(comm_nccl::NcclFactory::default());
-    }
-    r
+    parallel_state::default_registry()
 }
 
 fn main() -> ExitCode {
