@@ -77,9 +77,9 @@ pub fn value(dtype: DType, pattern: Pattern, salt: u64, rank: usize, index: usiz
             }
         }
         Pattern::Reduce(ReduceOp::Prod) => {
-            if rank < 6 && h % 3 == 0 {
+            if rank < 6 && h.is_multiple_of(3) {
                 2
-            } else if signed && (h >> 8) % 5 == 0 {
+            } else if signed && (h >> 8).is_multiple_of(5) {
                 -1
             } else {
                 1

@@ -438,13 +438,13 @@ fn loop_rank() -> Result<(), String> {
         }
         let k = iteration as usize;
         let op_start = Instant::now();
-        let step = (|| -> Result<bool, (&'static str, Result<CommError, String>)> {
+        let step = (|| -> Result<bool, (&'static str, Result<Box<CommError>, String>)> {
             let what = "all_reduce f32 sum (64 KiB)";
             let mut t = comm_conformance::data::filled(DType::F32, LOOP_SMALL, |i| {
                 (rank + 1) as f64 * ((k + i) % 7) as f64
             });
             comm.all_reduce(&mut t, ReduceOp::Sum)
-                .map_err(|e| (what, Ok(e)))?;
+                .map_err(|e| (what, Ok(Box::new(e))))?;
             check(&t, what, |i| tri * ((k + i) % 7) as f64).map_err(|m| (what, Err(m)))?;
             if iteration % 4 == 3 {
                 let what = "all_gather f32 (1 MiB per rank)";
@@ -453,7 +453,7 @@ fn loop_rank() -> Result<(), String> {
                 });
                 let mut out = Tensor::zeros([world * LOOP_LARGE], DType::F32);
                 comm.all_gather(&input, &mut out)
-                    .map_err(|e| (what, Ok(e)))?;
+                    .map_err(|e| (what, Ok(Box::new(e))))?;
                 check(&out, what, |i| {
                     (((i / LOOP_LARGE) * 31 + k + i % LOOP_LARGE) % 1000) as f64
                 })
@@ -462,7 +462,7 @@ fn loop_rank() -> Result<(), String> {
             let what = "all_reduce i32 max (stop flag)";
             let mut flag = [i32::from(stop_file.exists())];
             comm.all_reduce(&mut flag, ReduceOp::Max)
-                .map_err(|e| (what, Ok(e)))?;
+                .map_err(|e| (what, Ok(Box::new(e))))?;
             Ok(flag[0] == 1)
         })();
         match step {
@@ -477,7 +477,7 @@ fn loop_rank() -> Result<(), String> {
                     "FAILED in {what} (iteration {iteration}) after {:.2} s in that operation: \
                      {} culprits={culprits:?}: {e}",
                     op_start.elapsed().as_secs_f64(),
-                    kind(&e)
+                    kind(e.as_ref())
                 ));
             }
             Err((what, Err(msg))) => {
@@ -569,13 +569,13 @@ fn cut_link_fails_every_rank_within_its_deadline() {
             panic!(
                 "rank {r} exited ({:?}) before every rank had started; logs:\n{}",
                 ranks.ended[r].map(|e| e.1),
-                logs(&dir.path(), WORLD)
+                logs(dir.path(), WORLD)
             );
         }
         assert!(
             Instant::now() < deadline,
             "ranks {missing:?} did not write their started marker within {START_WITHIN:?}; logs:\n{}",
-            logs(&dir.path(), WORLD)
+            logs(dir.path(), WORLD)
         );
         std::thread::sleep(POLL);
     }
@@ -597,7 +597,7 @@ fn cut_link_fails_every_rank_within_its_deadline() {
             Instant::now() < deadline,
             "ranks {running:?} were still running {FAIL_WITHIN:?} after rank {CUT}'s link was \
              cut (per-operation deadline {OP_TIMEOUT_S} s); logs:\n{}",
-            logs(&dir.path(), WORLD)
+            logs(dir.path(), WORLD)
         );
         std::thread::sleep(POLL);
     }
@@ -606,7 +606,7 @@ fn cut_link_fails_every_rank_within_its_deadline() {
     for r in 0..WORLD {
         let (at, code) = ranks.ended[r].expect("every rank was reaped");
         let after = at.duration_since(cut_at).as_secs_f64();
-        let err = read_log(&dir.path(), r, "err");
+        let err = read_log(dir.path(), r, "err");
         let failed = err
             .lines()
             .find(|l| l.contains(" FAILED in "))
@@ -614,7 +614,7 @@ fn cut_link_fails_every_rank_within_its_deadline() {
                 panic!(
                     "rank {r} (exit {code:?}, {after:.2} s after the cut) printed no FAILED line; \
                  logs:\n{}",
-                    logs(&dir.path(), WORLD)
+                    logs(dir.path(), WORLD)
                 )
             });
         assert!(
