@@ -183,6 +183,48 @@ macro_rules! with_dtype {
     };
 }
 
+/// Where element `i` of member `rank`'s Ulysses all_to_all_4D output
+/// comes from, for `p` members whose inputs have the 4-D shape `input`:
+/// `(source member, flat index in the source's input)`.
+///
+/// - `forward` (scatter 2, gather 1): `[B, S/P, H, D]` -> `[B, S, H/P, D]`;
+///   member `r` gets every member's rows of heads `[r*H/P, (r+1)*H/P)`.
+/// - otherwise (scatter 1, gather 2): `[B, S, H/P, D]` -> `[B, S/P, H, D]`,
+///   the exact inverse.
+///
+/// ```
+/// use comm_conformance::data::ulysses_source;
+/// // 2 members, [1, 1, 2, 1] each: member 1 gets head 1 of both members.
+/// assert_eq!(ulysses_source(true, [1, 1, 2, 1], 2, 1, 0), (0, 1));
+/// assert_eq!(ulysses_source(true, [1, 1, 2, 1], 2, 1, 1), (1, 1));
+/// ```
+pub fn ulysses_source(
+    forward: bool,
+    input: [usize; 4],
+    p: usize,
+    rank: usize,
+    i: usize,
+) -> (usize, usize) {
+    let [b_in, s_in, h_in, d] = input;
+    let _ = b_in;
+    let (di, rest) = (i % d, i / d);
+    if forward {
+        // Output [B, S, H/P, D] with S = P * s_in, H/P = h_in / P.
+        let (hp, s) = (h_in / p, p * s_in);
+        let (hi, rest) = (rest % hp, rest / hp);
+        let (si, bi) = (rest % s, rest / s);
+        let (src, sli) = (si / s_in, si % s_in);
+        (src, ((bi * s_in + sli) * h_in + rank * hp + hi) * d + di)
+    } else {
+        // Output [B, S/P, H, D] with S/P = s_in / P, H = P * h_in.
+        let (sp, h) = (s_in / p, p * h_in);
+        let (hi, rest) = (rest % h, rest / h);
+        let (sli, bi) = (rest % sp, rest / sp);
+        let (src, hpi) = (hi / h_in, hi % h_in);
+        (src, ((bi * s_in + rank * sp + sli) * h_in + hpi) * d + di)
+    }
+}
+
 /// `n` elements of `dtype` with `x[i] = f(i)`, in a 64-byte-aligned host
 /// buffer.
 pub fn fill(dtype: DType, n: usize, f: impl Fn(usize) -> f64) -> HostBuffer {

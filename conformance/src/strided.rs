@@ -5,6 +5,7 @@
 
 use comm_core::{BlockLayout, Collective, Communicator, DType, Layout};
 
+use crate::data::ulysses_source;
 use crate::suite::{Checks, Failure};
 
 /// `(B, S/P, H/P, D)` cases: empty, tiny, odd, and one past the backends'
@@ -59,7 +60,7 @@ fn forward(
     d: usize,
 ) -> Result<(), Failure> {
     let (salt, rank, p) = (c.next_salt(), c.rank, c.world);
-    let (h, s) = (p * hp, p * sl);
+    let h = p * hp;
     let what = format!(
         "all_to_all_strided [B={b}, S/P={sl}, H={h}, D={d}] -> [B, S, H/P, D] {dtype} world={p}"
     );
@@ -74,14 +75,8 @@ fn forward(
         arg: 2 * 16 + 1,
     };
     strided(c.comm, &input, heads, &mut out, sequence, layout).map_err(|e| c.err(&what, e))?;
-    // out[bi, si, hi, di] comes from member si / sl, its
-    // in[bi, si % sl, rank * hp + hi, di].
     let expected = |i: usize| {
-        let (di, rest) = (i % d, i / d);
-        let (hi, rest) = (rest % hp, rest / hp);
-        let (si, bi) = (rest % s, rest / s);
-        let (src, sli) = (si / sl, si % sl);
-        let at = ((bi * sl + sli) * h + rank * hp + hi) * d + di;
+        let (src, at) = ulysses_source(true, shape, p, rank, i);
         Checks::unique(dtype, salt, src, at)
     };
     c.expect(&what, &out, expected, |_| 0.0)?;
@@ -98,7 +93,7 @@ fn inverse(
     d: usize,
 ) -> Result<(), Failure> {
     let (salt, rank, p) = (c.next_salt(), c.rank, c.world);
-    let (h, s) = (p * hp, p * sl);
+    let s = p * sl;
     let what = format!(
         "all_to_all_strided [B={b}, S={s}, H/P={hp}, D={d}] -> [B, S/P, H, D] {dtype} world={p}"
     );
@@ -113,14 +108,8 @@ fn inverse(
         arg: 16 + 2,
     };
     strided(c.comm, &input, sequence, &mut out, heads, layout).map_err(|e| c.err(&what, e))?;
-    // out[bi, sli, hi, di] comes from member hi / hp, its
-    // in[bi, rank * sl + sli, hi % hp, di].
     let expected = |i: usize| {
-        let (di, rest) = (i % d, i / d);
-        let (hi, rest) = (rest % h, rest / h);
-        let (sli, bi) = (rest % sl, rest / sl);
-        let (src, hpi) = (hi / hp, hi % hp);
-        let at = ((bi * s + rank * sl + sli) * hp + hpi) * d + di;
+        let (src, at) = ulysses_source(false, shape, p, rank, i);
         Checks::unique(dtype, salt, src, at)
     };
     c.expect(&what, &out, expected, |_| 0.0)?;
