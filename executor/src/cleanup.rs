@@ -51,10 +51,7 @@ fn remove_job_segments_in(dir: &Path, job_id: &str, ours: &[u32]) -> Vec<PathBuf
         let Some(rest) = name.strip_prefix(&prefix) else {
             continue;
         };
-        let creator = rest
-            .split('.')
-            .next()
-            .and_then(|p| p.parse::<u32>().ok());
+        let creator = rest.split('.').next().and_then(|p| p.parse::<u32>().ok());
         if let Some(pid) = creator {
             if !ours.contains(&pid) && process_alive(pid) {
                 continue;
@@ -77,7 +74,10 @@ fn remove_job_segments_in(dir: &Path, job_id: &str, ours: &[u32]) -> Vec<PathBuf
 fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => match s.rfind(')') {
-            Some(i) => !matches!(s[i + 1..].trim_start().as_bytes().first(), Some(b'Z' | b'X')),
+            Some(i) => !matches!(
+                s[i + 1..].trim_start().as_bytes().first(),
+                Some(b'Z' | b'X')
+            ),
             None => true,
         },
         Err(_) => false,
@@ -93,11 +93,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let me = std::process::id();
         let files = [
-            "dshm.abc.x".to_string(),                 // no pid: removed
-            "dshm.abc.1.rand".to_string(),            // pid 1 alive but ours: removed
-            format!("dshm.abc.{me}.rand"),            // alive, not ours: kept
+            "dshm.abc.x".to_string(),                  // no pid: removed
+            "dshm.abc.1.rand".to_string(),             // pid 1 alive but ours: removed
+            format!("dshm.abc.{me}.rand"),             // alive, not ours: kept
             format!("dshm.abc.{}.rand", u32::MAX - 1), // dead creator: removed
-            "dshm.abcd.x".to_string(),                // other job: kept
+            "dshm.abcd.x".to_string(),                 // other job: kept
             "other".to_string(),
         ];
         for f in &files {
@@ -108,11 +108,7 @@ mod tests {
             .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
             .collect();
         got.sort();
-        let mut want = vec![
-            files[0].clone(),
-            files[1].clone(),
-            files[3].clone(),
-        ];
+        let mut want = vec![files[0].clone(), files[1].clone(), files[3].clone()];
         want.sort();
         assert_eq!(got, want);
         assert!(dir.path().join(&files[2]).exists());

@@ -82,6 +82,11 @@ pub struct LaunchConfig {
     pub capture: bool,
     /// Prefix forwarded lines with `[rank R] `.
     pub prefix: bool,
+    /// Let the ranks write to the launcher's stdout/stderr directly instead
+    /// of forwarding their output line by line. Their lines may then be cut
+    /// by other processes' output mid-line (a `write` per fragment), but
+    /// they see the terminal itself (colours, progress bars).
+    pub inherit_output: bool,
     /// The job secret (hex); `None`: a fresh random one on a single node,
     /// `DIST_JOB_SECRET` from the environment on several (required there).
     pub job_secret: Option<String>,
@@ -109,6 +114,7 @@ impl LaunchConfig {
             grace: Duration::from_secs(5),
             capture: false,
             prefix: true,
+            inherit_output: false,
             job_secret: None,
             job_id: None,
         }
@@ -150,6 +156,12 @@ impl LaunchConfig {
     /// Prefixes forwarded lines with the rank (default true).
     pub fn prefix(mut self, on: bool) -> Self {
         self.prefix = on;
+        self
+    }
+    /// Gives the ranks the launcher's stdout/stderr instead of forwarding
+    /// whole lines (default false; see [`LaunchConfig::inherit_output`]).
+    pub fn inherit_output(mut self, on: bool) -> Self {
+        self.inherit_output = on;
         self
     }
     /// Multi-node: `nnodes` nodes, this one being `node_rank`.
@@ -324,7 +336,6 @@ fn take_signal() -> Option<i32> {
     }
 }
 
-
 // ---------------------------------------------------------------------------
 // Secrets and ids
 
@@ -434,7 +445,6 @@ pub(crate) fn signal_group(pgid: u32, sig: Signal) {
     }
 }
 
-
 // ---------------------------------------------------------------------------
 // The launcher
 
@@ -542,7 +552,7 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
     let mut procs: Vec<Running> = Vec::with_capacity(cfg.nproc_per_node);
     let mut out_lines: Vec<Lines> = Vec::new();
     let mut err_lines: Vec<Lines> = Vec::new();
-    let piped = cfg.capture || cfg.prefix;
+    let piped = cfg.capture || !cfg.inherit_output;
 
     for local in 0..cfg.nproc_per_node {
         let rank = cfg.node_rank * cfg.nproc_per_node + local;
@@ -670,7 +680,11 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
 /// Waits for the ranks until all have ended and their process groups are
 /// empty, taking exits in the order they happened. Starts stopping the job
 /// on the first failure, a signal or the timeout.
-fn supervise(procs: &mut [Running], watch: &mut ExitWatch, cfg: &LaunchConfig) -> Option<StopReason> {
+fn supervise(
+    procs: &mut [Running],
+    watch: &mut ExitWatch,
+    cfg: &LaunchConfig,
+) -> Option<StopReason> {
     let start = Instant::now();
     let mut reason: Option<StopReason> = None;
     // When the stop began and whether SIGKILL was already sent.

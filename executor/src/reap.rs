@@ -122,8 +122,7 @@ impl ExitWatch {
         let token = self.procs.len();
         let pid = Pid::from_raw(pid as i32)
             .ok_or_else(|| CommError::invalid(format!("not a process id: {pid}")))?;
-        let source = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
-        {
+        let source = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
             Ok(fd) => Source::PidFd(fd),
             Err(_) => Source::Thread(spawn_waiter(pid)?),
         };
@@ -261,15 +260,10 @@ fn spawn_waiter(pid: Pid) -> Result<UnixStream> {
         .name(format!("exit-wait-{}", pid.as_raw_nonzero()))
         .spawn(move || {
             // EINTR: try again; anything else (ECHILD) also means "gone".
-            loop {
-                match rustix::process::waitid(
-                    WaitId::Pid(pid),
-                    WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
-                ) {
-                    Err(rustix::io::Errno::INTR) => continue,
-                    _ => break,
-                }
-            }
+            while let Err(rustix::io::Errno::INTR) = rustix::process::waitid(
+                WaitId::Pid(pid),
+                WaitIdOptions::EXITED | WaitIdOptions::NOWAIT,
+            ) {}
             // The watcher may be gone already; nothing to tell then.
             let _ = theirs.write_all(&[1]);
         })
@@ -335,11 +329,12 @@ mod tests {
     #[test]
     fn signal_deaths_and_timeouts() {
         let mut w = ExitWatch::new().unwrap();
-        let child = Command::new("sleep").arg("30").spawn().unwrap();
-        let t = w.add(child.id()).unwrap();
+        // Reaped by the watch, not by `Child::wait`.
+        let pid = Command::new("sleep").arg("30").spawn().unwrap().id();
+        let t = w.add(pid).unwrap();
         assert!(w.wait(Some(Duration::ZERO)).unwrap().is_empty());
         rustix::process::kill_process(
-            Pid::from_raw(child.id() as i32).unwrap(),
+            Pid::from_raw(pid as i32).unwrap(),
             rustix::process::Signal::KILL,
         )
         .unwrap();
@@ -363,8 +358,12 @@ mod tests {
     #[test]
     fn the_thread_fallback_reports_exits_too() {
         let mut w = ExitWatch::new().unwrap();
-        let child = Command::new("sh").args(["-c", "exit 4"]).spawn().unwrap();
-        let pid = Pid::from_raw(child.id() as i32).unwrap();
+        let raw = Command::new("sh")
+            .args(["-c", "exit 4"])
+            .spawn()
+            .unwrap()
+            .id();
+        let pid = Pid::from_raw(raw as i32).unwrap();
         let src = Source::Thread(spawn_waiter(pid).unwrap());
         epoll::add(
             &w.epoll,

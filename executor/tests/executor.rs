@@ -66,7 +66,9 @@ fn worker_main() {
                 Ok(())
             }
         })
-        .on(&PANIC, |s, ()| -> Result<(), String> { panic!("boom on {}", s.rank) })
+        .on(&PANIC, |s, ()| -> Result<(), String> {
+            panic!("boom on {}", s.rank)
+        })
         .on(&DIE_ON_1, |s, ()| {
             if s.rank == 1 {
                 std::process::exit(3);
@@ -158,11 +160,17 @@ fn typed_calls_reply_in_rank_order_and_failures_name_their_rank() {
     let e = ex.collective_rpc(&FAIL_ON_2, &(), T).unwrap_err();
     assert!(matches!(e, CommError::RemoteFailed { .. }), "{e}");
     assert_eq!(ranks_of(&e), [2]);
-    assert!(e.to_string().contains("rank 2 (error: rank 2 refuses)"), "{e}");
+    assert!(
+        e.to_string().contains("rank 2 (error: rank 2 refuses)"),
+        "{e}"
+    );
     // A panic on every rank names every rank, with its message.
     let e = ex.collective_rpc(&PANIC, &(), T).unwrap_err();
     assert_eq!(ranks_of(&e), [0, 1, 2]);
-    assert!(e.to_string().contains("rank 1 (panicked: boom on 1)"), "{e}");
+    assert!(
+        e.to_string().contains("rank 1 (panicked: boom on 1)"),
+        "{e}"
+    );
     // Wrong argument type and unknown method are reported, not fatal.
     let e = ex
         .collective_rpc(&ADD_RANK_WRONG, &"x".to_string(), T)
@@ -260,7 +268,10 @@ fn a_hung_worker_is_named_at_the_timeout() {
         other => panic!("expected a timeout, got {other:?}"),
     }
     let took = t0.elapsed();
-    assert!(took >= timeout && took < timeout + Duration::from_secs(10), "{took:?}");
+    assert!(
+        took >= timeout && took < timeout + Duration::from_secs(10),
+        "{took:?}"
+    );
     let pids = ex.pids();
     drop(ex); // Drop shuts down too (rank 0 needs SIGTERM).
     assert!(pids.iter().all(|&p| !alive(p)));

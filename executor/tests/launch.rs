@@ -518,7 +518,10 @@ fn mkfifo(path: &std::path::Path) {
 fn wait_files(paths: &[std::path::PathBuf]) {
     let t = Instant::now();
     while !paths.iter().all(|p| p.exists()) {
-        assert!(t.elapsed() < Duration::from_secs(30), "ranks did not start: {paths:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "ranks did not start: {paths:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -583,7 +586,10 @@ fn the_first_rank_to_fail_is_named_in_every_crash_trial() {
         assert_eq!(out.ranks[victim].signal, Some(9));
         // The others exited 1 on their own, or were stopped before they could.
         for r in (0..nproc).filter(|&r| r != victim) {
-            assert!([1, 143].contains(&out.ranks[r].code), "trial {trial}: {out:?}");
+            assert!(
+                [1, 143].contains(&out.ranks[r].code),
+                "trial {trial}: {out:?}"
+            );
         }
         assert_nothing_left(&out.pids());
         named += 1;
@@ -611,7 +617,10 @@ fn distrun_names_the_killed_rank_and_exits_137() {
         err.contains("rank 2 (pid") && err.contains("failed with exit code 137 (SIGKILL)"),
         "{err}"
     );
-    assert!(!err.contains("rank 0 (pid") && !err.contains("rank 1 (pid"), "{err}");
+    assert!(
+        !err.contains("rank 0 (pid") && !err.contains("rank 1 (pid"),
+        "{err}"
+    );
 }
 
 /// The fake segment a rank "creates" during shm set-up.
@@ -638,7 +647,11 @@ fn job_segments_are_removed_on_every_stop() {
             None,
         ),
         // The overall timeout.
-        ("timeout", format!("{create}; sleep 60"), Some(Duration::from_secs(2))),
+        (
+            "timeout",
+            format!("{create}; sleep 60"),
+            Some(Duration::from_secs(2)),
+        ),
     ];
     for (what, script, timeout) in cases {
         let id = format!("test{}{what}", std::process::id());
@@ -676,7 +689,16 @@ fn distrun_interrupted_during_setup_stops_ranks_and_removes_segments() {
             d = dir.path().display()
         );
         let mut child = Command::new(env!("CARGO_BIN_EXE_distrun"))
-            .args(["--nproc-per-node", "2", "--grace", "2", "--", "sh", "-c", &script])
+            .args([
+                "--nproc-per-node",
+                "2",
+                "--grace",
+                "2",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
             .spawn()
             .unwrap();
         let files: Vec<_> = (0..2)
@@ -708,5 +730,45 @@ fn distrun_interrupted_during_setup_stops_ranks_and_removes_segments() {
             assert!(!fake_segment(&id, r).exists(), "{sig:?}: segment left");
         }
         assert!(pids.iter().all(|&p| !alive(p)), "{sig:?}: ranks left");
+    }
+}
+
+/// Issue 15 item 11: ranks that write each line in two pieces (two
+/// `write`s), four at once, with and without the prefix: every line that
+/// reaches distrun's stderr is whole. (With `--inherit-output` the same
+/// ranks' pieces can mix.)
+#[test]
+fn forwarded_lines_are_never_cut() {
+    let script = r#"i=0; while [ $i -lt 300 ]; do printf "$RANK:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" >&2; printf "|bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb$RANK\n" >&2; i=$((i+1)); done"#;
+    for prefix in [true, false] {
+        let mut args = vec!["--nproc-per-node", "4"];
+        if !prefix {
+            args.push("--no-prefix");
+        }
+        args.extend(["--", "sh", "-c", script]);
+        let out = Command::new(env!("CARGO_BIN_EXE_distrun"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let mut per_rank = [0usize; 4];
+        for line in err.lines() {
+            let body = if prefix {
+                let (p, rest) = line.split_at(line.find("] ").map(|i| i + 2).unwrap_or(0));
+                assert!(p.starts_with("[rank "), "cut line: {line:?}");
+                rest
+            } else {
+                line
+            };
+            let r = body.as_bytes()[0] - b'0';
+            let want = format!("{r}:{}|{}{r}", "a".repeat(30), "b".repeat(30));
+            assert_eq!(body, want, "cut line: {line:?}");
+            if prefix {
+                assert!(line.starts_with(&format!("[rank {r}] ")), "{line:?}");
+            }
+            per_rank[r as usize] += 1;
+        }
+        assert_eq!(per_rank, [300; 4]);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! distrun --nproc-per-node N [--nnodes K --node-rank I --master-addr A --master-port P] \
-//!         [--timeout SECS] [--grace SECS] [--no-prefix] -- PROGRAM ARGS...
+//!         [--timeout SECS] [--grace SECS] [--no-prefix] [--inherit-output] -- PROGRAM ARGS...
 //! ```
 
 use std::ffi::OsString;
@@ -49,6 +49,10 @@ struct Args {
     /// Do not prefix output lines with "[rank R] ".
     #[arg(long)]
     no_prefix: bool,
+    /// Let the ranks write to distrun's stdout/stderr directly (they see the
+    /// terminal; lines of different ranks may then mix mid-line).
+    #[arg(long)]
+    inherit_output: bool,
     /// The program to run, then its arguments (after `--`).
     #[arg(
         required = true,
@@ -72,7 +76,8 @@ fn run(a: Args) -> Result<i32, String> {
         .nodes(a.nnodes, a.node_rank)
         .master(a.master_addr, a.master_port)
         .grace(secs("grace", a.grace)?)
-        .prefix(!a.no_prefix);
+        .prefix(!a.no_prefix)
+        .inherit_output(a.inherit_output);
     if let Some(t) = a.timeout {
         cfg = cfg.timeout(secs("timeout", t)?);
     }

@@ -28,7 +28,9 @@ use super::remote::{Acceptor, ADDR_KEY};
 use super::wire::{self, Down, Outcome, Up, MAX_FRAME};
 use super::worker::EXECUTOR_FD_ENV;
 use crate::cleanup;
-use crate::launch::{group_alive, prepare_job, rank_command, signal_group, JobEnv, KILL_WAIT, POLL};
+use crate::launch::{
+    group_alive, prepare_job, rank_command, signal_group, JobEnv, KILL_WAIT, POLL,
+};
 use crate::output::{spawn_reader, Sink};
 use crate::LaunchConfig;
 
@@ -336,7 +338,13 @@ impl Shared {
         let pids: Vec<Option<u32>> = {
             let st = self.lock_st();
             (0..self.world)
-                .map(|w| if w < self.local { st.workers[w].pid } else { None })
+                .map(|w| {
+                    if w < self.local {
+                        st.workers[w].pid
+                    } else {
+                        None
+                    }
+                })
                 .collect()
         };
         let signal_running = |io: &Engine, sig: Signal| {
@@ -356,7 +364,11 @@ impl Shared {
                     io.close(w);
                     let mut st = self.lock_st();
                     let who = st.workers[w].who();
-                    self.lost(&mut st, w, format!("{who}: closed by the executor's shutdown"));
+                    self.lost(
+                        &mut st,
+                        w,
+                        format!("{who}: closed by the executor's shutdown"),
+                    );
                 }
             }
             let _ = self.drive(&mut io, Instant::now() + self.grace, false, all_gone);
@@ -517,9 +529,10 @@ impl<R: DeserializeOwned> Pending<R> {
         loop {
             let mut st = sh.lock_st();
             if st.calls.get(&self.id).is_some_and(Slot::finished) {
-                let slot = st.calls.remove(&self.id).ok_or_else(|| {
-                    CommError::State(format!("call #{} vanished", self.id))
-                })?;
+                let slot = st
+                    .calls
+                    .remove(&self.id)
+                    .ok_or_else(|| CommError::State(format!("call #{} vanished", self.id)))?;
                 let fatal = st.fatal.is_some() && st.phase == Phase::Running;
                 drop(st);
                 if fatal {
@@ -542,11 +555,7 @@ impl<R: DeserializeOwned> Pending<R> {
                     .collect();
                 let op = slot.op.clone();
                 st.calls.remove(&self.id);
-                return Err(CommError::timeout_ranks(
-                    op,
-                    now - self.started,
-                    missing,
-                ));
+                return Err(CommError::timeout_ranks(op, now - self.started, missing));
             }
             match sh.try_io() {
                 Some(mut io) => {
@@ -589,9 +598,8 @@ fn finish<R: DeserializeOwned>(slot: Slot, world: usize) -> Result<Vec<R>> {
     }
     let value = |w: usize| -> Result<R> {
         match &slot.got[w] {
-            Some(Got::Value(body, at)) => dist_utils::codec::decode(&body[*at..]).map_err(|e| {
-                CommError::Codec(format!("{}: the result of rank {w}: {e}", slot.op))
-            }),
+            Some(Got::Value(body, at)) => dist_utils::codec::decode(&body[*at..])
+                .map_err(|e| CommError::Codec(format!("{}: the result of rank {w}: {e}", slot.op))),
             _ => Err(CommError::Protocol(format!(
                 "{}: rank {w} acknowledged instead of sending its result",
                 slot.op
@@ -684,7 +692,8 @@ impl Executor {
             UnixStream::pair().map_err(|e| CommError::io("creating a worker control socket", e))?;
         let mut cmd = rank_command(cfg, &self._job, local);
         cmd.env(EXECUTOR_FD_ENV, WORKER_FD.to_string());
-        if cfg.prefix {
+        let forward = !cfg.inherit_output;
+        if forward {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
         let fd = theirs.as_raw_fd();
@@ -720,15 +729,15 @@ impl Executor {
             io.watch_exit(rank, pid)?;
             io.add_conn(rank, Stream::Unix(ours), MAX_FRAME)?;
         }
-        if cfg.prefix {
+        if forward {
             // Nobody waits for these readers: they end with the pipes.
             let (done, _) = std::sync::mpsc::channel();
-            let p = format!("[rank {rank}] ");
+            let p = cfg.prefix.then(|| format!("[rank {rank}] "));
             if let Some(o) = child.stdout.take() {
-                spawn_reader(o, Sink::Stdout(Some(p.clone())), done.clone())?;
+                spawn_reader(o, Sink::Stdout(p.clone()), done.clone())?;
             }
             if let Some(e) = child.stderr.take() {
-                spawn_reader(e, Sink::Stderr(Some(p)), done)?;
+                spawn_reader(e, Sink::Stderr(p), done)?;
             }
         }
         Ok(())

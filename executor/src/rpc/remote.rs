@@ -65,7 +65,9 @@ impl Acceptor {
     ) -> Result<Self> {
         let listener = TcpListener::bind((bind, 0)).map_err(|e| {
             CommError::io(
-                format!("binding the executor's RPC listener on {bind} (the --master-addr of node 0)"),
+                format!(
+                    "binding the executor's RPC listener on {bind} (the --master-addr of node 0)"
+                ),
                 e,
             )
         })?;
@@ -133,14 +135,15 @@ fn accept_loop(listener: TcpListener, ctx: Arc<AdmitCtx>, stop: Arc<AtomicBool>)
                 }
                 ctx.pending.fetch_add(1, Ordering::SeqCst);
                 let c = ctx.clone();
-                let spawned = thread::Builder::new()
-                    .name("executor-admit".into())
-                    .spawn(move || {
-                        if let Err(e) = admit(stream, &c) {
-                            tracing::warn!("executor: refused a connection from {peer}: {e}");
-                        }
-                        c.pending.fetch_sub(1, Ordering::SeqCst);
-                    });
+                let spawned =
+                    thread::Builder::new()
+                        .name("executor-admit".into())
+                        .spawn(move || {
+                            if let Err(e) = admit(stream, &c) {
+                                tracing::warn!("executor: refused a connection from {peer}: {e}");
+                            }
+                            c.pending.fetch_sub(1, Ordering::SeqCst);
+                        });
                 if spawned.is_err() {
                     ctx.pending.fetch_sub(1, Ordering::SeqCst);
                 }
@@ -204,7 +207,11 @@ fn admit(mut s: TcpStream, ctx: &AdmitCtx) -> Result<()> {
         }
     };
     if let Some(why) = refusal {
-        let _ = write_by(&mut s, &wire::frame(&Down::Refused(why.as_str().into()))?, deadline);
+        let _ = write_by(
+            &mut s,
+            &wire::frame(&Down::Refused(why.as_str().into()))?,
+            deadline,
+        );
         return Err(CommError::invalid(why));
     }
     write_by(&mut s, &wire::frame(&Down::Welcome)?, deadline)?;

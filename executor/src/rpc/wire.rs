@@ -435,20 +435,21 @@ mod fuzz {
     }
 
     fn bytes() -> impl Strategy<Value = Vec<u8>> {
-        prop_oneof![
-            proptest::collection::vec(any::<u8>(), 0..512),
-            mutated(),
-        ]
+        prop_oneof![proptest::collection::vec(any::<u8>(), 0..512), mutated(),]
     }
 
     /// Decodes like the executor and the worker do, including the value
     /// after the header, as types the tests use.
     fn decode_everything(body: &[u8]) {
         if let Ok((h, rest)) = decode_up(body) {
-            if let Up::Reply { outcome, .. } = &h {
-                if let Outcome::Failed { kind, message } = outcome {
-                    let _ = kind.describe(message);
-                }
+            if let Up::Reply {
+                outcome: Outcome::Failed { kind, message },
+                ..
+            } = &h
+            {
+                let _ = kind.describe(message);
+            }
+            if matches!(h, Up::Reply { .. }) {
                 let _ = dist_utils::codec::decode::<(u64, String)>(rest);
                 let _ = dist_utils::codec::decode::<Vec<u8>>(rest);
             }

@@ -108,7 +108,9 @@ impl Worker {
 
     fn local(fd_text: &str) -> Result<Worker> {
         let fd: i32 = fd_text.trim().parse().map_err(|_| {
-            CommError::invalid(format!("{EXECUTOR_FD_ENV}=`{fd_text}` is not a descriptor number"))
+            CommError::invalid(format!(
+                "{EXECUTOR_FD_ENV}=`{fd_text}` is not a descriptor number"
+            ))
         })?;
         let number = |var: &str| -> Result<usize> {
             std::env::var(var)
@@ -239,7 +241,9 @@ impl Worker {
             Ok(Err(e)) => {
                 let msg = e.to_string();
                 self.init_failed(msg.clone())?;
-                return Err(CommError::State(format!("worker initialisation failed: {msg}")));
+                return Err(CommError::State(format!(
+                    "worker initialisation failed: {msg}"
+                )));
             }
             Err(p) => {
                 let msg = p
