@@ -47,4 +47,7 @@ pub use launch::{
     install_signal_handlers, launch, random_hex128, LaunchConfig, LaunchOutcome, RankExit,
     StopReason, JOB_ID_ENV, JOB_SECRET_ENV, STORE_HOSTED_ENV, TIMEOUT_EXIT_CODE,
 };
-pub use rpc::{Executor, Method, Methods, Pending, ReplyFrom, Worker, EXECUTOR_FD_ENV};
+pub use rpc::{
+    Executor, Method, Methods, Pending, ReplyFrom, Worker, DEFAULT_SPIN_US, EXECUTOR_FD_ENV,
+    SPIN_ENV,
+};

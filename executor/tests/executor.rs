@@ -24,6 +24,9 @@ const SLOW: Method<u64, usize> = Method::new("slow");
 /// The name of ADD_RANK with the wrong argument type.
 const ADD_RANK_WRONG: Method<String, u64> = Method::new("add_rank");
 const MISSING: Method<(), ()> = Method::new("not_registered");
+/// Creates a file named like a comm-shm segment of this job, as a rank
+/// stopped during shared-memory set-up leaves behind.
+const FAKE_SEGMENT: Method<(), ()> = Method::new("fake_segment");
 
 struct State {
     rank: usize,
@@ -81,6 +84,11 @@ fn worker_main() {
                 std::thread::sleep(Duration::from_secs(60));
             }
             Ok::<_, String>(())
+        })
+        .on(&FAKE_SEGMENT, |s, ()| {
+            let id = std::env::var("DIST_JOB_ID").map_err(|e| e.to_string())?;
+            std::fs::write(format!("/dev/shm/dshm.{id}.fake{}", s.rank), b"")
+                .map_err(|e| e.to_string())
         })
         .on(&SLOW, |s, ms| {
             std::thread::sleep(Duration::from_millis(ms));
@@ -213,6 +221,8 @@ fn a_dead_worker_is_named_and_the_others_are_stopped() {
     let ex = Executor::start(&config(3, ""), T).unwrap();
     let pids = ex.pids();
     let job = ex.job_id().to_string();
+    ex.collective_rpc(&FAKE_SEGMENT, &(), T).unwrap();
+    assert_eq!(shm_left(&job).len(), 3);
     let t0 = Instant::now();
     match ex.collective_rpc(&DIE_ON_1, &(), T) {
         Err(CommError::PeerLost { peer, detail, .. }) => {

@@ -10,7 +10,6 @@
 //! worker to die is the one named.
 
 use std::collections::VecDeque;
-use std::io::Read;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -20,13 +19,13 @@ use std::time::{Duration, Instant};
 use comm_core::{CommError, Result};
 use rustix::event::epoll;
 
-use super::wire::FrameReader;
+use rustix::net::RecvFlags;
+
+use super::wire::{FrameReader, RecvError};
 use crate::reap::{ExitInfo, ExitWatch};
 
 const TOKEN_KICK: u64 = u64::MAX;
 const TOKEN_EXITS: u64 = u64::MAX - 1;
-/// Staging buffer for small reads.
-const SCRATCH: usize = 64 * 1024;
 
 /// A connection to one worker.
 #[derive(Debug)]
@@ -49,12 +48,6 @@ impl Stream {
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
         };
-    }
-    fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Unix(s) => (&*s).read(buf),
-            Stream::Tcp(s) => (&*s).read(buf),
-        }
     }
 }
 
@@ -114,7 +107,8 @@ pub(crate) struct Engine {
     exit_owner: Vec<usize>,
     /// Worker index to exit-watch token.
     exit_token: Vec<Option<usize>>,
-    scratch: Vec<u8>,
+    /// How long [`Engine::poll`] polls before it sleeps.
+    spin: Duration,
     /// Exits reaped by [`Engine::await_exit`] on behalf of other workers,
     /// reported by the next [`Engine::poll`].
     deferred: Vec<usize>,
@@ -133,8 +127,9 @@ fn io_err(what: &str, e: rustix::io::Errno) -> CommError {
 }
 
 impl Engine {
-    /// An engine for `workers` workers, none connected yet.
-    pub(crate) fn new(workers: usize) -> Result<Self> {
+    /// An engine for `workers` workers, none connected yet, polling up to
+    /// `spin` before sleeping.
+    pub(crate) fn new(workers: usize, spin: Duration) -> Result<Self> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)
             .map_err(|e| io_err("creating the executor's epoll set", e))?;
         let kick = rustix::event::eventfd(
@@ -164,7 +159,7 @@ impl Engine {
             exits,
             exit_owner: Vec::new(),
             exit_token: vec![None; workers],
-            scratch: vec![0; SCRATCH],
+            spin,
             deferred: Vec::new(),
         })
     }
@@ -329,26 +324,10 @@ impl Engine {
                 return;
             };
             loop {
-                let res = match c.reader.direct_buf(SCRATCH * 16) {
-                    Some(buf) => {
-                        let offered = buf.len();
-                        let r = c.stream.read(buf);
-                        let got = *r.as_ref().unwrap_or(&0);
-                        c.reader.commit_direct(offered, got, &mut frames);
-                        r
-                    }
-                    None => match c.stream.read(&mut self.scratch) {
-                        Ok(n) => match c.reader.feed(&self.scratch[..n], &mut frames) {
-                            Ok(()) => Ok(n),
-                            Err(e) => {
-                                ended = Some(format!("it sent a malformed frame: {e}"));
-                                break;
-                            }
-                        },
-                        Err(e) => Err(e),
-                    },
-                };
-                match res {
+                match c
+                    .reader
+                    .recv(c.stream.as_fd(), RecvFlags::DONTWAIT, &mut frames)
+                {
                     Ok(0) => {
                         ended = Some(if c.reader.idle() {
                             "its connection closed".into()
@@ -358,10 +337,14 @@ impl Engine {
                         break;
                     }
                     Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
+                    Err(RecvError::Os(rustix::io::Errno::AGAIN)) => break,
+                    Err(RecvError::Os(rustix::io::Errno::INTR)) => {}
+                    Err(RecvError::Os(e)) => {
                         ended = Some(format!("its connection failed: {e}"));
+                        break;
+                    }
+                    Err(RecvError::Frame(e)) => {
+                        ended = Some(format!("it sent a malformed frame: {e}"));
                         break;
                     }
                 }
@@ -374,29 +357,54 @@ impl Engine {
         }
     }
 
+    fn epoll_wait(&self, timeout: Duration, ready: &mut Vec<epoll::Event>) -> Result<()> {
+        let ts = rustix::time::Timespec::try_from(timeout).unwrap_or(rustix::time::Timespec {
+            tv_sec: i32::MAX as i64,
+            tv_nsec: 0,
+        });
+        ready.clear();
+        match epoll::wait(
+            &self.epoll,
+            rustix::buffer::spare_capacity(ready),
+            Some(&ts),
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(e) => Err(io_err("waiting for workers", e)),
+        }
+    }
+
     /// Waits up to `timeout` for something to happen and appends what
     /// happened to `events`, in order. Returns at once when something is
     /// ready; an empty result means the time ran out.
     pub(crate) fn poll(&mut self, timeout: Duration, events: &mut Vec<Event>) -> Result<()> {
-        let timeout = if self.deferred.is_empty() {
+        let mut timeout = if self.deferred.is_empty() {
             timeout
         } else {
             events.extend(self.deferred.drain(..).map(Event::Exited));
             Duration::ZERO
         };
-        let ts = rustix::time::Timespec::try_from(timeout).unwrap_or(rustix::time::Timespec {
-            tv_sec: i32::MAX as i64,
-            tv_nsec: 0,
-        });
         let mut ready: Vec<epoll::Event> = Vec::with_capacity(self.conns.len() + 2);
-        match epoll::wait(
-            &self.epoll,
-            rustix::buffer::spare_capacity(&mut ready),
-            Some(&ts),
-        ) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => return Ok(()),
-            Err(e) => return Err(io_err("waiting for workers", e)),
+        // Poll without sleeping for a while first (when the host has cores
+        // to spare): a reply that arrives within microseconds then costs no
+        // wake-up.
+        if !self.spin.is_zero() && !timeout.is_zero() {
+            let start = Instant::now();
+            let budget = self.spin.min(timeout);
+            loop {
+                self.epoll_wait(Duration::ZERO, &mut ready)?;
+                if !ready.is_empty() || start.elapsed() >= budget {
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            timeout = if ready.is_empty() {
+                timeout.saturating_sub(start.elapsed())
+            } else {
+                Duration::ZERO
+            };
+        }
+        if ready.is_empty() {
+            self.epoll_wait(timeout, &mut ready)?;
         }
         for ev in ready {
             match ev.data.u64() {

@@ -632,7 +632,7 @@ impl Executor {
         let job = prepare_job(cfg)?;
         let world = cfg.world_size();
         let local = cfg.nproc_per_node;
-        let engine = Engine::new(world)?;
+        let engine = Engine::new(world, super::spin_budget(local + 1))?;
         let kick = engine.kicker();
         let shared = Arc::new(Shared {
             io: Mutex::new(engine),

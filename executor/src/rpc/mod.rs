@@ -23,3 +23,31 @@ mod worker;
 pub use executor::{Executor, Pending};
 pub use method::{Method, Methods, ReplyFrom};
 pub use worker::{Worker, EXECUTOR_FD_ENV};
+
+use std::time::Duration;
+
+/// Environment variable: how many microseconds the executor and its
+/// workers poll for a message before they sleep (`0`: never poll). Unset:
+/// [`DEFAULT_SPIN_US`] when the host has more cores than the executor's
+/// processes on it, else 0 (polling on an oversubscribed host only takes
+/// the time the other side needs).
+pub const SPIN_ENV: &str = "DIST_EXECUTOR_SPIN_US";
+/// Default polling time, microseconds (see [`SPIN_ENV`]).
+pub const DEFAULT_SPIN_US: u64 = 50;
+
+/// The polling budget for a side sharing the host with `processes`
+/// processes of the executor (itself included).
+pub(crate) fn spin_budget(processes: usize) -> Duration {
+    if let Some(us) = std::env::var(SPIN_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return Duration::from_micros(us);
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores > processes {
+        Duration::from_micros(DEFAULT_SPIN_US)
+    } else {
+        Duration::ZERO
+    }
+}

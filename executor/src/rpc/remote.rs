@@ -373,3 +373,72 @@ fn read_frame_by(s: &mut TcpStream, max: usize, deadline: Instant) -> Result<Vec
     read_exact_by(s, &mut body, deadline)?;
     Ok(body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rpc::engine::Engine;
+
+    const SECRET: &[u8] = b"0123456789abcdef";
+
+    fn acceptor() -> (Acceptor, dist_utils::HashStore, Engine) {
+        let engine = Engine::new(3, Duration::ZERO).unwrap();
+        let acc = Acceptor::start("127.0.0.1", SECRET, vec![1, 2], 3, engine.kicker()).unwrap();
+        let store = dist_utils::HashStore::new();
+        store
+            .set(ADDR_KEY, acc.addr().to_string().as_bytes())
+            .unwrap();
+        (acc, store, engine)
+    }
+
+    const T: Duration = Duration::from_secs(20);
+
+    #[test]
+    fn silent_strangers_do_not_stall_joins_and_bad_joins_are_refused() {
+        let (acc, store, _engine) = acceptor();
+        // Connections that never say anything.
+        let strangers: Vec<TcpStream> = (0..8)
+            .map(|_| TcpStream::connect(acc.addr()).unwrap())
+            .collect();
+        let s = join(&store, SECRET, 1, 3, T).unwrap();
+        let j = acc.joined.recv_timeout(T).unwrap();
+        assert_eq!((j.rank, j.pid), (1, std::process::id()));
+        drop(s);
+        // The same rank twice, a rank that is not remote, a wrong world size.
+        let e = join(&store, SECRET, 1, 3, T).unwrap_err().to_string();
+        assert!(e.contains("already joined"), "{e}");
+        let e = join(&store, SECRET, 0, 3, T).unwrap_err().to_string();
+        assert!(e.contains("not a remote rank"), "{e}");
+        let e = join(&store, SECRET, 2, 4, T).unwrap_err().to_string();
+        assert!(e.contains("WORLD_SIZE 4"), "{e}");
+        // The wrong secret: refused before the join request.
+        assert!(join(&store, b"another secret!!", 2, 3, T).is_err());
+        // Rank 2 can still join.
+        let _s2 = join(&store, SECRET, 2, 3, T).unwrap();
+        assert_eq!(acc.joined.recv_timeout(T).unwrap().rank, 2);
+        drop(strangers);
+    }
+
+    #[test]
+    fn a_recorded_handshake_cannot_be_replayed() {
+        let (acc, _store, _engine) = acceptor();
+        let deadline = Instant::now() + T;
+        // A genuine client's answer, recorded.
+        let mut s = TcpStream::connect(acc.addr()).unwrap();
+        let mut hello = [0u8; HELLO_LEN];
+        read_exact_by(&mut s, &mut hello, deadline).unwrap();
+        let (answer, expect) = auth::respond(SECRET, CONTEXT, &hello).unwrap();
+        write_by(&mut s, &answer, deadline).unwrap();
+        let mut proof = [0u8; PROOF_LEN];
+        read_exact_by(&mut s, &mut proof, deadline).unwrap();
+        expect.verify(&proof).unwrap();
+        drop(s);
+        // Replayed on a new connection (a new challenge): refused, the
+        // connection closes without a proof.
+        let mut s = TcpStream::connect(acc.addr()).unwrap();
+        read_exact_by(&mut s, &mut hello, deadline).unwrap();
+        write_by(&mut s, &answer, deadline).unwrap();
+        assert!(read_exact_by(&mut s, &mut proof, deadline).is_err());
+        assert!(acc.joined.try_recv().is_err());
+    }
+}

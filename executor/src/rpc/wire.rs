@@ -9,8 +9,11 @@
 //! copy is sent from.
 
 use std::borrow::Cow;
+use std::os::fd::BorrowedFd;
 
 use comm_core::{CommError, Result};
+use rustix::buffer::spare_capacity;
+use rustix::net::RecvFlags;
 use serde::{Deserialize, Serialize};
 
 /// Largest frame either side accepts (4 GiB). Buffers grow with the bytes
@@ -160,7 +163,9 @@ pub(crate) fn decode_up(body: &[u8]) -> Result<(Up<'_>, &[u8])> {
 
 /// Reassembles frames from a byte stream read in arbitrary pieces
 /// (non-blocking sockets). Memory grows with the bytes received (at most
-/// twice them plus [`GROW_STEP`]), never with the length a peer announces.
+/// about twice them plus [`GROW_STEP`]), never with the length a peer
+/// announces; a buffer handed back with [`FrameReader::recycle`] is reused
+/// for the next large frame.
 #[derive(Debug)]
 pub(crate) struct FrameReader {
     max: usize,
@@ -170,10 +175,18 @@ pub(crate) struct FrameReader {
     /// header is complete).
     want: usize,
     body: Vec<u8>,
+    scratch: Vec<u8>,
+    spare: Option<Vec<u8>>,
 }
 
 /// The most the reader reserves ahead of the data actually received.
 const GROW_STEP: usize = 1 << 20;
+/// Bodies with at least this much still to come are received straight into
+/// their buffer; smaller reads go through the staging buffer (one `recv`
+/// can then bring several small frames).
+const DIRECT_MIN: usize = 64 * 1024;
+/// Size of the staging buffer.
+const SCRATCH: usize = 64 * 1024;
 
 impl FrameReader {
     /// A reader refusing frames longer than `max`.
@@ -184,6 +197,8 @@ impl FrameReader {
             header_got: 0,
             want: 0,
             body: Vec::new(),
+            scratch: vec![0; SCRATCH],
+            spare: None,
         }
     }
 
@@ -196,6 +211,29 @@ impl FrameReader {
     #[cfg(test)]
     pub(crate) fn buffered_capacity(&self) -> usize {
         self.body.capacity()
+    }
+
+    /// Hands a frame body back for reuse by a later frame (saves page
+    /// faults on large messages).
+    pub(crate) fn recycle(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() >= DIRECT_MIN {
+            buf.clear();
+            self.spare = Some(buf);
+        }
+    }
+
+    fn start_body(&mut self) {
+        self.body = if self.want >= DIRECT_MIN {
+            self.spare.take().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+    }
+
+    fn end_body(&mut self, out: &mut Vec<Vec<u8>>) {
+        out.push(std::mem::take(&mut self.body));
+        self.header_got = 0;
+        self.want = 0;
     }
 
     /// Consumes `data`, pushing each completed frame body to `out`.
@@ -217,7 +255,7 @@ impl FrameReader {
                     )));
                 }
                 self.want = len as usize;
-                self.body = Vec::new();
+                self.start_body();
             }
             let need = self.want - self.body.len();
             let n = need.min(data.len());
@@ -231,45 +269,59 @@ impl FrameReader {
             self.body.extend_from_slice(&data[..n]);
             data = &data[n..];
             if self.body.len() == self.want {
-                out.push(std::mem::take(&mut self.body));
-                self.header_got = 0;
-                self.want = 0;
+                self.end_body(out);
             }
         }
         Ok(())
     }
 
-    /// For large bodies: a buffer to `read` into directly (no staging copy),
-    /// of at most `cap` bytes, or `None` when a small read through a
-    /// staging buffer is better (header pending or little left).
-    pub(crate) fn direct_buf(&mut self, cap: usize) -> Option<&mut [u8]> {
-        if self.header_got < LEN_BYTES {
-            return None;
+    /// One `recv` from socket `fd` (with `flags`, e.g. `DONTWAIT`), pushing
+    /// each completed frame body to `out`. Returns the bytes received (0 at
+    /// end of stream). A large body is received straight into its buffer
+    /// (no staging copy, no zero-fill); bytes past its end are fed on.
+    pub(crate) fn recv(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        flags: RecvFlags,
+        out: &mut Vec<Vec<u8>>,
+    ) -> std::result::Result<usize, RecvError> {
+        let direct = self.header_got == LEN_BYTES && self.want - self.body.len() >= DIRECT_MIN;
+        if !direct {
+            let (n, _) = rustix::net::recv(fd, &mut self.scratch[..], flags)?;
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let fed = self.feed(&scratch[..n], out);
+            std::mem::swap(&mut self.scratch, &mut scratch);
+            fed.map_err(RecvError::Frame)?;
+            return Ok(n);
         }
         let need = self.want - self.body.len();
-        if need < 64 * 1024 {
-            return None;
+        let step = need.min(GROW_STEP.max(self.body.len()));
+        if self.body.capacity() - self.body.len() < step {
+            self.body.reserve(step);
         }
-        let n = need.min(cap).min(GROW_STEP.max(self.body.len()));
-        let len = self.body.len();
-        // Zero-fill is the price of safe code here; it is a memset of at
-        // most GROW_STEP bytes that the read then overwrites.
-        self.body.resize(len + n, 0);
-        Some(&mut self.body[len..])
+        let (n, _) = rustix::net::recv(fd, spare_capacity(&mut self.body), flags)?;
+        if self.body.len() >= self.want {
+            // The spare capacity may have taken the start of the next frames.
+            let rest = self.body.split_off(self.want);
+            self.end_body(out);
+            self.feed(&rest, out).map_err(RecvError::Frame)?;
+        }
+        Ok(n)
     }
+}
 
-    /// After a direct read of `got` bytes into [`FrameReader::direct_buf`]'s
-    /// buffer of `offered` bytes: keeps the bytes read, and emits the frame
-    /// if it is complete.
-    pub(crate) fn commit_direct(&mut self, offered: usize, got: usize, out: &mut Vec<Vec<u8>>) {
-        assert!(got <= offered && offered <= self.body.len());
-        let keep = self.body.len() - offered + got;
-        self.body.truncate(keep);
-        if self.body.len() == self.want {
-            out.push(std::mem::take(&mut self.body));
-            self.header_got = 0;
-            self.want = 0;
-        }
+/// Why [`FrameReader::recv`] failed.
+#[derive(Debug)]
+pub(crate) enum RecvError {
+    /// The socket failed (or would block: `Errno::AGAIN`).
+    Os(rustix::io::Errno),
+    /// The peer sent a frame over the limit.
+    Frame(CommError),
+}
+
+impl From<rustix::io::Errno> for RecvError {
+    fn from(e: rustix::io::Errno) -> Self {
+        RecvError::Os(e)
     }
 }
 
@@ -327,28 +379,25 @@ mod tests {
             assert_eq!(out, [a[8..].to_vec(), b[8..].to_vec()]);
             assert!(r.idle());
         }
-        // Direct reads for the large body.
+        // Through a socket: direct receives into the body for the large
+        // frame, with the next frame's start taken along and fed on.
+        let (tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
         let mut r = FrameReader::new(MAX_FRAME);
+        r.recycle(Vec::with_capacity(1 << 22));
         let mut out = Vec::new();
-        r.feed(&b[..100], &mut out).unwrap();
-        let mut pos = 100;
-        while pos < b.len() {
-            match r.direct_buf(70_000) {
-                Some(buf) => {
-                    let offered = buf.len();
-                    let n = offered.min(b.len() - pos).min(50_000);
-                    buf[..n].copy_from_slice(&b[pos..pos + n]);
-                    pos += n;
-                    r.commit_direct(offered, n, &mut out);
-                }
-                None => {
-                    let n = (b.len() - pos).min(1000);
-                    r.feed(&b[pos..pos + n], &mut out).unwrap();
-                    pos += n;
-                }
-            }
+        let data = [b.clone(), a.clone(), b.clone()].concat();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            (&tx).write_all(&data).unwrap();
+        });
+        while out.len() < 3 {
+            use std::os::fd::AsFd;
+            let n = r.recv(rx.as_fd(), RecvFlags::empty(), &mut out).unwrap();
+            assert!(n > 0);
         }
-        assert_eq!(out, [b[8..].to_vec()]);
+        writer.join().unwrap();
+        assert_eq!(out, [b[8..].to_vec(), a[8..].to_vec(), b[8..].to_vec()]);
+        assert!(r.idle());
     }
 }
 
@@ -496,6 +545,38 @@ mod fuzz {
                 prop_assert!(f.len() <= max);
                 decode_everything(f);
             }
+        }
+
+        /// The socket path (direct receives into a body, spare capacity
+        /// taking the next frames along): the same frames as `feed`, all
+        /// input consumed, memory bounded by what was received.
+        #[test]
+        fn socket_receive_matches_feed(stream in bytes(), recycled in any::<bool>()) {
+            use std::io::Write;
+            use std::os::fd::AsFd;
+            let mut want = Vec::new();
+            let want_err = FrameReader::new(MAX_FRAME).feed(&stream, &mut want).is_err();
+            let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+            tx.write_all(&stream).unwrap();
+            drop(tx);
+            let mut r = FrameReader::new(MAX_FRAME);
+            if recycled {
+                r.recycle(Vec::with_capacity(DIRECT_MIN * 2));
+            }
+            let mut got = Vec::new();
+            let mut received = 0;
+            let mut failed = false;
+            // Each call consumes input or reports the end: bounded.
+            for _ in 0..stream.len() + 2 {
+                match r.recv(rx.as_fd(), RecvFlags::empty(), &mut got) {
+                    Ok(0) => break,
+                    Ok(n) => received += n,
+                    Err(_) => { failed = true; break; }
+                }
+                prop_assert!(r.buffered_capacity() <= 2 * received + 2 * GROW_STEP + DIRECT_MIN * 2);
+            }
+            prop_assert_eq!(failed, want_err);
+            prop_assert_eq!(got, want);
         }
 
         /// A hostile length prefix followed by few bytes allocates little.

@@ -1,18 +1,20 @@
 //! The worker side: [`Worker`] joins the executor, reports READY (or the
 //! initialisation error), then serves typed calls until shut down.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use comm_core::{CommError, Result};
-use dist_utils::codec::read_frame;
+use rustix::net::RecvFlags;
 
 use super::method::Methods;
-use super::wire::{self, Down, Outcome, Up, LEN_BYTES, MAX_FRAME};
+use super::wire::{self, Down, FrameReader, Outcome, RecvError, Up, LEN_BYTES, MAX_FRAME};
 
 /// Environment variable naming a local worker's control file descriptor.
 pub const EXECUTOR_FD_ENV: &str = "DIST_EXECUTOR_FD";
@@ -30,11 +32,11 @@ enum Link {
     Tcp(TcpStream),
 }
 
-impl Read for Link {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+impl AsFd for Link {
+    fn as_fd(&self) -> BorrowedFd<'_> {
         match self {
-            Link::Unix(s) => s.read(buf),
-            Link::Tcp(s) => s.read(buf),
+            Link::Unix(s) => s.as_fd(),
+            Link::Tcp(s) => s.as_fd(),
         }
     }
 }
@@ -80,6 +82,10 @@ pub struct Worker {
     world_size: usize,
     remote: bool,
     ready_sent: bool,
+    reader: FrameReader,
+    frames: VecDeque<Vec<u8>>,
+    /// How long to poll for the next request before sleeping.
+    spin: Duration,
 }
 
 impl Worker {
@@ -137,13 +143,12 @@ impl Worker {
         // (they would keep it open after the worker died).
         rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)
             .map_err(|e| CommError::io("setting close-on-exec", e.into()))?;
-        Ok(Worker {
-            link: Link::Unix(UnixStream::from(owned)),
+        Ok(Self::with_link(
+            Link::Unix(UnixStream::from(owned)),
             rank,
             world_size,
-            remote: false,
-            ready_sent: false,
-        })
+            false,
+        ))
     }
 
     fn remote() -> Result<Worker> {
@@ -165,13 +170,64 @@ impl Worker {
         let timeout = comm_core::default_timeout();
         let store = dist_utils::init_store("env://", &info, timeout)?;
         let s = super::remote::join(store.as_ref(), &secret, info.rank, info.world_size, timeout)?;
-        Ok(Worker {
-            link: Link::Tcp(s),
-            rank: info.rank,
-            world_size: info.world_size,
-            remote: true,
+        Ok(Self::with_link(
+            Link::Tcp(s),
+            info.rank,
+            info.world_size,
+            true,
+        ))
+    }
+
+    fn with_link(link: Link, rank: usize, world_size: usize, remote: bool) -> Worker {
+        let on_host = std::env::var("LOCAL_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(1);
+        Worker {
+            link,
+            rank,
+            world_size,
+            remote,
             ready_sent: false,
-        })
+            reader: FrameReader::new(MAX_FRAME),
+            frames: VecDeque::new(),
+            spin: super::spin_budget(on_host + 1),
+        }
+    }
+
+    /// The next request frame: polls the socket for up to the spin budget,
+    /// then sleeps in `recv`.
+    fn next_frame(&mut self) -> Result<Vec<u8>> {
+        let start = Instant::now();
+        let mut got = Vec::new();
+        loop {
+            if let Some(f) = self.frames.pop_front() {
+                return Ok(f);
+            }
+            let flags = if !self.spin.is_zero() && start.elapsed() < self.spin {
+                RecvFlags::DONTWAIT
+            } else {
+                RecvFlags::empty()
+            };
+            match self.reader.recv(self.link.as_fd(), flags, &mut got) {
+                Ok(0) => {
+                    return Err(CommError::State(format!(
+                        "rank {}: the executor went away (its connection ended)",
+                        self.rank
+                    )))
+                }
+                Ok(_) => self.frames.extend(got.drain(..)),
+                Err(RecvError::Os(rustix::io::Errno::AGAIN)) => std::hint::spin_loop(),
+                Err(RecvError::Os(rustix::io::Errno::INTR)) => {}
+                Err(RecvError::Os(e)) => {
+                    return Err(CommError::io(
+                        format!("rank {}: receiving from the executor", self.rank),
+                        e.into(),
+                    ))
+                }
+                Err(RecvError::Frame(e)) => return Err(e),
+            }
+        }
     }
 
     /// This worker's global rank.
@@ -280,12 +336,7 @@ impl Worker {
         // TODO(phase 2): local workers read requests from the host's one
         // comm_shm::MessageQueue instead of their socket; replies stay here.
         loop {
-            let body = read_frame(&mut self.link, MAX_FRAME).map_err(|e| {
-                CommError::State(format!(
-                    "rank {}: the executor went away (its connection ended: {e})",
-                    self.rank
-                ))
-            })?;
+            let body = self.next_frame()?;
             let (header, args) = wire::decode_down(&body)?;
             match header {
                 Down::Shutdown => return Ok(()),
@@ -311,6 +362,7 @@ impl Worker {
                         &[]
                     };
                     self.send(&Up::Reply { id, outcome }, value)?;
+                    self.reader.recycle(body);
                 }
                 other => {
                     return Err(CommError::Protocol(format!(
