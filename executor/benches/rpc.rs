@@ -55,10 +55,13 @@ fn median_per_call(iters: usize, nbatch: usize, mut f: impl FnMut()) -> Duration
 }
 
 fn python_peer(iters: usize, big_iters: usize) -> Option<(f64, f64)> {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/peers/mp_rpc.py");
+    // EXECUTOR_BENCH_PEER: the script's path when the binary runs elsewhere.
+    let script = std::env::var("EXECUTOR_BENCH_PEER").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/peers/mp_rpc.py").into()
+    });
     let out = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
         .args([
-            script,
+            script.as_str(),
             "--workers",
             &WORKERS.to_string(),
             "--size",

@@ -319,9 +319,9 @@ fn start_aggregates_worker_errors() {
     assert_eq!(ranks_of(&e), [2]);
     assert!(e.to_string().contains("exited with code 5"), "{e}");
 
-    // Rank 1 reports READY within the 5 s (set-up included); rank 0 never does.
+    // Rank 1 reports READY within the 10 s (set-up included); rank 0 never does.
     let t0 = Instant::now();
-    match Executor::start(&config(2, "silent"), Duration::from_secs(5)) {
+    match Executor::start(&config(2, "silent"), Duration::from_secs(10)) {
         Err(CommError::Timeout { missing, .. }) => {
             let ranks: Vec<usize> = missing.iter().map(|m| m.rank.best()).collect();
             assert_eq!(ranks, [0]);
@@ -400,7 +400,7 @@ fn remote_workers_with_the_wrong_secret_are_refused() {
     let node1 = std::thread::spawn(move || launch(&cfg1).unwrap());
     let e = Executor::start(
         &node(0, "ffeeddccbbaa99887766554433221100"),
-        Duration::from_secs(8),
+        Duration::from_secs(10),
     )
     .unwrap_err();
     match &e {

@@ -579,6 +579,19 @@ mod fuzz {
             prop_assert_eq!(got, want);
         }
 
+        /// The remote handshake's inputs (server hello, client answer,
+        /// server proof) as a hostile peer may send them: refused, never a
+        /// panic.
+        #[test]
+        fn handshake_inputs_are_refused_not_panicked_on(hello in bytes(), answer in bytes()) {
+            use comm_core::auth::{respond, Challenge};
+            let c = Challenge::new(b"secret", "executor rpc").unwrap();
+            prop_assert!(c.verify(&answer).is_err());
+            if let Ok((_, expect)) = respond(b"secret", "executor rpc", &hello) {
+                prop_assert!(expect.verify(&answer).is_err());
+            }
+        }
+
         /// A hostile length prefix followed by few bytes allocates little.
         #[test]
         fn huge_announced_lengths_allocate_little(len in any::<u64>(), tail in proptest::collection::vec(any::<u8>(), 0..64)) {
