@@ -24,6 +24,8 @@ const SLOW: Method<u64, usize> = Method::new("slow");
 /// The name of ADD_RANK with the wrong argument type.
 const ADD_RANK_WRONG: Method<String, u64> = Method::new("add_rank");
 const MISSING: Method<(), ()> = Method::new("not_registered");
+/// The given rank exits with code 3; the others return at once.
+const DIE_ON: Method<usize, ()> = Method::new("die_on");
 /// Creates a file named like a comm-shm segment of this job, as a rank
 /// stopped during shared-memory set-up leaves behind.
 const FAKE_SEGMENT: Method<(), ()> = Method::new("fake_segment");
@@ -77,6 +79,12 @@ fn worker_main() {
                 std::process::exit(3);
             }
             std::thread::sleep(Duration::from_secs(30));
+            Ok::<_, String>(())
+        })
+        .on(&DIE_ON, |s, r| {
+            if s.rank == r {
+                std::process::exit(3);
+            }
             Ok::<_, String>(())
         })
         .on(&HANG_ON_0, |s, ()| {
@@ -377,6 +385,48 @@ fn one_executor_drives_two_nodes() {
     // The remote workers exited 0 on the shutdown message.
     let out = node1.join().unwrap();
     assert!(out.success(), "{out:?}");
+}
+
+/// A remote worker that dies is named (its connection ends), and every
+/// other worker, local and remote, is stopped.
+#[test]
+fn a_dead_remote_worker_is_named() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secret = executor::random_hex128().unwrap();
+    let node = |rank: usize| {
+        config(2, "")
+            .nodes(2, rank)
+            .master("127.0.0.1", Some(port))
+            .job_secret(secret.clone())
+            .capture(true)
+            .timeout(Duration::from_secs(120))
+    };
+    let cfg1 = node(1);
+    let node1 = std::thread::spawn(move || launch(&cfg1).unwrap());
+    let ex = Executor::start(&node(0), Duration::from_secs(60)).unwrap();
+    let pids = ex.pids();
+    let t0 = Instant::now();
+    match ex.collective_rpc(&DIE_ON, &3, T) {
+        Err(CommError::PeerLost { peer, detail, .. }) => {
+            assert_eq!(peer.best(), 3);
+            assert!(detail.contains("remote worker"), "{detail}");
+        }
+        other => panic!("expected PeerLost, got {other:?}"),
+    }
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(pids.iter().all(|&p| !alive(p)));
+    let out = node1.join().unwrap();
+    assert_eq!(out.first_failure, Some((3, 3)), "{out:?}");
+    assert_nothing_running(&out.pids());
+    drop(ex);
+}
+
+fn assert_nothing_running(pids: &[u32]) {
+    assert!(pids.iter().all(|&p| !alive(p)), "left running: {pids:?}");
 }
 
 /// Node 1's workers with the wrong secret cannot join: the executor names
