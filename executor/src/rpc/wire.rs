@@ -130,7 +130,13 @@ pub(crate) fn frame_with<H: Serialize, V: Serialize + ?Sized>(
     header: &H,
     value: Option<&V>,
 ) -> Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(256);
+    // Sized exactly up front: a large argument is then copied once, with
+    // no reallocation on the way (the size pass only adds up lengths).
+    let mut size = LEN_BYTES + encoded_len(header)?;
+    if let Some(v) = value {
+        size += encoded_len(v)?;
+    }
+    let mut buf = Vec::with_capacity(size);
     buf.extend_from_slice(&[0u8; LEN_BYTES]);
     buf = postcard::to_extend(header, buf).map_err(|e| codec_err("encoding a header", e))?;
     if let Some(v) = value {
@@ -144,6 +150,23 @@ pub(crate) fn frame_with<H: Serialize, V: Serialize + ?Sized>(
     let body = (buf.len() - LEN_BYTES) as u64;
     buf[..LEN_BYTES].copy_from_slice(&body.to_le_bytes());
     Ok(buf)
+}
+
+/// Counts the bytes postcard would write (O(1) per byte slice).
+struct Count(usize);
+
+impl Extend<u8> for Count {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        // postcard hands over copied slice iterators, whose count is their
+        // length.
+        self.0 += bytes.into_iter().count();
+    }
+}
+
+fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize> {
+    postcard::to_extend(value, Count(0))
+        .map(|c| c.0)
+        .map_err(|e| codec_err("sizing a message", e))
 }
 
 /// A frame holding only `header`.
@@ -340,6 +363,8 @@ mod tests {
             Some(&vec![1u32, 2, 3]),
         )
         .unwrap();
+        // Sized exactly: no reallocation while encoding.
+        assert_eq!(f.capacity(), f.len());
         let body = dist_utils::codec::read_frame(&mut &f[..], MAX_FRAME).unwrap();
         let (h, rest) = decode_down(&body).unwrap();
         assert_eq!(
