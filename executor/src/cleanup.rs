@@ -30,10 +30,14 @@ pub(crate) fn valid_job_id(id: &str) -> bool {
 }
 
 /// Removes this job's segments from `/dev/shm` (see the module docs);
-/// `ours` are the pids of the ranks this launcher started (all exited).
-/// Returns the paths removed. Failures are logged, never fatal.
+/// `ours` are the pids of the ranks this launcher started (all exited);
+/// this process counts as ours too (an executor creates the segment of the
+/// queue its workers read). Returns the paths removed. Failures are
+/// logged, never fatal.
 pub(crate) fn remove_job_segments(job_id: &str, ours: &[u32]) -> Vec<PathBuf> {
-    remove_job_segments_in(Path::new(SHM_DIR), job_id, ours)
+    let mut ours = ours.to_vec();
+    ours.push(std::process::id());
+    remove_job_segments_in(Path::new(SHM_DIR), job_id, &ours)
 }
 
 fn remove_job_segments_in(dir: &Path, job_id: &str, ours: &[u32]) -> Vec<PathBuf> {
