@@ -336,6 +336,10 @@ impl Engine {
                         });
                         break;
                     }
+                    // A short read emptied the socket: saves the `recv`
+                    // that would say so (epoll is level-triggered and
+                    // reports the socket again if more has come).
+                    Ok(_) if c.reader.last_short() => break,
                     Ok(_) => {}
                     Err(RecvError::Os(rustix::io::Errno::AGAIN)) => break,
                     Err(RecvError::Os(rustix::io::Errno::INTR)) => {}

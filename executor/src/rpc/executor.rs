@@ -39,6 +39,8 @@ const WORKER_FD: i32 = 3;
 /// How long a local worker whose connection closed may take to be reaped
 /// before it is reported without its exit status.
 const EXIT_AFTER_CLOSE: Duration = Duration::from_secs(1);
+/// Send buffer of the local workers' sockets (both directions).
+const LOCAL_SOCKET_BUFFER: usize = 4 << 20;
 /// Longest single wait of the start-up loop (it also looks at joins).
 const START_SLICE: Duration = Duration::from_millis(100);
 
@@ -690,6 +692,11 @@ impl Executor {
         let rank = cfg.node_rank * cfg.nproc_per_node + local;
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| CommError::io("creating a worker control socket", e))?;
+        // A large request then crosses in a few wake-ups instead of one per
+        // ~200 KiB (the kernel caps the size at net.core.wmem_max).
+        for s in [&ours, &theirs] {
+            let _ = rustix::net::sockopt::set_socket_send_buffer_size(s, LOCAL_SOCKET_BUFFER);
+        }
         let mut cmd = rank_command(cfg, &self._job, local);
         cmd.env(EXECUTOR_FD_ENV, WORKER_FD.to_string());
         let forward = !cfg.inherit_output;

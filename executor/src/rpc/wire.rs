@@ -200,6 +200,8 @@ pub(crate) struct FrameReader {
     body: Vec<u8>,
     scratch: Vec<u8>,
     spare: Option<Vec<u8>>,
+    /// The last `recv` returned less than it asked for.
+    short: bool,
 }
 
 /// The most the reader reserves ahead of the data actually received.
@@ -222,12 +224,19 @@ impl FrameReader {
             body: Vec::new(),
             scratch: vec![0; SCRATCH],
             spare: None,
+            short: false,
         }
     }
 
     /// True between frames (nothing partial buffered).
     pub(crate) fn idle(&self) -> bool {
         self.header_got == 0
+    }
+
+    /// True when the last [`FrameReader::recv`] got less than it had room
+    /// for: the socket had nothing more at that moment.
+    pub(crate) fn last_short(&self) -> bool {
+        self.short
     }
 
     /// Bytes currently allocated for a partial body.
@@ -311,6 +320,7 @@ impl FrameReader {
         let direct = self.header_got == LEN_BYTES && self.want - self.body.len() >= DIRECT_MIN;
         if !direct {
             let (n, _) = rustix::net::recv(fd, &mut self.scratch[..], flags)?;
+            self.short = n < self.scratch.len();
             let mut scratch = std::mem::take(&mut self.scratch);
             let fed = self.feed(&scratch[..n], out);
             std::mem::swap(&mut self.scratch, &mut scratch);
@@ -322,7 +332,9 @@ impl FrameReader {
         if self.body.capacity() - self.body.len() < step {
             self.body.reserve(step);
         }
+        let room = self.body.capacity() - self.body.len();
         let (n, _) = rustix::net::recv(fd, spare_capacity(&mut self.body), flags)?;
+        self.short = n < room;
         if self.body.len() >= self.want {
             // The spare capacity may have taken the start of the next frames.
             let rest = self.body.split_off(self.want);
