@@ -148,12 +148,7 @@ pub fn init_world_group(
 /// [`ParallelState::init_node_group`]). Collective over this host's ranks.
 pub fn init_node_group(local_rank: usize, backend: Option<&str>) -> Result<Arc<GroupCoordinator>> {
     let st = state()?;
-    if local_rank != st.local_rank() {
-        return Err(CommError::invalid(format!(
-            "init_node_group: local_rank {local_rank} differs from this process's local rank {}",
-            st.local_rank()
-        )));
-    }
+    st.check_local_rank("init_node_group", local_rank)?;
     st.init_node_group(backend)
 }
 
@@ -171,20 +166,8 @@ pub fn init_model_parallel_group(
 ) -> Result<Arc<GroupCoordinator>> {
     let st = state()?;
     let name = group_name.unwrap_or("anonymous");
-    if local_rank != st.local_rank() {
-        return Err(CommError::invalid(format!(
-            "init_model_parallel_group `{name}`: local_rank {local_rank} differs from this \
-             process's local rank {}",
-            st.local_rank()
-        )));
-    }
-    let mine = crate::layout::group_of(group_ranks, st.rank()).ok_or_else(|| {
-        CommError::invalid(format!(
-            "rank {} is in none of the `{name}` groups {group_ranks:?}",
-            st.rank()
-        ))
-    })?;
-    st.new_group_with(mine.clone(), name, use_message_queue_broadcaster, backend)
+    st.check_local_rank(&format!("init_model_parallel_group `{name}`"), local_rank)?;
+    st.init_model_parallel_group_with(group_ranks, name, use_message_queue_broadcaster, backend)
 }
 
 /// FastVideo's `initialize_tensor_parallel_group`.

@@ -320,7 +320,9 @@ impl ParallelState {
         )))
     }
 
-    fn check_local_rank(&self, what: &str, local_rank: usize) -> Result<()> {
+    /// `Ok` when `local_rank` is this process's (FastVideo's functions take
+    /// it as an argument; here it is fixed at initialization).
+    pub(crate) fn check_local_rank(&self, what: &str, local_rank: usize) -> Result<()> {
         if local_rank != self.local_rank {
             return Err(CommError::invalid(format!(
                 "{what}: local_rank {local_rank} differs from this process's local rank {} (set \
@@ -395,10 +397,10 @@ impl ParallelState {
     /// (what FastVideo's `init_distributed_environment` does). Collective
     /// over this host's ranks when it builds.
     pub fn ensure_node_group(&self) -> Result<Arc<GroupCoordinator>> {
-        match self.node_group() {
-            Ok(g) => Ok(g),
-            Err(_) => self.init_node_group(None),
+        if let Some(g) = self.node.read().map_err(lock_err)?.clone() {
+            return Ok(g);
         }
+        self.init_node_group(None)
     }
 
     /// FastVideo's `init_world_group(ranks, local_rank, backend)`: a new
@@ -498,13 +500,25 @@ impl ParallelState {
         name: &str,
         use_message_queue_broadcaster: bool,
     ) -> Result<Arc<GroupCoordinator>> {
+        self.init_model_parallel_group_with(group_ranks, name, use_message_queue_broadcaster, None)
+    }
+
+    /// [`init_model_parallel_group`](Self::init_model_parallel_group) with
+    /// `backend` forced for the group (`None`: the state's choice).
+    pub fn init_model_parallel_group_with(
+        &self,
+        group_ranks: &[Vec<usize>],
+        name: &str,
+        use_message_queue_broadcaster: bool,
+        backend: Option<&str>,
+    ) -> Result<Arc<GroupCoordinator>> {
         let mine = layout::group_of(group_ranks, self.rank).ok_or_else(|| {
             CommError::invalid(format!(
                 "rank {} is in none of the `{name}` groups {group_ranks:?}",
                 self.rank
             ))
         })?;
-        self.new_group(mine.clone(), name, use_message_queue_broadcaster)
+        self.new_group_with(mine.clone(), name, use_message_queue_broadcaster, backend)
     }
 
     /// Builds the tensor-, sequence- and data-parallel groups with FastVideo's
