@@ -180,7 +180,7 @@ fn run_rank(a: &Args) -> parallel_state::Result<bool> {
     let ls = layers(a.layers, hid);
     let input = Lcg(42).vec(b * s * hid, 1.0);
     let full = Tensor::from_vec(input.clone(), [b, s, hid])?;
-    let (mut x, orig_len) = sp.shard(&full, 1)?;
+    let (mut x, orig_len) = sp.shard_with_pad(&full, 1)?;
     let sl = x.shape()[1];
     let padded = sl * p;
     if sp.rank_in_group() == 0 {
