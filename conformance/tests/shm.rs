@@ -10,7 +10,7 @@ comm_conformance::conformance_tests! { ShmFactory::default();
     basic_processes_world_4: run_processes(4, Basic),
     basic_processes_world_5: run_processes(5, Basic),
     large_processes_world_2: run_processes(2, Large),
-    basic_threads_world_3: run_threads(3, Basic),
+    basic_threads_world_2: run_threads(2, Basic),
     mismatch_processes_world_3: run_processes(3, Mismatch),
     failures_processes_world_3: run_processes(3, Failures),
     failures_threads_world_2: run_threads(2, Failures),

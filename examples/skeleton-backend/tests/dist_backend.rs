@@ -1,11 +1,6 @@
 //! The skeleton selected by name through the group layer, as an
 //! application would: registered with `InitOptions::backends`, chosen with
-//! `DIST_BACKEND=skeleton`. Needs the `parallel-state` feature:
-//!
-//! ```text
-//! cargo test --manifest-path examples/skeleton-backend/Cargo.toml --features parallel-state
-//! ```
-#![cfg(feature = "parallel-state")]
+//! `DIST_BACKEND=skeleton`, in two real processes.
 
 use std::sync::Arc;
 
