@@ -397,11 +397,15 @@ fn wrong_here(
     })
 }
 
-/// Reduces one f64 over the group (max or sum).
+/// Reduces one f64 over the group (max or sum), in the memory the
+/// communicator moves (a device backend takes no host buffer).
 fn group_f64(comm: &Communicator, v: f64, op: ReduceOp) -> Result<f64> {
-    let mut x = [v];
+    let mut x = Tensor::from_vec1(vec![v]);
+    if comm.device() != Device::Cpu {
+        x = x.to_device(comm.device())?;
+    }
     comm.all_reduce(&mut x, op)?;
-    Ok(x[0])
+    Ok(x.to_vec::<f64>()?[0])
 }
 
 /// Measures one size. Every rank must call it with the same arguments;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use comm_core::{CommError, DType, RankId, ReduceOp};
 
-use crate::bufs::{Holder, TestBuf};
+use crate::bufs::TestBuf;
 use crate::member::Member;
 use crate::suite::Failure;
 
@@ -83,7 +83,7 @@ fn case(m: &Member<'_>, fault: Fault) -> Result<usize, Failure> {
     }
     comm.set_timeout(FAIL_TIMEOUT);
     let mut buf =
-        TestBuf::new(Holder::Tensor, DType::I32, 1024, |i| i as f64).map_err(|e| e.to_string())?;
+        TestBuf::new(m.holder(), DType::I32, 1024, |i| i as f64).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let r = comm.all_reduce(&mut buf, ReduceOp::Sum);
     let took = start.elapsed();

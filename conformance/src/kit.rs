@@ -393,6 +393,7 @@ impl Kit {
             rank,
             world: ctx.world,
             comm_device,
+            buffers,
             timeout: self.op_timeout,
             skipped: Vec::new(),
         };

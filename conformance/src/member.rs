@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use comm_core::{CommError, Communicator, Device, GroupContext, PrefixStore, Registry, Store};
 
+use crate::bufs::Holder;
 use crate::suite::Failure;
 
 /// One rank of a kit run.
@@ -20,6 +21,8 @@ pub(crate) struct Member<'a> {
     /// The device the communicators move (`Cpu` for host backends, which
     /// stage device buffers).
     pub(crate) comm_device: Device,
+    /// Where the checks' buffers live.
+    pub(crate) buffers: Device,
     /// Deadline of set-up and of each operation.
     pub(crate) timeout: Duration,
     /// Notes about what was skipped and why.
@@ -27,6 +30,14 @@ pub(crate) struct Member<'a> {
 }
 
 impl Member<'_> {
+    /// How this member's checks hold their buffers.
+    pub(crate) fn holder(&self) -> Holder {
+        match self.buffers {
+            Device::Cpu => Holder::Tensor,
+            dev => Holder::Device(dev),
+        }
+    }
+
     /// This member of a fresh group of every rank, named `name`, behind the
     /// checked front, exactly as the group layer builds one
     /// ([`Registry::create`]). `global`: the global rank of each member, for

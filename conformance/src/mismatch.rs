@@ -22,11 +22,12 @@ use crate::suite::Failure;
 /// up as a timeout well before the job's deadline.
 const MISMATCH_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// One mismatched call: what this member does.
-type Call = fn(&Communicator, rank: usize, world: usize) -> comm_core::Result<()>;
+/// One mismatched call: what this member does, with buffers held as `h`
+/// says (device tensors in device mode).
+type Call = fn(&Communicator, rank: usize, world: usize, h: Holder) -> comm_core::Result<()>;
 
-fn buf(dtype: DType, n: usize) -> comm_core::Result<TestBuf> {
-    TestBuf::new(Holder::Tensor, dtype, n, |i| (i % 7) as f64)
+fn buf(h: Holder, dtype: DType, n: usize) -> comm_core::Result<TestBuf> {
+    TestBuf::new(h, dtype, n, |i| (i % 7) as f64)
 }
 
 /// The member that calls something different in the "one differs" cases.
@@ -35,28 +36,28 @@ fn odd(rank: usize, world: usize) -> bool {
 }
 
 const CASES: [(&str, Call); 6] = [
-    ("dtype (f32 vs i32, same bytes)", |c, r, w| {
+    ("dtype (f32 vs i32, same bytes)", |c, r, w, h| {
         let dtype = if odd(r, w) { DType::I32 } else { DType::F32 };
-        c.all_reduce(&mut buf(dtype, 64)?, ReduceOp::Sum)
+        c.all_reduce(&mut buf(h, dtype, 64)?, ReduceOp::Sum)
     }),
-    ("element count", |c, r, w| {
+    ("element count", |c, r, w, h| {
         let n = if odd(r, w) { 65 } else { 64 };
-        c.all_reduce(&mut buf(DType::F32, n)?, ReduceOp::Sum)
+        c.all_reduce(&mut buf(h, DType::F32, n)?, ReduceOp::Sum)
     }),
-    ("reduce op (sum vs max)", |c, r, w| {
+    ("reduce op (sum vs max)", |c, r, w, h| {
         let op = if odd(r, w) {
             ReduceOp::Max
         } else {
             ReduceOp::Sum
         };
-        c.all_reduce(&mut buf(DType::F32, 64)?, op)
+        c.all_reduce(&mut buf(h, DType::F32, 64)?, op)
     }),
-    ("root (every member names itself)", |c, r, _| {
-        c.broadcast(&mut buf(DType::F32, 64)?, r)
+    ("root (every member names itself)", |c, r, _, h| {
+        c.broadcast(&mut buf(h, DType::F32, 64)?, r)
     }),
-    ("collective (all_reduce vs all_to_all)", |c, r, w| {
-        let input = buf(DType::F32, 16 * w)?;
-        let mut out = buf(DType::F32, 16 * w)?;
+    ("collective (all_reduce vs all_to_all)", |c, r, w, h| {
+        let input = buf(h, DType::F32, 16 * w)?;
+        let mut out = buf(h, DType::F32, 16 * w)?;
         if odd(r, w) {
             c.all_to_all(&input, &mut out)
         } else {
@@ -64,14 +65,14 @@ const CASES: [(&str, Call); 6] = [
             c.all_reduce(&mut b, ReduceOp::Sum)
         }
     }),
-    ("all_to_all_4d shape (same bytes)", |c, r, w| {
+    ("all_to_all_4d shape (same bytes)", |c, r, w, h| {
         let shape = if odd(r, w) {
             [1, 4 * w, 2, 4]
         } else {
             [1, 2 * w, 4, 4]
         };
-        let input = buf(DType::F32, 32 * w)?;
-        let mut out = buf(DType::F32, 32 * w)?;
+        let input = buf(h, DType::F32, 32 * w)?;
+        let mut out = buf(h, DType::F32, 32 * w)?;
         let layout = Layout {
             op: Collective::AllToAll4d,
             shape: &shape,
@@ -117,7 +118,7 @@ pub(crate) fn run(m: &mut Member<'_>, log: &mut dyn FnMut(&str)) -> Result<usize
         comm.barrier()
             .map_err(|e| format!("rank {rank}: {what}: the barrier before it failed: {e}"))?;
         comm.set_timeout(MISMATCH_TIMEOUT);
-        let outcome = call(&comm, rank, world);
+        let outcome = call(&comm, rank, world, m.holder());
         drop(comm);
         let mine = match &outcome {
             Ok(()) => "succeeded".to_string(),
@@ -194,8 +195,14 @@ fn p2p(m: &mut Member<'_>) -> Result<usize, Failure> {
         .map_err(|e| format!("rank {rank}: {what}: the barrier before it failed: {e}"))?;
     comm.set_timeout(MISMATCH_TIMEOUT);
     let r = match rank {
-        0 => comm.send(&buf(DType::F32, 64).map_err(|e| e.to_string())?, 1),
-        1 => comm.recv(&mut buf(DType::I32, 64).map_err(|e| e.to_string())?, 0),
+        0 => comm.send(
+            &buf(m.holder(), DType::F32, 64).map_err(|e| e.to_string())?,
+            1,
+        ),
+        1 => comm.recv(
+            &mut buf(m.holder(), DType::I32, 64).map_err(|e| e.to_string())?,
+            0,
+        ),
         _ => Ok(()),
     };
     drop(comm);
