@@ -87,7 +87,6 @@ fn case(m: &Member<'_>, fault: Fault) -> Result<usize, Failure> {
     let start = Instant::now();
     let r = comm.all_reduce(&mut buf, ReduceOp::Sum);
     let took = start.elapsed();
-    drop(comm);
     let e = match r {
         Ok(()) => {
             return Err(format!(
@@ -119,6 +118,9 @@ fn case(m: &Member<'_>, fault: Fault) -> Result<usize, Failure> {
             "rank {rank}: {what}: the error took {took:?} with a deadline of {FAIL_TIMEOUT:?}: {e}"
         ));
     }
+    // Survivors keep their communicators until all have seen their error:
+    // an early drop would be a departure another survivor might report.
     m.meet(&done)?;
+    drop(comm);
     Ok(1)
 }

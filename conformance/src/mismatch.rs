@@ -119,12 +119,14 @@ pub(crate) fn run(m: &mut Member<'_>, log: &mut dyn FnMut(&str)) -> Result<usize
             .map_err(|e| format!("rank {rank}: {what}: the barrier before it failed: {e}"))?;
         comm.set_timeout(MISMATCH_TIMEOUT);
         let outcome = call(&comm, rank, world, m.holder());
-        drop(comm);
         let mine = match &outcome {
             Ok(()) => "succeeded".to_string(),
             Err(e) => kind(e).to_string(),
         };
+        // Every member keeps its communicator until all are out of the
+        // call: an early drop would be a departure, not the mismatch.
         let all = m.share(&tag, &mine)?;
+        drop(comm);
         match outcome {
             Ok(()) => {
                 return Err(format!(
@@ -205,7 +207,6 @@ fn p2p(m: &mut Member<'_>) -> Result<usize, Failure> {
         ),
         _ => Ok(()),
     };
-    drop(comm);
     let checked = if rank == 1 {
         match r {
             Err(e @ CommError::CallMismatch { .. }) => {
@@ -223,6 +224,9 @@ fn p2p(m: &mut Member<'_>) -> Result<usize, Failure> {
         // The sender may or may not hear about it: both are fine.
         0
     };
+    // Members not in the exchange keep their communicators until it is
+    // over: their departure is not what this case tests.
     m.meet("mismatch-p2p-done")?;
+    drop(comm);
     Ok(checked)
 }
