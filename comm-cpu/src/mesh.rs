@@ -980,7 +980,7 @@ impl Mesh {
                     .collect()
             });
             let stalled = now.duration_since(last_progress);
-            if stalled >= every && next_notice.map_or(true, |t| now >= t) {
+            if stalled >= every && next_notice.is_none_or(|t| now >= t) {
                 let missing = Self::outstanding(sends, recvs)
                     .into_iter()
                     .map(|(r, _)| r)
