@@ -323,7 +323,7 @@ pub fn random_hex128() -> Result<String> {
 }
 
 fn is_hex_secret(s: &str) -> bool {
-    !s.is_empty() && s.len() % 2 == 0 && s.bytes().all(|c| c.is_ascii_hexdigit())
+    !s.is_empty() && s.len().is_multiple_of(2) && s.bytes().all(|c| c.is_ascii_hexdigit())
 }
 
 fn decode_hex(s: &str) -> Vec<u8> {
