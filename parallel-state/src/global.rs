@@ -58,8 +58,10 @@ pub fn init_distributed_environment(
             "init_distributed_environment called twice".into(),
         ));
     }
-    let mut opts = InitOptions::default();
-    opts.backend = backend.map(str::to_string);
+    let opts = InitOptions {
+        backend: backend.map(str::to_string),
+        ..InitOptions::default()
+    };
     set_global_state(ParallelState::init(
         world_size,
         rank,

@@ -415,7 +415,7 @@ fn layout8(ps: &ParallelState) {
     let sp = ps.sp_group().unwrap();
     assert_eq!(sp.next_rank(), sp.ranks()[(sp.rank_in_group() + 1) % 4]);
     assert_eq!(sp.prev_rank(), sp.ranks()[(sp.rank_in_group() + 3) % 4]);
-    assert_eq!(sp.is_first_rank(), r % 4 == 0);
+    assert_eq!(sp.is_first_rank(), r.is_multiple_of(4));
     assert_eq!(sp.is_last_rank(), r % 4 == 3);
     ps.initialize_ulysses_ring(2).unwrap();
     let base = r / 4 * 4;
@@ -465,7 +465,7 @@ fn errors(ps: &ParallelState) {
     ));
     // Point to point with the default ring neighbours still works afterwards.
     let mine = Tensor::from_vec1(vec![r as f64; 5]);
-    if r % 2 == 0 {
+    if r.is_multiple_of(2) {
         g.send(&mine, None).unwrap();
         let got = g.recv(&[5], DType::F64, None).unwrap();
         assert_eq!(

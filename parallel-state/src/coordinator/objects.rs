@@ -273,5 +273,5 @@ fn meta_plain(m: MetaValue) -> Value {
 fn slice_plan(numel: usize, ag: Option<&GroupCoordinator>) -> Option<(usize, usize)> {
     let ag = ag?;
     let g = ag.world_size();
-    (g > 1 && numel % g == 0).then_some((g, ag.rank_in_group()))
+    (g > 1 && numel.is_multiple_of(g)).then_some((g, ag.rank_in_group()))
 }
