@@ -101,7 +101,7 @@ fn shapes(a: &Args, p: usize) -> Result<Vec<[usize; 4]>, String> {
             let bytes = parse_size(s)?;
             // S/P rows of [H, D] f32; S = P * rows divides by P for mode (1,2).
             let rows = (bytes / row).max(1);
-            if a.heads % p != 0 {
+            if !a.heads.is_multiple_of(p) {
                 return Err(format!("--heads {} must divide by {p}", a.heads));
             }
             Ok([1, rows, a.heads, a.head_dim])
@@ -203,7 +203,7 @@ fn run_rank(a: &Args) -> Result<(), String> {
         );
     }
     for [bb, sl, h, d] in shapes(a, p)? {
-        if h % p != 0 {
+        if !h.is_multiple_of(p) {
             return Err(format!("{h} heads do not divide by the world {p}"));
         }
         let n = bb * sl * h * d;
