@@ -63,7 +63,8 @@ pub struct StepStamps {
     pub posted: u64,
     /// Attention on the block at hand finished.
     pub computed: u64,
-    /// The next block had arrived (the wait returned).
+    /// The next step began: the block had arrived and the next exchange
+    /// was queued.
     pub received: u64,
 }
 
@@ -86,10 +87,10 @@ pub struct RingWaitBreakdown {
 }
 
 impl LayerTimes {
-    /// Communication not hidden behind compute: the all-to-alls and the
-    /// ring's exposed wait.
+    /// Communication not hidden behind compute: the all-to-alls, starting
+    /// the ring's exchanges and its exposed wait.
     pub fn communication(&self) -> Duration {
-        self.all_to_all + self.ring.exposed
+        self.all_to_all + self.ring.starting + self.ring.exposed
     }
     /// Everything else: projections, attention, residual.
     pub fn compute(&self) -> Duration {
@@ -373,11 +374,13 @@ impl<'m> Usp<'m> {
 /// monotonic clocks agree).
 ///
 /// For exchange `i` of this rank `k` (`k - 1` sends to it, `k + 1`
-/// receives from it), the wait from `computed` to `received` is cut at
-/// `ready`, when both neighbours had queued their exchange `i` (capped at
-/// `received`: a backend may finish a send before its receiver posts):
-/// before it, a neighbour was still computing its previous step; after it,
-/// the block was moving.
+/// receives from it), the time from `computed` to `received` (the wait and
+/// starting the next exchange) is cut at `ready`, when both neighbours had
+/// queued their exchange `i` (capped at `received`: a backend may finish a
+/// send before its receiver posts): before it, a neighbour was still
+/// computing its previous step; after it, the block was moving (or the
+/// next exchange starting: [`RingTimes::starting`] of every exchange but
+/// the first of each pass falls in these intervals).
 pub fn ring_wait_breakdown(
     ring: &GroupCoordinator,
     layers: &[LayerTimes],
