@@ -82,6 +82,7 @@ add_example comm-nccl check_real_libs check-real-libs
 # the main job with --device cuda, and comm-perf on NCCL:
 #   add_bin executor distrun distrun --features nccl
 #   add_bin benches comm-perf comm-perf --features nccl
+add_example parallel-state ulysses_attention main-job --features nccl
 
 total=$(du -sk "$CARRY" | cut -f1)
 echo "carry/: $((total / 1024)) MiB"

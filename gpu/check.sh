@@ -85,7 +85,10 @@ step watchdog 60 "$BIN/comm-nccl-gpu" --test-threads=1 --exact watchdog_times_ou
 # ---- Hooks (the lead's binaries; see gpu/build.sh):
 have parallel-state-gpu && step parallel-state-gpu 120 "$BIN/parallel-state-gpu" --test-threads=1
 have conformance && step conformance 120 env DIST_DEVICE=cuda "$BIN/conformance" --test-threads=1
-have distrun && step main-job 90 "$BIN/distrun" --nproc 2 --device cuda
+# The main job on the GPU: 2 ranks share the one GPU (NCCL refuses that, so
+# the group falls back to host staging with one warning), 1 rank alone.
+have main-job && step main-job-2-ranks 120 "$BIN/main-job" --nproc 2 --device cuda --timeout 100
+have main-job && step main-job-1-rank 60 "$BIN/main-job" --nproc 1 --device cuda --timeout 50
 have comm-perf && step comm-perf 90 "$BIN/comm-perf" --backend nccl --device cuda
 step bench 150 "$BIN/gpu-bench" --torch-script "$ROOT/gpu/torch_permute.py"
 

@@ -43,6 +43,10 @@ pub mod raw;
 mod storage;
 pub mod watchdog;
 
+/// The cudarc this crate is built against (for applications without their
+/// own cudarc dependency).
+pub use cudarc;
+
 pub use capture::{graph_capture, with_nccl, GraphCapture};
 pub use comm::{NcclCommunicator, NcclOptions};
 pub use cuda::{cuda_device_count, device_uuid, format_uuid, libcuda_present, CudaDevice};

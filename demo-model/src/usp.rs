@@ -1,6 +1,6 @@
 //! The model over sequence-parallel groups: Ulysses × ring attention (USP).
 //!
-//! The sequence is sharded over the SP group (`sp.shard`). Each layer:
+//! The sequence is sharded over the SP group (`sp.shard_with_pad`). Each layer:
 //! projections on the local shard (Q, and K/V packed per head in one
 //! buffer), one Ulysses `all_to_all_4d` each over the Ulysses group (this
 //! rank then holds its Ulysses group's chunk of the sequence for `H / U`
@@ -418,7 +418,7 @@ pub fn forward_sequence_parallel(
     device: Device,
     measure_standalone: bool,
 ) -> Result<UspOutput> {
-    let (mut x, orig_len) = groups.sp.shard(input, 1)?;
+    let (mut x, orig_len) = groups.sp.shard_with_pad(input, 1)?;
     let shard_len = x.shape()[1];
     let mut usp = Usp::new(model, groups.clone(), shard_len, orig_len, device)?;
     usp.measure_standalone(measure_standalone)?;

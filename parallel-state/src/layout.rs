@@ -1,5 +1,5 @@
 //! Rank layouts: which global ranks form each tensor-, sequence- and
-//! data-parallel group.
+//! data-parallel group (the rules are in the crate docs, "Group layouts").
 
 use comm_core::{CommError, Result};
 
@@ -56,8 +56,9 @@ fn blocks(world: usize, size: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// FastVideo's layout (see DESIGN.md): TP = consecutive blocks of `tp`, SP =
-/// consecutive blocks of `sp`, DP = `{i, i+sp, i+2sp, ...}` for `i < sp`.
+/// FastVideo's layout (see the crate docs, "Group layouts"): TP =
+/// consecutive blocks of `tp`, SP = consecutive blocks of `sp`, DP = `{i,
+/// i+sp, i+2sp, ...}` for `i < sp`.
 ///
 /// `dp`, when given, must equal `world / sp` (FastVideo ignores it; here a
 /// mismatch is an error).

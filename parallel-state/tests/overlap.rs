@@ -195,7 +195,7 @@ fn usp(ps: &ParallelState) -> bool {
             assert!(t.standalone.is_some());
         }
         // Workspaces are reused: a second forward gives the same bits.
-        let (shard, orig) = groups.sp.shard(&full, 1).unwrap();
+        let (shard, orig) = groups.sp.shard_with_pad(&full, 1).unwrap();
         let mut usp =
             Usp::new(&model, groups.clone(), shard.shape()[1], orig, Device::Cpu).unwrap();
         let (mut a, mut b) = (shard.try_clone().unwrap(), shard);
