@@ -147,7 +147,7 @@ fn run_rank(a: &Args) -> parallel_state::Result<bool> {
         per_layer.push(v);
     }
     // Where the exposed ring wait went (stamps compare only on one host).
-    let one_host = ps.node_group().world_size() == p;
+    let one_host = ps.node_group()?.world_size() == p;
     let breakdown = if ring_mode && one_host {
         let b = ring_wait_breakdown(&groups.ring, &run.layers)?;
         let mut sum = Tensor::from_vec1(vec![
