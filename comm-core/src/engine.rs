@@ -62,7 +62,7 @@ impl Engine {
         let mut q = lock(m);
         let bound = per_job.saturating_mul(q.jobs.len() as u32 + 1) + Duration::from_secs(5);
         let deadline = Instant::now() + bound;
-        while !(q.jobs.is_empty() && !q.running) {
+        while !q.jobs.is_empty() || q.running {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(CommError::timeout(
