@@ -109,7 +109,16 @@ pub(crate) fn connect_mesh(
             check_reachable(g, rank, &lower)?;
             let pairs = (0..rank)
                 .map(|to| {
-                    connect_pair(&lower[to].addr, rank, to, world, &secret, g, opts, &deadline)
+                    connect_pair(
+                        &lower[to].addr,
+                        rank,
+                        to,
+                        world,
+                        &secret,
+                        g,
+                        opts,
+                        &deadline,
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             check_reachable(g, rank, &read_records(store, g, world, &deadline)?)?;

@@ -62,9 +62,15 @@ fn peer_dropped_mid_collective_is_named() {
         });
         for (r, x) in res.into_iter().enumerate().take(2) {
             let (e, el) = x.unwrap();
-            assert!(el < Duration::from_secs(20), "n {n} rank {r}: {e} after {el:?}");
             assert!(
-                matches!(e, CommError::PeerLost { .. } | CommError::PeerAborted { .. }),
+                el < Duration::from_secs(20),
+                "n {n} rank {r}: {e} after {el:?}"
+            );
+            assert!(
+                matches!(
+                    e,
+                    CommError::PeerLost { .. } | CommError::PeerAborted { .. }
+                ),
                 "n {n} rank {r}: {e}"
             );
             assert_eq!(common::blamed(&e), [2], "n {n} rank {r}: {e}");
@@ -165,8 +171,14 @@ fn stranger_with_only_the_secret_wrong_is_refused() {
     let mut wrong = secret.clone();
     wrong[0] ^= 1;
     // Rank 2 has not joined: strangers claim to be it.
-    assert!(!handshake_as(addr, "tcp", 3, 2, &wrong), "wrong secret accepted");
-    assert!(handshake_as(addr, "tcp", 3, 2, &secret), "right secret refused");
+    assert!(
+        !handshake_as(addr, "tcp", 3, 2, &wrong),
+        "wrong secret accepted"
+    );
+    assert!(
+        handshake_as(addr, "tcp", 3, 2, &secret),
+        "right secret refused"
+    );
     // The real rank 2 replaces the impostor's connection and the group works.
     let s = store.clone();
     let last = std::thread::spawn(move || {

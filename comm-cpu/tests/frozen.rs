@@ -22,8 +22,7 @@ fn rank_process() {
         return;
     };
     let store = common::file_store(&dir);
-    let c = common::member(store, rank, world, "tcp", common::opts(), OP_TIMEOUT)
-        .expect("set-up");
+    let c = common::member(store, rank, world, "tcp", common::opts(), OP_TIMEOUT).expect("set-up");
     let until = Instant::now() + Duration::from_secs(150);
     let mut i = 0usize;
     let err = loop {
@@ -53,9 +52,11 @@ fn rank_process() {
 
 fn frozen(world: usize, stop: usize) {
     let mut p = common::Procs::start("rank_process", world, &[], |_| Vec::new());
-    p.wait_for("every rank running collectives", Duration::from_secs(120), || {
-        (0..world).all(|r| p.path(&format!("started.{r}")).exists())
-    });
+    p.wait_for(
+        "every rank running collectives",
+        Duration::from_secs(120),
+        || (0..world).all(|r| p.path(&format!("started.{r}")).exists()),
+    );
     // SAFETY: kill(2) on a child process we started and have not reaped.
     let rc = unsafe { libc::kill(p.children[stop].id() as i32, libc::SIGSTOP) };
     assert_eq!(rc, 0, "SIGSTOP failed");

@@ -121,5 +121,10 @@ fn bind_address_across_network_namespaces() {
         // The set-up deadline is 60 s: the error must not wait it out.
         assert!(ms < 20_000, "rank {r} took {ms} ms to fail: {text}");
     }
-    eprintln!("{TEST}: route and exclusion list bound {} and {}; loopback across stacks: {}", topo.addr(0), topo.addr(1), got[0]);
+    eprintln!(
+        "{TEST}: route and exclusion list bound {} and {}; loopback across stacks: {}",
+        topo.addr(0),
+        topo.addr(1),
+        got[0]
+    );
 }

@@ -67,7 +67,10 @@ impl Topology {
                 let port = format!("r{r}");
                 let cidr = format!("{}/24", t.addr(r));
                 t.add_ns(&ns)?;
-                ip(&["-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+                ip(&[
+                    "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                    "netns", &ns,
+                ])?;
                 ip(&["-n", &br, "link", "set", &port, "master", "br0"])?;
                 ip(&["-n", &br, "link", "set", &port, "up"])?;
                 ip(&["-n", &ns, "link", "set", "lo", "up"])?;
