@@ -180,9 +180,11 @@ impl TcpCommunicator {
         call: &Call<'_>,
         f: impl FnOnce(&mut Self) -> Result<()>,
     ) -> Result<()> {
-        let _ = call;
-        self.mesh.begin();
-        f(self)
+        self.mesh.begin(call);
+        f(self)?;
+        // Done: an abort from now on is not about this call.
+        self.mesh.end_collective();
+        Ok(())
     }
 
     fn all_reduce_small(
@@ -780,6 +782,7 @@ impl DeviceCommunicator for TcpCommunicator {
     }
 
     fn send_recv(&mut self, call: &Call<'_>, ops: &mut [P2p<'_>]) -> Result<()> {
+        self.mesh.end_collective();
         let mut sends: Vec<SendOp> = Vec::new();
         let mut recvs: Vec<RecvOp> = Vec::new();
         for p in ops.iter_mut() {
