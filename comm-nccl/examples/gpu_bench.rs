@@ -505,10 +505,22 @@ fn overhead_bench(quick: bool) -> Result<bool> {
         "case", "via", "gpu us/op", "wall us/op", "gpu vs raw", "wall vs raw"
     );
     let cases: [(&str, Kind, usize, usize, bool); 4] = [
-        ("all_gather 64 MiB (a copy)", Kind::Copy, 16 << 20, 300, true),
+        (
+            "all_gather 64 MiB (a copy)",
+            Kind::Copy,
+            16 << 20,
+            300,
+            true,
+        ),
         ("all_gather 8 B (a copy)", Kind::Copy, 2, 5_000, false),
         ("all_reduce 8 B in place", Kind::InPlace, 2, 20_000, false),
-        ("all_reduce 64 MiB in place", Kind::InPlace, 16 << 20, 20_000, false),
+        (
+            "all_reduce 64 MiB in place",
+            Kind::InPlace,
+            16 << 20,
+            20_000,
+            false,
+        ),
     ];
     let mut ok = true;
     for (label, kind, count, iters, gated) in cases {
@@ -533,11 +545,9 @@ fn overhead_bench(quick: bool) -> Result<bool> {
             let call = Call::new(desc, timeout, "bench");
             let out = BufMut::new(MemMut::Device(&mut b.output), DType::F32)?;
             match kind {
-                Kind::Copy => n.all_gather(
-                    &call,
-                    BufRef::new(Mem::Device(&b.input), DType::F32)?,
-                    out,
-                ),
+                Kind::Copy => {
+                    n.all_gather(&call, BufRef::new(Mem::Device(&b.input), DType::F32)?, out)
+                }
                 Kind::InPlace => n.all_reduce(&call, out, ReduceOp::Sum),
             }
         };
@@ -591,12 +601,12 @@ fn overhead_bench(quick: bool) -> Result<bool> {
                         Ok(())
                     })
                 })?,
-                Via::Backend => comm_nccl::with_nccl(&front, |n| {
-                    timed(&stream, iters, || backend(n, &mut t))
-                })?,
-                Via::BackendUntracked => comm_nccl::with_nccl(&front, |n| {
-                    timed(&stream, iters, || backend(n, &mut u))
-                })?,
+                Via::Backend => {
+                    comm_nccl::with_nccl(&front, |n| timed(&stream, iters, || backend(n, &mut t)))?
+                }
+                Via::BackendUntracked => {
+                    comm_nccl::with_nccl(&front, |n| timed(&stream, iters, || backend(n, &mut u)))?
+                }
                 Via::Front => timed(&stream, iters, || through(&front, &mut t, true)),
                 Via::FrontUntracked => timed(&stream, iters, || through(&front, &mut u, true)),
                 Via::FrontWorld1 => timed(&stream, iters, || through(&world1, &mut t, false)),
@@ -635,7 +645,10 @@ fn overhead_bench(quick: bool) -> Result<bool> {
             let (gv, wv) = if via == Via::Raw {
                 ("-".to_string(), "-".to_string())
             } else {
-                (format!("{:+.1}%", pct(g, rg)), format!("{:+.1}%", pct(w, rw)))
+                (
+                    format!("{:+.1}%", pct(g, rg)),
+                    format!("{:+.1}%", pct(w, rw)),
+                )
             };
             println!(
                 "{:<30} {:<38} {g:>10.2} {w:>10.2} {gv:>10} {wv:>10} {verdict}",
