@@ -266,6 +266,18 @@ pub enum CommError {
     /// Something used before initialisation, or initialised twice.
     #[error("state error: {0}")]
     State(String),
+
+    /// A remote procedure (an executor's collective RPC, a worker's
+    /// start-up) failed on some members: there the handler returned an
+    /// error or panicked. The members themselves are still usable, so this
+    /// is not fatal.
+    #[error("`{operation}` failed on {}", list(failures))]
+    RemoteFailed {
+        /// The call, e.g. ``collective_rpc `generate` #12``.
+        operation: String,
+        /// Each member where it failed, with that member's message.
+        failures: Vec<Missing>,
+    },
 }
 
 impl CommError {
@@ -378,11 +390,13 @@ impl CommError {
     /// The ranks this error holds responsible, most specific first: the
     /// missing ranks of a timeout, the lost peer, the ranks an aborting peer
     /// blamed (or the aborting peer itself when it blamed nobody), the peer
-    /// whose call differs. Empty for local errors.
+    /// whose call differs, the members where a remote call failed. Empty for
+    /// local errors.
     pub fn culprits(&self) -> Vec<RankId> {
         match self {
             CommError::Timeout { missing, .. } => missing.iter().map(|m| m.rank).collect(),
             CommError::PeerLost { peer, .. } | CommError::CallMismatch { peer, .. } => vec![*peer],
+            CommError::RemoteFailed { failures, .. } => failures.iter().map(|m| m.rank).collect(),
             CommError::PeerAborted { peer, culprits, .. } => {
                 if culprits.is_empty() {
                     vec![*peer]
@@ -465,7 +479,69 @@ impl CommError {
                 mine,
                 theirs,
             },
+            CommError::RemoteFailed {
+                operation,
+                failures,
+            } => CommError::RemoteFailed {
+                operation: op(operation),
+                failures: fix_all(failures),
+            },
             other => other,
+        }
+    }
+
+    /// The same error reported again for a later call `operation` that was
+    /// refused because of it: the variant (and so the blamed ranks, as data)
+    /// stays; the text says which call was refused. Errors without an
+    /// operation become [`CommError::Aborted`] naming both.
+    pub fn refused_as(self, operation: &str) -> Self {
+        let op = |o: String| format!("{operation}; the earlier call: `{o}`");
+        match self {
+            CommError::Timeout {
+                operation: o,
+                waited,
+                missing,
+                keys,
+                note,
+            } => CommError::Timeout {
+                operation: op(o),
+                waited,
+                missing,
+                keys,
+                note,
+            },
+            CommError::PeerLost {
+                peer,
+                operation: o,
+                detail,
+            } => CommError::PeerLost {
+                peer,
+                operation: op(o),
+                detail,
+            },
+            CommError::PeerAborted {
+                peer,
+                operation: o,
+                reason,
+                culprits,
+            } => CommError::PeerAborted {
+                peer,
+                operation: op(o),
+                reason,
+                culprits,
+            },
+            CommError::CallMismatch {
+                operation: o,
+                peer,
+                mine,
+                theirs,
+            } => CommError::CallMismatch {
+                operation: op(o),
+                peer,
+                mine,
+                theirs,
+            },
+            other => CommError::Aborted(format!("{operation}: {other}")),
         }
     }
 
@@ -531,5 +607,22 @@ mod tests {
         let e = CommError::peer_aborted(0, "barrier", "user abort", vec![]);
         assert_eq!(e.culprits(), vec![RankId::local(0)]);
         assert!(e.is_fatal());
+    }
+
+    #[test]
+    fn remote_failures_name_each_member_and_are_not_fatal() {
+        let e = CommError::RemoteFailed {
+            operation: "collective_rpc `load` #2".into(),
+            failures: vec![
+                Missing::new(0, "panicked: boom"),
+                Missing::new(2, "error: no GPU"),
+            ],
+        };
+        assert_eq!(
+            e.to_string(),
+            "`collective_rpc `load` #2` failed on rank 0 (panicked: boom), rank 2 (error: no GPU)"
+        );
+        assert_eq!(e.culprits(), vec![RankId::local(0), RankId::local(2)]);
+        assert!(!e.is_fatal());
     }
 }

@@ -42,7 +42,8 @@ const MIN_IOV_RUN: usize = 1024;
 /// - barrier: dissemination (log2 rounds of empty messages).
 ///
 /// Every call's description travels with its first message to each peer
-/// and is checked on arrival (see [`crate::mesh`]); a member that fails
+/// and is checked on arrival (a ring of checks: each member checks at
+/// least its left neighbour, at once); a member that fails
 /// tells the others over the control connections whom it blames.
 #[derive(Debug)]
 pub struct TcpCommunicator {

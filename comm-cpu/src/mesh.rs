@@ -307,6 +307,7 @@ impl RecvOp {
 #[derive(Debug, Clone)]
 struct Notice {
     at: Instant,
+    seq: u64,
     missing: Vec<usize>,
 }
 
@@ -534,9 +535,10 @@ impl Mesh {
                                             p.aborted = Some((reason, culprits));
                                         }
                                     }
-                                    Control::Waiting { missing, .. } => {
+                                    Control::Waiting { seq, missing } => {
                                         p.notice = Some(Notice {
                                             at: Instant::now(),
+                                            seq,
                                             missing,
                                         });
                                     }
@@ -599,14 +601,21 @@ impl Mesh {
         CommError::peer_lost(peer, op(), detail)
     }
 
-    /// The ranks really at fault when this member waited for `direct`:
-    /// peers that recently said they wait too are followed to whom they
-    /// wait for; ranks with no recent notice are the culprits.
-    fn culprits(&self, direct: Vec<(usize, String)>, fresh: Duration) -> Vec<Missing> {
+    /// The ranks really at fault when this member waited for `direct` in
+    /// call `seq` (`None`: point-to-point, numbered per pair): peers that
+    /// recently said they wait in the same call are followed to whom they
+    /// wait for; ranks with no such notice are the culprits.
+    fn culprits(
+        &self,
+        direct: Vec<(usize, String)>,
+        fresh: Duration,
+        seq: Option<u64>,
+    ) -> Vec<Missing> {
         let now = Instant::now();
         let waiting = |r: usize| -> Option<&Vec<usize>> {
             let n = self.peers.get(r)?.as_ref()?.notice.as_ref()?;
-            (now.duration_since(n.at) <= fresh).then_some(&n.missing)
+            let same_call = seq.map_or(true, |s| s == n.seq);
+            (same_call && now.duration_since(n.at) <= fresh).then_some(&n.missing)
         };
         let mut seen = vec![false; self.world];
         seen[self.rank] = true;
@@ -980,7 +989,7 @@ impl Mesh {
                     .collect()
             });
             let stalled = now.duration_since(last_progress);
-            if stalled >= every && next_notice.map_or(true, |t| now >= t) {
+            if stalled >= every && next_notice.is_none_or(|t| now >= t) {
                 let missing = Self::outstanding(sends, recvs)
                     .into_iter()
                     .map(|(r, _)| r)
@@ -1015,7 +1024,8 @@ impl Mesh {
             return e;
         }
         let direct = Self::outstanding(sends, recvs);
-        let culprits = self.culprits(direct, every * 3 + Duration::from_millis(200));
+        let seq = (call.desc.op != comm_core::Collective::SendRecv).then_some(call.desc.seq);
+        let culprits = self.culprits(direct, every * 3 + Duration::from_millis(200), seq);
         call.timeout(culprits)
     }
 

@@ -1,20 +1,25 @@
 //! The torchrun-compatible launcher behind `distrun`: start one process per
 //! local rank with the rendezvous environment, prefix their output, stop the
-//! whole job when one rank fails, on a signal, or at an overall deadline.
+//! whole job when one rank fails, on a signal, or at an overall deadline,
+//! name the rank that failed first, and remove what the ranks left in
+//! `/dev/shm`.
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use comm_core::{CommError, Result};
+use comm_core::{auth, CommError, Result};
 use dist_utils::TcpStoreServer;
 use rustix::process::{Pid, Signal};
+
+use crate::cleanup;
+use crate::output::{say, spawn_reader, Lines, Sink};
+use crate::reap::{ExitInfo, ExitWatch};
 
 /// Environment variable carrying the per-job secret (hex) that store
 /// connections must present.
@@ -28,8 +33,9 @@ pub const STORE_HOSTED_ENV: &str = "DIST_STORE_HOSTED";
 /// Exit code of the launcher when the overall timeout expired (as `timeout(1)`).
 pub const TIMEOUT_EXIT_CODE: i32 = 124;
 
-/// How often the supervisor polls children, signals and deadlines.
-pub(crate) const POLL: Duration = Duration::from_millis(10);
+/// How often the supervisor looks at signals, deadlines and (while stopping)
+/// process groups; exits themselves wake it at once.
+pub(crate) const POLL: Duration = Duration::from_millis(20);
 /// How long to wait for SIGKILLed processes to disappear before giving up.
 pub(crate) const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long output readers may take to drain after every process is gone.
@@ -76,11 +82,18 @@ pub struct LaunchConfig {
     pub capture: bool,
     /// Prefix forwarded lines with `[rank R] `.
     pub prefix: bool,
+    /// Let the ranks write to the launcher's stdout/stderr directly instead
+    /// of forwarding their output line by line. Their lines may then be cut
+    /// by other processes' output mid-line (a `write` per fragment), but
+    /// they see the terminal itself (colours, progress bars).
+    pub inherit_output: bool,
     /// The job secret (hex); `None`: a fresh random one on a single node,
     /// `DIST_JOB_SECRET` from the environment on several (required there).
     pub job_secret: Option<String>,
-    /// The job id; `None`: (multi-node) `DIST_JOB_ID` from the environment,
-    /// else derived from the secret.
+    /// The job id (`DIST_JOB_ID`, part of every `/dev/shm` segment name);
+    /// `None`: derived from the secret
+    /// (`comm_core::auth::derive_id(secret, "job")`, 16 hex digits), the
+    /// same on every node and revealing nothing about the secret.
     pub job_id: Option<String>,
 }
 
@@ -101,6 +114,7 @@ impl LaunchConfig {
             grace: Duration::from_secs(5),
             capture: false,
             prefix: true,
+            inherit_output: false,
             job_secret: None,
             job_id: None,
         }
@@ -144,6 +158,12 @@ impl LaunchConfig {
         self.prefix = on;
         self
     }
+    /// Gives the ranks the launcher's stdout/stderr instead of forwarding
+    /// whole lines (default false; see [`LaunchConfig::inherit_output`]).
+    pub fn inherit_output(mut self, on: bool) -> Self {
+        self.inherit_output = on;
+        self
+    }
     /// Multi-node: `nnodes` nodes, this one being `node_rank`.
     pub fn nodes(mut self, nnodes: usize, node_rank: usize) -> Self {
         self.nnodes = nnodes;
@@ -161,8 +181,13 @@ impl LaunchConfig {
         self.job_secret = Some(hex.into());
         self
     }
+    /// Sets the job id (letters, digits, `-`, `_`; at most 64).
+    pub fn job_id(mut self, id: impl Into<String>) -> Self {
+        self.job_id = Some(id.into());
+        self
+    }
 
-    fn world_size(&self) -> usize {
+    pub(crate) fn world_size(&self) -> usize {
         self.nproc_per_node * self.nnodes
     }
 
@@ -214,7 +239,8 @@ pub struct RankExit {
 pub enum StopReason {
     /// A rank failed (non-zero exit or signal).
     RankFailed {
-        /// The first rank seen failing.
+        /// The first rank to fail, in the order the kernel reported the
+        /// exits.
         rank: usize,
         /// Its exit code (`128 + signal` for a signal).
         code: i32,
@@ -313,65 +339,63 @@ fn take_signal() -> Option<i32> {
 // ---------------------------------------------------------------------------
 // Secrets and ids
 
-/// 16 random bytes from the OS, as 32 lowercase hex digits.
+/// 16 random bytes from the OS, as 32 lowercase hex digits (a job secret).
 pub fn random_hex128() -> Result<String> {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| CommError::io("reading /dev/urandom for a job secret", e))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
-fn is_hex_secret(s: &str) -> bool {
-    !s.is_empty() && s.len() % 2 == 0 && s.bytes().all(|c| c.is_ascii_hexdigit())
-}
-
-fn decode_hex(s: &str) -> Vec<u8> {
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap_or(0))
-        .collect()
+    Ok(auth::to_hex(&auth::random_bytes::<16>()?))
 }
 
 /// The job secret: the configured one; for a multi-node job
 /// `DIST_JOB_SECRET` from the environment (every node must agree); else a
 /// fresh random one (a single-node job never reuses an inherited secret).
-fn resolve_secret(cfg: &LaunchConfig) -> Result<String> {
+/// Returns the hex form and the bytes.
+fn resolve_secret(cfg: &LaunchConfig) -> Result<(String, Vec<u8>)> {
     let given = cfg.job_secret.clone().or_else(|| {
         (cfg.nnodes > 1)
             .then(|| std::env::var(JOB_SECRET_ENV).ok())
             .flatten()
             .filter(|s| !s.is_empty())
     });
-    match given {
-        Some(s) if is_hex_secret(&s) => Ok(s.to_ascii_lowercase()),
-        Some(_) => Err(CommError::invalid(format!(
+    let hex = match given {
+        Some(s) => s.trim().to_ascii_lowercase(),
+        None if cfg.nnodes > 1 => {
+            return Err(CommError::invalid(format!(
+                "a multi-node job needs a shared secret: set {JOB_SECRET_ENV} to the same hex value \
+                 (e.g. `export {JOB_SECRET_ENV}=$(openssl rand -hex 16)`, then copy it) on every node \
+                 before starting distrun"
+            )))
+        }
+        None => random_hex128()?,
+    };
+    let bytes = auth::from_hex(JOB_SECRET_ENV, &hex).map_err(|_| {
+        CommError::invalid(format!(
             "{JOB_SECRET_ENV} must be a non-empty, even-length hex string (e.g. 32 hex digits); \
              generate one with `openssl rand -hex 16` and give the same value to every node"
-        ))),
-        None if cfg.nnodes > 1 => Err(CommError::invalid(format!(
-            "a multi-node job needs a shared secret: set {JOB_SECRET_ENV} to the same hex value \
-             (e.g. `export {JOB_SECRET_ENV}=$(openssl rand -hex 16)`, then copy it) on every node \
-             before starting distrun"
-        ))),
-        None => random_hex128(),
+        ))
+    })?;
+    if bytes.is_empty() {
+        return Err(CommError::invalid(format!(
+            "{JOB_SECRET_ENV} must not be empty"
+        )));
     }
+    Ok((hex, bytes))
 }
 
-/// The job id: the configured one, else (multi-node) `DIST_JOB_ID` from the
-/// environment, else derived from a hash of the secret, which every node of
-/// the job shares without revealing it.
-fn resolve_job_id(cfg: &LaunchConfig, secret: &str) -> String {
-    use std::hash::{Hash, Hasher};
-    let env_id = (cfg.nnodes > 1)
-        .then(|| std::env::var(JOB_ID_ENV).ok())
-        .flatten()
-        .filter(|s| !s.is_empty());
-    cfg.job_id.clone().or(env_id).unwrap_or_else(|| {
-        // SipHash with fixed keys: the same on every node running this build.
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        secret.hash(&mut h);
-        format!("distrun-{:016x}", h.finish())
-    })
+/// The job id: the configured one, else derived from the secret, which every
+/// node of the job shares without revealing it.
+// TODO(stores helper): use `dist_utils::job_id(secret)` once it lands; it is
+// the same derivation (`derive_id(secret, "job")`).
+fn resolve_job_id(cfg: &LaunchConfig, secret: &[u8]) -> Result<String> {
+    let id = cfg
+        .job_id
+        .clone()
+        .unwrap_or_else(|| auth::derive_id(secret, "job"));
+    if !cleanup::valid_job_id(&id) {
+        return Err(CommError::invalid(format!(
+            "job id `{id}` may only hold letters, digits, `-` and `_` (at most 64): it becomes \
+             part of /dev/shm names"
+        )));
+    }
+    Ok(id)
 }
 
 // ---------------------------------------------------------------------------
@@ -421,80 +445,6 @@ pub(crate) fn signal_group(pgid: u32, sig: Signal) {
     }
 }
 
-pub(crate) fn status_code(st: ExitStatus) -> (i32, Option<i32>) {
-    match (st.code(), st.signal()) {
-        (Some(c), _) => (c, None),
-        (None, Some(s)) => (128 + s, Some(s)),
-        (None, None) => (1, None),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Output forwarding
-
-type Lines = Arc<Mutex<Vec<String>>>;
-
-pub(crate) enum Sink {
-    Capture(Lines),
-    Stdout(Option<String>),
-    Stderr(Option<String>),
-}
-
-pub(crate) fn spawn_reader(
-    src: impl Read + Send + 'static,
-    sink: Sink,
-    done: mpsc::Sender<()>,
-) -> Result<()> {
-    thread::Builder::new()
-        .name("distrun-output".into())
-        .spawn(move || {
-            let mut r = BufReader::new(src);
-            let mut buf = Vec::with_capacity(256);
-            loop {
-                buf.clear();
-                match r.read_until(b'\n', &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                let had_nl = buf.last() == Some(&b'\n');
-                if had_nl {
-                    buf.pop();
-                }
-                match &sink {
-                    Sink::Capture(lines) => {
-                        if buf.last() == Some(&b'\r') {
-                            buf.pop();
-                        }
-                        let s = String::from_utf8_lossy(&buf).into_owned();
-                        if let Ok(mut g) = lines.lock() {
-                            g.push(s);
-                        }
-                    }
-                    Sink::Stdout(prefix) => {
-                        let mut out = std::io::stdout().lock();
-                        let _ = write_line(&mut out, prefix.as_deref(), &buf);
-                    }
-                    Sink::Stderr(prefix) => {
-                        let mut out = std::io::stderr().lock();
-                        let _ = write_line(&mut out, prefix.as_deref(), &buf);
-                    }
-                }
-            }
-            let _ = done.send(());
-        })
-        .map(|_| ())
-        .map_err(|e| CommError::io("starting an output-forwarding thread", e))
-}
-
-fn write_line(out: &mut impl Write, prefix: Option<&str>, line: &[u8]) -> std::io::Result<()> {
-    if let Some(p) = prefix {
-        out.write_all(p.as_bytes())?;
-    }
-    out.write_all(line)?;
-    out.write_all(b"\n")?;
-    out.flush()
-}
-
 // ---------------------------------------------------------------------------
 // The launcher
 
@@ -502,25 +452,27 @@ fn write_line(out: &mut impl Write, prefix: Option<&str>, line: &[u8]) -> std::i
 /// store server when this launcher hosts it (kept alive by holding this).
 pub(crate) struct JobEnv {
     pub(crate) secret: String,
+    pub(crate) secret_bytes: Vec<u8>,
     pub(crate) job_id: String,
     pub(crate) master_port: u16,
     pub(crate) hosted: bool,
     /// Held so the store lives as long as the job.
-    _server: Option<TcpStoreServer>,
+    pub(crate) server: Option<TcpStoreServer>,
 }
 
 /// Validates `cfg`, resolves secret and id, and hosts the store if needed.
 pub(crate) fn prepare_job(cfg: &LaunchConfig) -> Result<JobEnv> {
     cfg.validate()?;
-    let secret = resolve_secret(cfg)?;
-    let job_id = resolve_job_id(cfg, &secret);
-    let (server, master_port, hosted) = host_store(cfg, &secret)?;
+    let (secret, secret_bytes) = resolve_secret(cfg)?;
+    let job_id = resolve_job_id(cfg, &secret_bytes)?;
+    let (server, master_port, hosted) = host_store(cfg, &secret_bytes)?;
     Ok(JobEnv {
         secret,
+        secret_bytes,
         job_id,
         master_port,
         hosted,
-        _server: server,
+        server,
     })
 }
 
@@ -579,8 +531,8 @@ pub(crate) fn rank_command(cfg: &LaunchConfig, job: &JobEnv, local: usize) -> Co
 struct Running {
     rank: usize,
     pid: u32,
-    child: Child,
-    exit: Option<(i32, Option<i32>, bool)>,
+    /// How it ended, and whether the launcher was already stopping the job.
+    exit: Option<(ExitInfo, bool)>,
 }
 
 /// Starts `nproc_per_node` ranks as described by `cfg`, supervises them and
@@ -589,15 +541,18 @@ struct Running {
 /// Errors are returned only for problems of the launcher itself (bad
 /// configuration, a program that cannot be started, a store that cannot be
 /// hosted); failures of the ranks are reported in the [`LaunchOutcome`].
+/// On every path, once the ranks are gone, the job's segments left in
+/// `/dev/shm` (`dshm.<job id>.*`) are removed.
 pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
     let job = prepare_job(cfg)?;
+    let mut watch = ExitWatch::new()?;
 
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut readers = 0usize;
     let mut procs: Vec<Running> = Vec::with_capacity(cfg.nproc_per_node);
     let mut out_lines: Vec<Lines> = Vec::new();
     let mut err_lines: Vec<Lines> = Vec::new();
-    let piped = cfg.capture || cfg.prefix;
+    let piped = cfg.capture || !cfg.inherit_output;
 
     for local in 0..cfg.nproc_per_node {
         let rank = cfg.node_rank * cfg.nproc_per_node + local;
@@ -609,7 +564,7 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
             Ok(c) => c,
             Err(e) => {
                 // Stop what was already started, then report.
-                stop_all(&mut procs, Duration::ZERO);
+                abandon(&procs, &mut watch, &job.job_id);
                 return Err(CommError::io(
                     format!("starting rank {rank}: `{}`", cfg.program.to_string_lossy()),
                     e,
@@ -617,13 +572,17 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
             }
         };
         let pid = child.id();
+        // Reaped through `watch` (not `Child::wait`), in exit order.
         let (so, se) = (child.stdout.take(), child.stderr.take());
         procs.push(Running {
             rank,
             pid,
-            child,
             exit: None,
         });
+        if let Err(e) = watch.add(pid) {
+            abandon(&procs, &mut watch, &job.job_id);
+            return Err(e);
+        }
         if piped {
             let prefix = cfg.prefix.then(|| format!("[rank {rank}] "));
             let (o_sink, e_sink) = if cfg.capture {
@@ -642,7 +601,7 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
             for (src, sink) in srcs {
                 let Some(src) = src else { continue };
                 if let Err(e) = spawn_reader(src, sink, done_tx.clone()) {
-                    stop_all(&mut procs, Duration::ZERO);
+                    abandon(&procs, &mut watch, &job.job_id);
                     return Err(e);
                 }
                 readers += 1;
@@ -651,7 +610,7 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
     }
     drop(done_tx);
 
-    let stop_reason = supervise(&mut procs, cfg);
+    let stop_reason = supervise(&mut procs, &mut watch, cfg);
 
     // Drain the output readers (pipes close once every process of the rank's
     // group is gone, which supervise() made sure of).
@@ -665,6 +624,8 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
             break;
         }
     }
+    let pids: Vec<u32> = procs.iter().map(|p| p.pid).collect();
+    cleanup::remove_job_segments(&job.job_id, &pids);
     let master_port = job.master_port;
     drop(job);
 
@@ -673,13 +634,19 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
         .iter()
         .enumerate()
         .map(|(local, p)| {
-            let (code, signal, by_launcher) = p.exit.unwrap_or((128 + 9, Some(9), true));
+            let (info, by_launcher) = p.exit.unwrap_or((
+                ExitInfo {
+                    code: 128 + 9,
+                    signal: Some(9),
+                },
+                true,
+            ));
             RankExit {
                 rank: p.rank,
                 local_rank: local,
                 pid: p.pid,
-                code,
-                signal,
+                code: info.code,
+                signal: info.signal,
                 stopped_by_launcher: stopping_started && by_launcher,
             }
         })
@@ -710,9 +677,14 @@ pub fn launch(cfg: &LaunchConfig) -> Result<LaunchOutcome> {
     })
 }
 
-/// Polls the ranks until all have ended and their process groups are empty.
-/// Starts stopping the job on the first failure, a signal or the timeout.
-fn supervise(procs: &mut [Running], cfg: &LaunchConfig) -> Option<StopReason> {
+/// Waits for the ranks until all have ended and their process groups are
+/// empty, taking exits in the order they happened. Starts stopping the job
+/// on the first failure, a signal or the timeout.
+fn supervise(
+    procs: &mut [Running],
+    watch: &mut ExitWatch,
+    cfg: &LaunchConfig,
+) -> Option<StopReason> {
     let start = Instant::now();
     let mut reason: Option<StopReason> = None;
     // When the stop began and whether SIGKILL was already sent.
@@ -721,27 +693,45 @@ fn supervise(procs: &mut [Running], cfg: &LaunchConfig) -> Option<StopReason> {
     let mut skip_grace = false;
 
     loop {
-        // Reap.
-        let mut newly_failed: Option<(usize, i32)> = None;
-        for p in procs.iter_mut().filter(|p| p.exit.is_none()) {
-            if let Ok(Some(st)) = p.child.try_wait() {
-                let (code, sig) = status_code(st);
-                p.exit = Some((code, sig, stop_at.is_some()));
-                if code != 0 && stop_at.is_none() && newly_failed.is_none() {
-                    newly_failed = Some((p.rank, code));
+        // Exits, in the order the kernel saw them.
+        match watch.wait(Some(POLL)) {
+            Ok(exits) => {
+                let mut failed = Vec::new();
+                for (token, info) in exits {
+                    procs[token].exit = Some((info, stop_at.is_some()));
+                    if info.code != 0 && stop_at.is_none() && reason.is_none() {
+                        failed.push(token);
+                    }
                 }
+                if !failed.is_empty() {
+                    let token = first_to_fail(procs, watch, failed);
+                    let p = &procs[token];
+                    let Some((info, _)) = p.exit else {
+                        unreachable!("candidates have exited")
+                    };
+                    say(format!(
+                        "rank {} (pid {}) failed with exit code {}{}; stopping the other ranks",
+                        p.rank,
+                        p.pid,
+                        info.code,
+                        info.signal
+                            .map(|s| format!(" ({})", crate::reap::signal_name(s)))
+                            .unwrap_or_default()
+                    ));
+                    reason = Some(StopReason::RankFailed {
+                        rank: p.rank,
+                        code: info.code,
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!("waiting for the ranks: {e}");
+                std::thread::sleep(POLL);
             }
         }
         if reason.is_none() {
-            if let Some((rank, code)) = newly_failed {
-                eprintln!(
-                    "distrun: rank {rank} (pid {}) failed with exit code {code}{}; stopping the other ranks",
-                    procs.iter().find(|p| p.rank == rank).map(|p| p.pid).unwrap_or(0),
-                    if code > 128 { format!(" (signal {})", code - 128) } else { String::new() }
-                );
-                reason = Some(StopReason::RankFailed { rank, code });
-            } else if let Some(sig) = take_signal() {
-                eprintln!("distrun: received signal {sig}; stopping every rank");
+            if let Some(sig) = take_signal() {
+                say(format!("received signal {sig}; stopping every rank"));
                 reason = Some(StopReason::Signal(sig));
             } else if let Some(t) = cfg.timeout.filter(|t| start.elapsed() >= *t) {
                 let still: Vec<usize> = procs
@@ -749,9 +739,9 @@ fn supervise(procs: &mut [Running], cfg: &LaunchConfig) -> Option<StopReason> {
                     .filter(|p| p.exit.is_none())
                     .map(|p| p.rank)
                     .collect();
-                eprintln!(
-                    "distrun: overall timeout of {t:?} expired; ranks still running: {still:?}; killing the job"
-                );
+                say(format!(
+                    "overall timeout of {t:?} expired; ranks still running: {still:?}; killing the job"
+                ));
                 reason = Some(StopReason::Timeout {
                     after: t,
                     still_running: still,
@@ -800,10 +790,10 @@ fn supervise(procs: &mut [Running], cfg: &LaunchConfig) -> Option<StopReason> {
                         .filter(|p| p.exit.is_none())
                         .map(|p| p.pid)
                         .collect();
-                    eprintln!(
-                        "distrun: processes {stuck:?} survived SIGKILL for {KILL_WAIT:?} \
+                    say(format!(
+                        "processes {stuck:?} survived SIGKILL for {KILL_WAIT:?} \
                          (uninterruptible sleep?); giving up on them"
-                    );
+                    ));
                     return reason;
                 }
                 if all_reaped && k.elapsed() >= Duration::from_millis(500) {
@@ -812,26 +802,91 @@ fn supervise(procs: &mut [Running], cfg: &LaunchConfig) -> Option<StopReason> {
                 }
             }
         }
-        thread::sleep(POLL);
     }
 }
 
-/// Kills everything started so far (used when a later spawn fails).
-fn stop_all(procs: &mut [Running], grace: Duration) {
-    for p in procs.iter() {
-        signal_group(p.pid, Signal::TERM);
-    }
-    thread::sleep(grace);
-    for p in procs.iter_mut() {
-        signal_group(p.pid, Signal::KILL);
-        let deadline = Instant::now() + KILL_WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = p.child.try_wait() {
-                break;
+/// How long the launcher waits for ranks that were already exiting when
+/// the first failure was reported (they are inside the kernel's exit path,
+/// which takes microseconds unless they are descheduled).
+const EXITING_WAIT: Duration = Duration::from_secs(1);
+
+/// Picks the rank to blame among the failures `failed` (tokens, in the
+/// order the kernel reported their exits), none blamed before.
+///
+/// Exit order alone is not causal order. A rank killed by a signal closes
+/// its sockets and pipes early in its exit, before its exit is reported;
+/// its peers see end-of-file, exit 1, and with the wake-up preempting the
+/// dying rank (two cores are enough) their exits can be reported first.
+/// So the ranks that were dying at the same moment are gathered too: exits
+/// already reported but not yet read, and ranks inside the kernel's exit
+/// path (`PF_EXITING` in `/proc/<pid>/stat`), which are waited for. Among
+/// those, a rank killed by a signal is named first (no peer's exit code
+/// caused it; the launcher has sent no signal yet), then the earliest exit.
+fn first_to_fail(procs: &mut [Running], watch: &mut ExitWatch, mut failed: Vec<usize>) -> usize {
+    let deadline = Instant::now() + EXITING_WAIT;
+    loop {
+        // Exits already reported (zero wait), in order.
+        if let Ok(more) = watch.wait(Some(Duration::ZERO)) {
+            for (token, info) in more {
+                procs[token].exit = Some((info, false));
+                if info.code != 0 {
+                    failed.push(token);
+                }
             }
-            thread::sleep(POLL);
+        }
+        let dying = procs
+            .iter()
+            .any(|p| p.exit.is_none() && process_exiting(p.pid));
+        if !dying || Instant::now() >= deadline {
+            break;
+        }
+        if let Ok(more) = watch.wait(Some(Duration::from_millis(5))) {
+            for (token, info) in more {
+                procs[token].exit = Some((info, false));
+                if info.code != 0 {
+                    failed.push(token);
+                }
+            }
         }
     }
+    failed
+        .iter()
+        .copied()
+        .find(|&t| procs[t].exit.is_some_and(|(i, _)| i.signal.is_some()))
+        .unwrap_or(failed[0])
+}
+
+/// True while `pid` is inside the kernel's exit path (`PF_EXITING`, flag
+/// 0x4 of the ninth field of `/proc/<pid>/stat`), before it is a zombie.
+fn process_exiting(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return false;
+    };
+    // state ppid pgrp session tty_nr tpgid flags
+    rest.split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|f| f & PF_EXITING != 0)
+}
+
+/// Kills everything started so far and removes the job's segments (used
+/// when a later spawn fails).
+fn abandon(procs: &[Running], watch: &mut ExitWatch, job_id: &str) {
+    for p in procs {
+        signal_group(p.pid, Signal::KILL);
+    }
+    let deadline = Instant::now() + KILL_WAIT;
+    while !watch.all_reaped() && Instant::now() < deadline {
+        if watch.wait(Some(POLL)).is_err() {
+            break;
+        }
+    }
+    let pids: Vec<u32> = procs.iter().map(|p| p.pid).collect();
+    cleanup::remove_job_segments(job_id, &pids);
 }
 
 /// Hosts the rendezvous store when the launcher is responsible for it:
@@ -839,18 +894,17 @@ fn stop_all(procs: &mut [Running], grace: Duration) {
 /// multi-node job (`master_addr:master_port`). Returns the server (kept alive
 /// for the job), the port ranks must use, and whether it is hosted here or on
 /// node 0 (so ranks only connect).
-fn host_store(cfg: &LaunchConfig, secret_hex: &str) -> Result<(Option<TcpStoreServer>, u16, bool)> {
-    let secret = decode_hex(secret_hex);
+fn host_store(cfg: &LaunchConfig, secret: &[u8]) -> Result<(Option<TcpStoreServer>, u16, bool)> {
     match (cfg.nnodes, cfg.master_port) {
         (1, None) => {
-            let server = TcpStoreServer::bind("127.0.0.1:0", &secret)?;
+            let server = TcpStoreServer::bind("127.0.0.1:0", secret)?;
             let port = server.local_addr().port();
             Ok((Some(server), port, true))
         }
         (1, Some(port)) => Ok((None, port, false)),
         (_, Some(port)) if cfg.node_rank == 0 => {
             let addr = format!("{}:{port}", cfg.master_addr);
-            let server = TcpStoreServer::bind(addr.as_str(), &secret).map_err(|e| {
+            let server = TcpStoreServer::bind(addr.as_str(), secret).map_err(|e| {
                 CommError::invalid(format!(
                     "node 0 could not host the rendezvous store on {addr} (is --master-addr an \
                      address of this machine and the port free?): {e}"

@@ -15,19 +15,39 @@
 //! sets `DIST_STORE_HOSTED=1`; node 0 of a multi-node job hosts it on
 //! `master_addr:master_port`.
 //!
-//! [`Executor`] keeps one long-lived worker process per rank (the workers use
-//! [`Worker`]): it waits for a READY or ERROR from each, runs
-//! `collective_rpc(method, args, timeout)` with replies in rank order, names a
-//! worker that died, and shuts down with a message, a grace period, SIGTERM,
-//! then SIGKILL.
+//! The launcher reaps its ranks in the order they exited (pidfds in an epoll
+//! set), so the rank that failed first is the one named and its code the one
+//! returned, even when the others fail microseconds later because of it.
+//! Once every rank is gone (success, failure, timeout, Ctrl-C), it removes
+//! the job's `/dev/shm/dshm.<DIST_JOB_ID>.*` segments, which a stop during
+//! shared-memory set-up would otherwise leave behind. Rank output is
+//! forwarded one whole line per `write`.
+//!
+//! [`Executor`] keeps one long-lived worker process per rank, on this host
+//! and (through `distrun` on the others) on other hosts; the workers use
+//! [`Worker`]. Calls are typed: a [`Method`] names the call and fixes its
+//! argument and result types; workers register handlers in [`Methods`].
+//! The executor waits for a READY or ERROR from each worker, runs
+//! [`Executor::collective_rpc`] (or [`Executor::submit`] for several calls
+//! in flight) with results in rank order or from one rank, reports a
+//! handler's error or panic with its rank while every worker stays usable,
+//! names a worker that died (and stops the others) or hung, and shuts down
+//! with a message queued behind the calls in flight, a grace period,
+//! SIGTERM, then SIGKILL.
 
 #![warn(missing_docs)]
 
+mod cleanup;
 mod launch;
+mod output;
+mod reap;
 mod rpc;
 
 pub use launch::{
     install_signal_handlers, launch, random_hex128, LaunchConfig, LaunchOutcome, RankExit,
     StopReason, JOB_ID_ENV, JOB_SECRET_ENV, STORE_HOSTED_ENV, TIMEOUT_EXIT_CODE,
 };
-pub use rpc::{Executor, Worker, EXECUTOR_FD_ENV};
+pub use rpc::{
+    Executor, Method, Methods, Pending, ReplyFrom, Worker, DEFAULT_SPIN_US, EXECUTOR_FD_ENV,
+    SPIN_ENV,
+};

@@ -193,6 +193,11 @@ fn rendezvous_environment_is_set() {
         assert!(s.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(s, &envs[0]["DIST_JOB_SECRET"]);
         assert_eq!(e["DIST_JOB_ID"], envs[0]["DIST_JOB_ID"]);
+        // 16 hex digits derived from the secret (nothing about it revealed).
+        assert_eq!(
+            e["DIST_JOB_ID"],
+            comm_core::auth::derive_id(&comm_core::auth::from_hex("s", s).unwrap(), "job")
+        );
     }
     // The launcher hosted a store on that port while the job ran; it is gone now.
     // A fresh job gets a fresh secret.
@@ -494,5 +499,276 @@ fn two_nodes_rendezvous_through_node_0s_store() {
                 format!("RESULT rank={r} world=4 hosted=true local=[0, 1, 2, 3]")
             );
         }
+    }
+}
+
+/// Creates a FIFO at `path` (for the crash trials).
+fn mkfifo(path: &std::path::Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+        0,
+    )
+    .unwrap();
+}
+
+/// Waits (bounded) until every path exists.
+fn wait_files(paths: &[std::path::PathBuf]) {
+    let t = Instant::now();
+    while !paths.iter().all(|p| p.exists()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "ranks did not start: {paths:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The script of one crash trial: the victim holds the write end of a
+/// FIFO and sleeps; every other rank reads it and exits 1 the moment it
+/// sees end-of-file, that is as soon as the kernel closes the victim's
+/// descriptors, which is before the victim's exit is reported. A launcher
+/// that guesses the order from a polling pass names one of the survivors.
+fn crash_script(dir: &std::path::Path, victim: usize) -> String {
+    format!(
+        r#"D={d}; if [ "$RANK" = {victim} ]; then exec 3>"$D/fifo"; echo $$ > "$D/victim.pid"; exec sleep 60
+           else exec 4<"$D/fifo"; touch "$D/ready.$RANK"; read x <&4; exit 1; fi"#,
+        d = dir.display()
+    )
+}
+
+fn kill_victim(dir: &std::path::Path, nproc: usize, victim: usize) {
+    let mut files: Vec<_> = (0..nproc)
+        .filter(|&r| r != victim)
+        .map(|r| dir.join(format!("ready.{r}")))
+        .collect();
+    files.push(dir.join("victim.pid"));
+    wait_files(&files);
+    let pid: i32 = std::fs::read_to_string(dir.join("victim.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+}
+
+/// Issue 15 item 2: a SIGKILLed rank must be the one named, with 137, even
+/// though the others fail (exit 1) right after it. `DISTRUN_CRASH_TRIALS`
+/// sets the number of trials (default 30).
+#[test]
+fn the_first_rank_to_fail_is_named_in_every_crash_trial() {
+    let trials: usize = std::env::var("DISTRUN_CRASH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let nproc = 4;
+    let mut named = 0;
+    for trial in 0..trials {
+        let victim = comm_core::auth::random_bytes::<1>().unwrap()[0] as usize % nproc;
+        let dir = tempfile::tempdir().unwrap();
+        mkfifo(&dir.path().join("fifo"));
+        let cfg = sh(nproc, &crash_script(dir.path(), victim));
+        let job = std::thread::spawn(move || launch(&cfg).unwrap());
+        kill_victim(dir.path(), nproc, victim);
+        let out = job.join().unwrap();
+        assert_eq!(
+            out.first_failure,
+            Some((victim, 137)),
+            "trial {trial}: rank {victim} was killed; {out:?}"
+        );
+        assert_eq!(out.exit_code, 137);
+        assert_eq!(out.ranks[victim].signal, Some(9));
+        // The others exited 1 on their own, or were stopped before they could.
+        for r in (0..nproc).filter(|&r| r != victim) {
+            assert!(
+                [1, 143].contains(&out.ranks[r].code),
+                "trial {trial}: {out:?}"
+            );
+        }
+        assert_nothing_left(&out.pids());
+        named += 1;
+    }
+    println!("crash trials: killed rank named in {named}/{trials}");
+}
+
+#[test]
+fn distrun_names_the_killed_rank_and_exits_137() {
+    let dir = tempfile::tempdir().unwrap();
+    mkfifo(&dir.path().join("fifo"));
+    let victim = 2;
+    let child = Command::new(env!("CARGO_BIN_EXE_distrun"))
+        .args(["--nproc-per-node", "4", "--grace", "2", "--", "sh", "-c"])
+        .arg(crash_script(dir.path(), victim))
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    kill_victim(dir.path(), 4, victim);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(137), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rank 2 (pid") && err.contains("failed with exit code 137 (SIGKILL)"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("rank 0 (pid") && !err.contains("rank 1 (pid"),
+        "{err}"
+    );
+}
+
+/// The fake segment a rank "creates" during shm set-up.
+fn fake_segment(job_id: &str, rank: usize) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/dev/shm/dshm.{job_id}.x{rank}"))
+}
+
+/// Issue 15 item 1 (launcher side): whatever stops the job, the segments
+/// named after its job id are gone once the launcher returns.
+#[test]
+fn job_segments_are_removed_on_every_stop() {
+    if !std::path::Path::new("/dev/shm").is_dir() {
+        println!("skipped: no /dev/shm");
+        return;
+    }
+    let create = r#"touch "/dev/shm/dshm.$DIST_JOB_ID.x$RANK""#;
+    let cases = [
+        // Success.
+        ("success", format!("{create}; exit 0"), None),
+        // One rank fails while the other waits (as in a set-up that never completes).
+        (
+            "failure",
+            format!(r#"{create}; [ "$RANK" = 1 ] && exit 4; sleep 60"#),
+            None,
+        ),
+        // The overall timeout.
+        (
+            "timeout",
+            format!("{create}; sleep 60"),
+            Some(Duration::from_secs(2)),
+        ),
+    ];
+    for (what, script, timeout) in cases {
+        let id = format!("test{}{what}", std::process::id());
+        let mut cfg = sh(2, &script).job_id(id.clone());
+        if let Some(t) = timeout {
+            cfg = cfg.timeout(t);
+        }
+        let out = launch(&cfg).unwrap();
+        for r in 0..2 {
+            assert!(
+                !fake_segment(&id, r).exists(),
+                "{what}: {} left behind; {out:?}",
+                fake_segment(&id, r).display()
+            );
+        }
+        assert_nothing_left(&out.pids());
+    }
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM on distrun while the ranks wait in set-up:
+/// the ranks are stopped and their segments removed.
+#[test]
+fn distrun_interrupted_during_setup_stops_ranks_and_removes_segments() {
+    if !std::path::Path::new("/dev/shm").is_dir() {
+        println!("skipped: no /dev/shm");
+        return;
+    }
+    for (sig, code) in [
+        (rustix::process::Signal::INT, 130),
+        (rustix::process::Signal::TERM, 143),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let script = format!(
+            r#"touch "/dev/shm/dshm.$DIST_JOB_ID.x$RANK"; echo $$ > "{d}/pid.$RANK"; echo "$DIST_JOB_ID" > "{d}/id"; exec sleep 60"#,
+            d = dir.path().display()
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_distrun"))
+            .args([
+                "--nproc-per-node",
+                "2",
+                "--grace",
+                "2",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ])
+            .spawn()
+            .unwrap();
+        let files: Vec<_> = (0..2)
+            .map(|r| dir.path().join(format!("pid.{r}")))
+            .chain([dir.path().join("id")])
+            .collect();
+        wait_files(&files);
+        let pids: Vec<u32> = (0..2)
+            .map(|r| {
+                std::fs::read_to_string(dir.path().join(format!("pid.{r}")))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        let id = std::fs::read_to_string(dir.path().join("id"))
+            .unwrap()
+            .trim()
+            .to_string();
+        assert_eq!(id.len(), 16, "DIST_JOB_ID `{id}`");
+        for r in 0..2 {
+            assert!(fake_segment(&id, r).exists());
+        }
+        let p = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        rustix::process::kill_process(p, sig).unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(code));
+        for r in 0..2 {
+            assert!(!fake_segment(&id, r).exists(), "{sig:?}: segment left");
+        }
+        assert!(pids.iter().all(|&p| !alive(p)), "{sig:?}: ranks left");
+    }
+}
+
+/// Issue 15 item 11: ranks that write each line in two pieces (two
+/// `write`s), four at once, with and without the prefix: every line that
+/// reaches distrun's stderr is whole. (With `--inherit-output` the same
+/// ranks' pieces can mix.)
+#[test]
+fn forwarded_lines_are_never_cut() {
+    let script = r#"i=0; while [ $i -lt 300 ]; do printf "$RANK:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" >&2; printf "|bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb$RANK\n" >&2; i=$((i+1)); done"#;
+    for prefix in [true, false] {
+        let mut args = vec!["--nproc-per-node", "4"];
+        if !prefix {
+            args.push("--no-prefix");
+        }
+        args.extend(["--", "sh", "-c", script]);
+        let out = Command::new(env!("CARGO_BIN_EXE_distrun"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let mut per_rank = [0usize; 4];
+        for line in err.lines() {
+            let body = if prefix {
+                let (p, rest) = line.split_at(line.find("] ").map(|i| i + 2).unwrap_or(0));
+                assert!(p.starts_with("[rank "), "cut line: {line:?}");
+                rest
+            } else {
+                line
+            };
+            let r = body.as_bytes()[0] - b'0';
+            let want = format!("{r}:{}|{}{r}", "a".repeat(30), "b".repeat(30));
+            assert_eq!(body, want, "cut line: {line:?}");
+            if prefix {
+                assert!(line.starts_with(&format!("[rank {r}] ")), "{line:?}");
+            }
+            per_rank[r as usize] += 1;
+        }
+        assert_eq!(per_rank, [300; 4]);
     }
 }

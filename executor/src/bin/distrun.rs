@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! distrun --nproc-per-node N [--nnodes K --node-rank I --master-addr A --master-port P] \
-//!         [--timeout SECS] [--grace SECS] [--no-prefix] -- PROGRAM ARGS...
+//!         [--timeout SECS] [--grace SECS] [--no-prefix] [--inherit-output] -- PROGRAM ARGS...
 //! ```
 
 use std::ffi::OsString;
@@ -49,6 +49,10 @@ struct Args {
     /// Do not prefix output lines with "[rank R] ".
     #[arg(long)]
     no_prefix: bool,
+    /// Let the ranks write to distrun's stdout/stderr directly (they see the
+    /// terminal; lines of different ranks may then mix mid-line).
+    #[arg(long)]
+    inherit_output: bool,
     /// The program to run, then its arguments (after `--`).
     #[arg(
         required = true,
@@ -72,7 +76,8 @@ fn run(a: Args) -> Result<i32, String> {
         .nodes(a.nnodes, a.node_rank)
         .master(a.master_addr, a.master_port)
         .grace(secs("grace", a.grace)?)
-        .prefix(!a.no_prefix);
+        .prefix(!a.no_prefix)
+        .inherit_output(a.inherit_output);
     if let Some(t) = a.timeout {
         cfg = cfg.timeout(secs("timeout", t)?);
     }
@@ -81,12 +86,30 @@ fn run(a: Args) -> Result<i32, String> {
     Ok(outcome.exit_code)
 }
 
+/// Shows the library's warnings (a rank still waited for, a segment
+/// removed, a refused connection) on stderr; `RUST_LOG` overrides the
+/// default level (`warn`). Each event is written with one `write`.
+fn install_subscriber() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
 fn main() -> ExitCode {
+    install_subscriber();
     let args = Args::parse();
     match run(args) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(msg) => {
-            eprintln!("distrun: error: {msg}");
+            // One write, so the line cannot interleave with a rank's.
+            let line = format!("distrun: error: {msg}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             ExitCode::from(1)
         }
     }

@@ -1,0 +1,168 @@
+//! `collective_rpc` against FastVideo's executor mechanism (a Python driver
+//! with `multiprocessing` pipes and pickle, `benches/peers/mp_rpc.py`), side
+//! by side in one run on the same machine:
+//!
+//! * round trip of a call with a 1 KiB argument and a 1 KiB result from
+//!   each of 4 local workers (issue 13 target: ours >= 10x faster);
+//! * a 16 MiB argument to 4 local workers, each replying with its length,
+//!   against one 16 MiB `memcpy` (target: <= 1.5x).
+//!
+//! ```text
+//! cargo bench -p executor --bench rpc            # EXECUTOR_BENCH_QUICK=1 for a short run
+//! ```
+//!
+//! The bench binary re-runs itself as the workers.
+
+use std::hint::black_box;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use executor::{Executor, LaunchConfig, Method, Methods, Worker};
+use serde_bytes::ByteBuf;
+
+const ECHO: Method<ByteBuf, ByteBuf> = Method::new("echo");
+const SIZE: Method<ByteBuf, u64> = Method::new("size");
+const WORKER_ENV: &str = "EXECUTOR_BENCH_WORKER";
+const WORKERS: usize = 4;
+const SMALL: usize = 1024;
+const BIG: usize = 16 << 20;
+const T: Duration = Duration::from_secs(120);
+
+fn worker() {
+    let w = Worker::from_env().expect("started by the bench's executor");
+    let mut m = Methods::<()>::new();
+    m.on(&ECHO, |_, b: ByteBuf| Ok::<_, String>(b))
+        .on(&SIZE, |_, b: ByteBuf| Ok::<_, String>(b.len() as u64));
+    if w.run(|_| Ok::<_, String>(()), &mut m).is_err() {
+        std::process::exit(1);
+    }
+}
+
+/// Median over `nbatch` batches of the mean time of `f` in a batch.
+fn median_per_call(iters: usize, nbatch: usize, mut f: impl FnMut()) -> Duration {
+    let per = (iters / nbatch).max(1);
+    let mut v: Vec<Duration> = (0..nbatch)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..per {
+                f();
+            }
+            t.elapsed() / per as u32
+        })
+        .collect();
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn python_peer(iters: usize, big_iters: usize) -> Option<(f64, f64)> {
+    // EXECUTOR_BENCH_PEER: the script's path when the binary runs elsewhere.
+    let script = std::env::var("EXECUTOR_BENCH_PEER").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/peers/mp_rpc.py").into()
+    });
+    let out = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .args([
+            script.as_str(),
+            "--workers",
+            &WORKERS.to_string(),
+            "--size",
+            &SMALL.to_string(),
+            "--iters",
+            &iters.to_string(),
+            "--big",
+            &BIG.to_string(),
+            "--big-iters",
+            &big_iters.to_string(),
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "python peer failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> Option<f64> {
+        let at = text.find(&format!("\"{name}\": "))? + name.len() + 4;
+        let rest = &text[at..];
+        let end = rest.find([',', '}'])?;
+        rest[..end].trim().parse().ok()
+    };
+    Some((field("rt_us")?, field("bcast_ms")?))
+}
+
+fn main() {
+    if std::env::var_os(WORKER_ENV).is_some() {
+        worker();
+        return;
+    }
+    let quick = std::env::var_os("EXECUTOR_BENCH_QUICK").is_some();
+    let (iters, big_iters) = if quick { (2_000, 5) } else { (20_000, 20) };
+    let exe = std::env::current_exe().expect("own executable");
+    let cfg = LaunchConfig::new(exe, WORKERS).env(WORKER_ENV, "1");
+    let ex = Executor::start(&cfg, T).expect("workers start");
+
+    let small = ByteBuf::from((0..SMALL).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    for _ in 0..500 {
+        let r = ex.collective_rpc(&ECHO, &small, T).expect("echo");
+        assert!(r.len() == WORKERS && r.iter().all(|b| *b == small));
+    }
+    let rt = median_per_call(iters, 10, || {
+        black_box(ex.collective_rpc(&ECHO, &small, T).expect("echo"));
+    });
+
+    let big = ByteBuf::from(vec![1u8; BIG]);
+    assert_eq!(
+        ex.collective_rpc(&SIZE, &big, T).expect("size"),
+        vec![BIG as u64; WORKERS]
+    );
+    let bcast = median_per_call(big_iters, big_iters, || {
+        black_box(ex.collective_rpc(&SIZE, &big, T).expect("size"));
+    });
+    ex.shutdown().expect("shutdown");
+
+    // One 16 MiB memcpy into a buffer that was touched before (as a reader's
+    // reused buffer is).
+    let src = vec![3u8; BIG];
+    let mut dst = vec![0u8; BIG];
+    let memcpy = median_per_call(big_iters * 4, big_iters * 4, || {
+        dst.copy_from_slice(black_box(&src));
+        black_box(&mut dst);
+    });
+
+    let py = python_peer(iters / 4, big_iters.min(10));
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("executor collective_rpc, {WORKERS} local workers, {cores} cores");
+    println!("| case | ours | python multiprocessing+pickle | ours vs python | target |");
+    println!("|---|---|---|---|---|");
+    match py {
+        Some((py_rt, py_bcast)) => {
+            let rt_us = rt.as_secs_f64() * 1e6;
+            let bc_ms = bcast.as_secs_f64() * 1e3;
+            println!(
+                "| round trip, 1 KiB arg, 1 KiB replies | {rt_us:.1} us | {py_rt:.1} us | {:.1}x faster | >= 10x |",
+                py_rt / rt_us
+            );
+            println!(
+                "| 16 MiB broadcast, length replies | {bc_ms:.2} ms | {py_bcast:.2} ms | {:.1}x faster | |",
+                py_bcast / bc_ms
+            );
+        }
+        None => {
+            println!(
+                "| round trip, 1 KiB arg, 1 KiB replies | {:.1} us | (python3 not run) | | >= 10x |",
+                rt.as_secs_f64() * 1e6
+            );
+            println!(
+                "| 16 MiB broadcast, length replies | {:.2} ms | (python3 not run) | | |",
+                bcast.as_secs_f64() * 1e3
+            );
+        }
+    }
+    println!(
+        "16 MiB broadcast / one 16 MiB memcpy ({:.2} ms): {:.2}x (target <= 1.5x)",
+        memcpy.as_secs_f64() * 1e3,
+        bcast.as_secs_f64() / memcpy.as_secs_f64()
+    );
+}
