@@ -543,9 +543,18 @@ impl Communicator {
             if n > 0 {
                 // One member: its own block, moved in place.
                 let es = i.dtype().size();
-                let mut ws = HostBuffer::zeroed(send.block_len() * es);
                 let mut st = self.inner.lock()?;
-                let [a, b] = &mut st.stage;
+                let State {
+                    stage: [a, b],
+                    p2p_stage,
+                    ..
+                } = &mut *st;
+                if p2p_stage.is_empty() {
+                    p2p_stage.push(HostBuffer::zeroed(0));
+                }
+                // A reused workspace: nothing is allocated per call.
+                let ws = &mut p2p_stage[0];
+                ws.reuse(send.block_len() * es);
                 crate::stage::with_in(true, i, a, |i| {
                     send.gather(i.expect_host("all_to_all")?, 0, es, ws.as_bytes_mut());
                     crate::stage::with_out(true, o, b, true, |mut o| {
@@ -747,8 +756,8 @@ impl Inner {
 
     /// The error a call gets once the member is unusable.
     pub(crate) fn refused(&self, desc: &CallDesc, why: &CommError) -> CommError {
-        CommError::Aborted(format!(
-            "{desc} on {} refused: the communicator is unusable after an earlier error: {why}",
+        why.clone().refused_as(&format!(
+            "{desc} on {} (refused: the communicator is unusable after this earlier error)",
             self.label
         ))
     }

@@ -564,7 +564,7 @@ impl<R: DeserializeOwned> Pending<R> {
                     drop(st);
                     let id = self.id;
                     let res = sh.drive(&mut io, self.deadline, true, |st, _| {
-                        st.calls.get(&id).map_or(true, Slot::finished)
+                        st.calls.get(&id).is_none_or(Slot::finished)
                     });
                     drop(io);
                     sh.notify();

@@ -345,7 +345,7 @@ impl Worker {
                     method,
                     reply_rank,
                 } => {
-                    let mine = reply_rank.map_or(true, |r| r as usize == self.rank);
+                    let mine = reply_rank.is_none_or(|r| r as usize == self.rank);
                     out.clear();
                     let res = methods.call(state, &method, args, mine.then_some(&mut out));
                     let outcome = match &res {
