@@ -249,7 +249,7 @@ fn device_choice_follows_fastvideo() {
 fn tensor_dict_receivers_allocate_on_their_own_device() {
     let out = ranks(vec![Device::Cuda(0), Device::Cuda(1)], None, |r, ps| {
         let w = ps.world_group();
-        assert_eq!(ps.local_device(), Device::Cuda(r as usize));
+        assert_eq!(ps.local_device(), Device::Cuda(r));
         let host = Tensor::from_vec1(vec![1i32, 2, 3]);
         let dict = (r == 0).then(|| {
             let mut d = TensorDict::new();
