@@ -283,6 +283,30 @@ impl MessageQueue {
         self.timeout = t;
     }
 
+    /// Writer: how many bytes an [`MessageQueue::enqueue`] can write now
+    /// without waiting for a reader (a message takes its length plus 8).
+    /// Lets a caller that must not block (it also drains other channels)
+    /// decide whether to enqueue inline. Readers get 0.
+    pub fn free_bytes(&self) -> usize {
+        if self.role != Role::Writer {
+            return 0;
+        }
+        let slowest = self.min_reader().map_or(self.pos, |(_, p)| p);
+        (self.ring - (self.pos - slowest)) as usize
+    }
+
+    /// Reader: true when the writer has published bytes this reader has
+    /// not consumed yet, i.e. a message (or its first part) is waiting and
+    /// [`MessageQueue::dequeue_into`] will not wait for the writer to start
+    /// one. Lets a reader poll several queues without blocking. The writer
+    /// gets `false`.
+    pub fn has_pending(&self) -> bool {
+        match self.role {
+            Role::Writer => false,
+            Role::Reader(_) => self.seg.flag(0).words[0].load(Acquire) > self.pos,
+        }
+    }
+
     /// Writer: marks the queue closed. Readers drain what was written, then
     /// get [`CommError::Aborted`]; blocked readers wake at once.
     pub fn shutdown(&self) {
