@@ -423,7 +423,7 @@ impl MessageQueue {
             .min_by_key(|&(_, p)| p)
     }
 
-    fn write_stream(&mut self, mut src: &[u8], dl: &Deadline) -> Result<()> {
+    fn write_stream(&mut self, mut src: &[u8], dl: &Deadline, notify: &dyn Fn()) -> Result<()> {
         let stream_pub = (self.ring / 4).max(1);
         while !src.is_empty() {
             let mut free = self.ring - (self.pos - self.cached);
@@ -435,6 +435,7 @@ impl MessageQueue {
                 if self.published != self.pos {
                     self.publish();
                 }
+                notify();
                 self.wait_space(dl)?;
                 continue;
             }
@@ -547,6 +548,21 @@ impl MessageQueue {
 
     /// [`MessageQueue::enqueue`] with an explicit deadline.
     pub fn enqueue_timeout(&mut self, data: &[u8], timeout: Duration) -> Result<()> {
+        self.enqueue_notify(data, timeout, &|| {})
+    }
+
+    /// [`MessageQueue::enqueue_timeout`] that calls `notify` whenever it has
+    /// published part of the message and is about to wait for room: a
+    /// reader that sleeps elsewhere than on this queue (an `epoll` set with
+    /// other sources) can be woken there, so a message larger than the
+    /// free space streams instead of waiting for a reader that does not
+    /// know it started.
+    pub fn enqueue_notify(
+        &mut self,
+        data: &[u8],
+        timeout: Duration,
+        notify: &dyn Fn(),
+    ) -> Result<()> {
         self.need(Role::Writer, "enqueue")?;
         let code = self.seg.abort_code();
         if code != 0 {
@@ -558,8 +574,8 @@ impl MessageQueue {
             ));
         }
         let dl = Deadline::after(timeout);
-        self.write_stream(&(data.len() as u64).to_le_bytes(), &dl)?;
-        self.write_stream(data, &dl)?;
+        self.write_stream(&(data.len() as u64).to_le_bytes(), &dl, notify)?;
+        self.write_stream(data, &dl, notify)?;
         self.publish();
         Ok(())
     }

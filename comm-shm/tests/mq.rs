@@ -151,6 +151,39 @@ fn free_bytes_and_has_pending_poll_without_blocking() {
 }
 
 #[test]
+fn enqueue_notify_calls_back_before_waiting_for_room() {
+    // A reader that only looks when told (as one sleeping in epoll does):
+    // a 10 KiB message through a 1 KiB ring streams because the writer
+    // notifies each time it published a part and waits for room.
+    let (tx, rx) = mpsc::channel::<()>();
+    let rx = std::sync::Mutex::new(rx);
+    let data: Vec<u8> = (0..10_240).map(|i| (i % 253) as u8).collect();
+    let want = data.clone();
+    let (calls, _) = run(
+        0,
+        &[1],
+        1024,
+        opts(&job("notify")),
+        move |w| {
+            let calls = std::cell::Cell::new(0);
+            let notify = || {
+                calls.set(calls.get() + 1);
+                let _ = tx.send(());
+            };
+            w.enqueue_notify(&data, SETUP, &notify).unwrap();
+            let _ = tx.send(());
+            calls.get()
+        },
+        |_, r| {
+            rx.lock().unwrap().recv().unwrap();
+            assert!(r.has_pending());
+            assert_eq!(r.dequeue().unwrap(), want);
+        },
+    );
+    assert!(calls >= 9, "notified {calls} times");
+}
+
+#[test]
 fn message_larger_than_ring() {
     let big: Vec<u8> = (0..(1usize << 20) + 17)
         .map(|i| (i * 31 % 251) as u8)
