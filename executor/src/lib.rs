@@ -38,11 +38,13 @@
 #![warn(missing_docs)]
 
 mod cleanup;
+mod gpu;
 mod launch;
 mod output;
 mod reap;
 mod rpc;
 
+pub use gpu::{GpuContext, GpuState, GpuWorker, ParallelConfig};
 pub use launch::{
     install_signal_handlers, launch, random_hex128, LaunchConfig, LaunchOutcome, RankExit,
     StopReason, JOB_ID_ENV, JOB_SECRET_ENV, STORE_HOSTED_ENV, TIMEOUT_EXIT_CODE,
