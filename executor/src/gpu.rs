@@ -4,43 +4,6 @@
 //! ([`ParallelConfig`]), builds the user's state (the model) once, reports
 //! READY or the error (with its rank), and then serves typed calls until
 //! the executor shuts it down.
-//!
-//! ```no_run
-//! use executor::{Executor, GpuState, GpuWorker, LaunchConfig, Method, Methods, ParallelConfig};
-//! use std::time::Duration;
-//!
-//! /// The model's configuration, sent by the driver to every worker.
-//! #[derive(serde::Serialize, serde::Deserialize)]
-//! struct ModelConfig { hidden: usize }
-//! struct Model { weights: Vec<f32> }
-//! const SUM: Method<Vec<f32>, f32> = Method::new("sum");
-//!
-//! fn worker_main() -> comm_core::Result<()> {
-//!     let mut methods = Methods::<GpuState<Model>>::new();
-//!     methods.on(&SUM, |st, x: Vec<f32>| {
-//!         // st.ctx: device and groups; st.model: the state built below.
-//!         let sp = st.ctx.parallel().sp_group().map_err(|e| e.to_string())?;
-//!         let local: f32 = x.iter().zip(&st.model.weights).map(|(a, b)| a * b).sum();
-//!         let mut t = comm_core::Tensor::from_vec1(vec![local]);
-//!         sp.all_reduce(&mut t, comm_core::ReduceOp::Sum).map_err(|e| e.to_string())?;
-//!         Ok::<_, String>(t.to_vec::<f32>().map_err(|e| e.to_string())?[0])
-//!     });
-//!     GpuWorker::from_env()?.run(
-//!         |_ctx, cfg: ModelConfig| Ok::<_, String>(Model { weights: vec![1.0; cfg.hidden] }),
-//!         &mut methods,
-//!     )
-//! }
-//!
-//! fn driver() -> comm_core::Result<()> {
-//!     let launch = LaunchConfig::new("my-worker", 4);
-//!     let parallel = ParallelConfig::default().sp(4).device("auto");
-//!     let ex = Executor::start_gpu(&launch, &parallel, &ModelConfig { hidden: 64 },
-//!                                  Duration::from_secs(300))?;
-//!     let sums = ex.collective_rpc(&SUM, &vec![0.5; 64], Duration::from_secs(60))?;
-//!     ex.shutdown()?;
-//!     Ok(())
-//! }
-//! ```
 
 use std::fmt;
 use std::sync::Arc;
@@ -273,7 +236,49 @@ pub struct GpuState<S> {
     pub model: S,
 }
 
-/// The worker end of [`Executor::start_gpu`] (see the module docs).
+/// The worker end of [`Executor::start_gpu`]: FastVideo's gpu_worker.
+/// Its start-up chooses and binds the rank's device, initialises the
+/// distributed environment and the model-parallel groups from the
+/// [`ParallelConfig`] the executor sends, builds the user's state (the
+/// model) once, reports READY or the error (with its rank), and then serves
+/// typed calls until the executor shuts it down.
+///
+/// ```no_run
+/// use executor::{Executor, GpuState, GpuWorker, LaunchConfig, Method, Methods, ParallelConfig};
+/// use std::time::Duration;
+///
+/// /// The model's configuration, sent by the driver to every worker.
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct ModelConfig { hidden: usize }
+/// struct Model { weights: Vec<f32> }
+/// const SUM: Method<Vec<f32>, f32> = Method::new("sum");
+///
+/// fn worker_main() -> comm_core::Result<()> {
+///     let mut methods = Methods::<GpuState<Model>>::new();
+///     methods.on(&SUM, |st, x: Vec<f32>| {
+///         // st.ctx: device and groups; st.model: the state built below.
+///         let sp = st.ctx.parallel().sp_group().map_err(|e| e.to_string())?;
+///         let local: f32 = x.iter().zip(&st.model.weights).map(|(a, b)| a * b).sum();
+///         let mut t = comm_core::Tensor::from_vec1(vec![local]);
+///         sp.all_reduce(&mut t, comm_core::ReduceOp::Sum).map_err(|e| e.to_string())?;
+///         Ok::<_, String>(t.to_vec::<f32>().map_err(|e| e.to_string())?[0])
+///     });
+///     GpuWorker::from_env()?.run(
+///         |_ctx, cfg: ModelConfig| Ok::<_, String>(Model { weights: vec![1.0; cfg.hidden] }),
+///         &mut methods,
+///     )
+/// }
+///
+/// fn driver() -> comm_core::Result<()> {
+///     let launch = LaunchConfig::new("my-worker", 4);
+///     let parallel = ParallelConfig::default().sp(4).device("auto");
+///     let ex = Executor::start_gpu(&launch, &parallel, &ModelConfig { hidden: 64 },
+///                                  Duration::from_secs(300))?;
+///     let sums = ex.collective_rpc(&SUM, &vec![0.5; 64], Duration::from_secs(60))?;
+///     ex.shutdown()?;
+///     Ok(())
+/// }
+/// ```
 #[derive(Debug)]
 pub struct GpuWorker {
     worker: Worker,

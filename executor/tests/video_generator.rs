@@ -147,6 +147,38 @@ fn the_example_serves_exact_results_and_applies_the_adapter() {
     );
 }
 
+/// The README's two-host set-up on loopback: the driver is node 0 with 2
+/// local workers (shared-memory queues); node 1's `launch` (what `distrun
+/// --nnodes 2 --node-rank 1 ... -- video_generator --worker` does) starts 2
+/// more, which join the driver over authenticated TCP. One driver, one SP
+/// group of 4, exact results.
+#[test]
+fn the_example_drives_workers_on_two_nodes() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let secret = executor::random_hex128().unwrap();
+    let node = |rank: usize| {
+        launch(2)
+            .nodes(2, rank)
+            .master("127.0.0.1", Some(port))
+            .job_secret(secret.clone())
+            .capture(true)
+            .timeout(Duration::from_secs(300))
+    };
+    let cfg1 = node(1);
+    let node1 = std::thread::spawn(move || executor::launch(&cfg1).unwrap());
+    let mut a = args(&[61, 130]);
+    a.adapter_at = 1;
+    let reports = video_generator::drive(&a, &node(0)).unwrap();
+    assert!(reports.iter().all(|r| r.exact), "{reports:?}");
+    // Node 1's workers exited 0 on the driver's shutdown.
+    let out = node1.join().unwrap();
+    assert!(out.success(), "{out:?}");
+}
+
 #[test]
 fn shutdown_finishes_requests_in_flight() {
     let ex = Executor::start_gpu(

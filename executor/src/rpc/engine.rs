@@ -113,6 +113,9 @@ pub(crate) struct Engine {
     exit_token: Vec<Option<usize>>,
     /// How long [`Engine::poll`] polls before it sleeps.
     spin: Duration,
+    /// Without a polling budget: how long it yields the CPU, looking at
+    /// the reply queues between yields, before it sleeps.
+    yield_for: Duration,
     /// Exits reaped by [`Engine::await_exit`] on behalf of other workers,
     /// reported by the next [`Engine::poll`].
     deferred: Vec<usize>,
@@ -170,6 +173,10 @@ impl Engine {
             exit_owner: Vec::new(),
             exit_token: vec![None; workers],
             spin,
+            yield_for: std::env::var("DIST_EXECUTOR_YIELD_US")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .map_or(Duration::from_micros(200), Duration::from_micros),
             deferred: Vec::new(),
             doorbell: None,
             replies: Vec::new(),
@@ -474,6 +481,28 @@ impl Engine {
                     break;
                 }
                 std::hint::spin_loop();
+            }
+            timeout = if ready.is_empty() && !got {
+                timeout.saturating_sub(start.elapsed())
+            } else {
+                Duration::ZERO
+            };
+        }
+        // On a host without cores to spare, give the CPU to the workers for
+        // a moment instead of sleeping at once: replies from shared memory
+        // that arrive meanwhile cost neither a doorbell nor a wake-up.
+        if ready.is_empty() && self.spin.is_zero() && !timeout.is_zero() && !self.replies.is_empty()
+        {
+            let start = Instant::now();
+            let budget = self.yield_for.min(timeout);
+            let mut got = false;
+            while !budget.is_zero() {
+                rustix::thread::sched_yield();
+                got = self.take_replies(events);
+                self.epoll_wait(Duration::ZERO, &mut ready)?;
+                if got || !ready.is_empty() || start.elapsed() >= budget {
+                    break;
+                }
             }
             timeout = if ready.is_empty() && !got {
                 timeout.saturating_sub(start.elapsed())
