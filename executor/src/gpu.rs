@@ -152,6 +152,9 @@ impl GpuContext {
                 CommError::invalid("LOCAL_RANK is not set: the executor or distrun sets it")
             })?;
         let request: DeviceRequest = config.device.parse()?;
+        // Building the backend registry installs the CUDA allocator (with
+        // the `nccl` feature), which the device choice looks at.
+        drop(parallel_state::default_registry());
         let device = choose_device(request, local_rank)
             .map_err(|e| CommError::State(format!("choosing the device: {e}")))?;
         if let Device::Cuda(_) = device {

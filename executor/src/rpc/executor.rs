@@ -1191,14 +1191,21 @@ impl Executor {
                     // It has to wait for readers: written on a helper
                     // thread while this one keeps reading replies (a worker
                     // blocked on a full reply queue then moves on).
+                    let written = std::sync::atomic::AtomicBool::new(false);
                     std::thread::scope(|s| {
-                        let kick = sh.kick.clone();
+                        let (kick, written) = (sh.kick.clone(), &written);
                         let h = s.spawn(move || {
                             let r = q.enqueue_timeout(body, left);
+                            // Set before the kick, so the kicked drive
+                            // below sees it (the thread itself may still be
+                            // returning).
+                            written.store(true, std::sync::atomic::Ordering::Release);
                             kick.kick();
                             r
                         });
-                        let _ = sh.drive(&mut io, deadline, false, |_, _| h.is_finished());
+                        let _ = sh.drive(&mut io, deadline, false, |_, _| {
+                            written.load(std::sync::atomic::Ordering::Acquire)
+                        });
                         h.join().unwrap_or_else(|_| {
                             Err(CommError::State("the request writer panicked".into()))
                         })
