@@ -233,11 +233,12 @@ fn large_requests_and_replies_stream_through_small_rings() {
     for queue in ["shm", "socket"] {
         let cfg = config(3, "")
             .env(executor::QUEUE_ENV, queue)
-            .env(executor::REQUEST_RING_ENV, "64K")
-            .env(executor::REPLY_RING_ENV, "64K");
+            .env(executor::REQUEST_RING_ENV, "16K")
+            .env(executor::REPLY_RING_ENV, "16K");
         let ex = Executor::start(&cfg, T).unwrap();
         let job = ex.job_id().to_string();
-        let big: Vec<u8> = (0..(1 << 20) + 3).map(|i| (i % 251) as u8).collect();
+        // 19 rings' worth each way.
+        let big: Vec<u8> = (0..300_003).map(|i| (i % 251) as u8).collect();
         assert_eq!(
             ex.collective_rpc(&ECHO, &big, T).unwrap(),
             vec![big.clone(); 3]
