@@ -28,7 +28,14 @@ use serde_bytes::ByteBuf;
 const ECHO: Method<ByteBuf, ByteBuf> = Method::new("echo");
 const SIZE: Method<ByteBuf, u64> = Method::new("size");
 const WORKER_ENV: &str = "EXECUTOR_BENCH_WORKER";
-const WORKERS: usize = 4;
+/// Local workers (`EXECUTOR_BENCH_WORKERS` overrides the 4, to see
+/// how the round trip scales).
+fn workers() -> usize {
+    std::env::var("EXECUTOR_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
 const SMALL: usize = 1024;
 const BIG: usize = 16 << 20;
 const T: Duration = Duration::from_secs(120);
@@ -68,7 +75,7 @@ fn python_peer(iters: usize, big_iters: usize) -> Option<(f64, f64)> {
         .args([
             script.as_str(),
             "--workers",
-            &WORKERS.to_string(),
+            &workers().to_string(),
             "--size",
             &SMALL.to_string(),
             "--iters",
@@ -102,7 +109,7 @@ fn python_peer(iters: usize, big_iters: usize) -> Option<(f64, f64)> {
 /// reply queues; `socket`: their sockets).
 fn measure(queue: &str, iters: usize, big_iters: usize) -> (Duration, Duration) {
     let exe = std::env::current_exe().expect("own executable");
-    let cfg = LaunchConfig::new(exe, WORKERS)
+    let cfg = LaunchConfig::new(exe, workers())
         .env(WORKER_ENV, "1")
         .env(executor::QUEUE_ENV, queue);
     let ex = Executor::start(&cfg, T).expect("workers start");
@@ -110,7 +117,7 @@ fn measure(queue: &str, iters: usize, big_iters: usize) -> (Duration, Duration) 
     let small = ByteBuf::from((0..SMALL).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     for _ in 0..500 {
         let r = ex.collective_rpc(&ECHO, &small, T).expect("echo");
-        assert!(r.len() == WORKERS && r.iter().all(|b| *b == small));
+        assert!(r.len() == workers() && r.iter().all(|b| *b == small));
     }
     let rt = median_per_call(iters, 10, || {
         black_box(ex.collective_rpc(&ECHO, &small, T).expect("echo"));
@@ -119,7 +126,7 @@ fn measure(queue: &str, iters: usize, big_iters: usize) -> (Duration, Duration) 
     let big = ByteBuf::from(vec![1u8; BIG]);
     assert_eq!(
         ex.collective_rpc(&SIZE, &big, T).expect("size"),
-        vec![BIG as u64; WORKERS]
+        vec![BIG as u64; workers()]
     );
     let bcast = median_per_call(big_iters, big_iters, || {
         black_box(ex.collective_rpc(&SIZE, &big, T).expect("size"));
@@ -151,7 +158,8 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load.split_whitespace().next().unwrap_or("?");
-    println!("executor collective_rpc, {WORKERS} local workers, {cores} cores, load {load}");
+    let n = workers();
+    println!("executor collective_rpc, {n} local workers, {cores} cores, load {load}");
     println!("| case | ours (shm queues) | ours (sockets) | python multiprocessing+pickle | shm vs python | target |");
     println!("|---|---|---|---|---|---|");
     let us = |d: Duration| d.as_secs_f64() * 1e6;
@@ -177,10 +185,10 @@ fn main() {
         ratio(py.map(|p| p.1), ms(bcast))
     );
     println!(
-        "16 MiB broadcast (shm) / one 16 MiB memcpy ({:.2} ms): {:.2}x; per reader ({WORKERS} readers): {:.2}x (target <= 1.5x)",
+        "16 MiB broadcast (shm) / one 16 MiB memcpy ({:.2} ms): {:.2}x; per reader ({n} readers): {:.2}x (target <= 1.5x)",
         ms(memcpy),
         bcast.as_secs_f64() / memcpy.as_secs_f64(),
-        bcast.as_secs_f64() / memcpy.as_secs_f64() / WORKERS as f64
+        bcast.as_secs_f64() / memcpy.as_secs_f64() / n as f64
     );
     println!(
         "RESULT rt_us={:.2} rt_sock_us={:.2} py_rt_us={} bcast_ms={:.3} bcast_sock_ms={:.3} py_bcast_ms={} memcpy_ms={:.3} load={load}",

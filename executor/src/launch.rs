@@ -183,7 +183,7 @@ impl LaunchConfig {
         self.job_secret = Some(hex.into());
         self
     }
-    /// Sets the job id (letters, digits, `-`, `_`; at most 64).
+    /// Sets the job id (letters, digits, `-`, `_`; at most 32).
     pub fn job_id(mut self, id: impl Into<String>) -> Self {
         self.job_id = Some(id.into());
         self

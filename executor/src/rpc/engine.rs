@@ -30,6 +30,9 @@ use crate::reap::{ExitInfo, ExitWatch};
 const TOKEN_KICK: u64 = u64::MAX;
 const TOKEN_EXITS: u64 = u64::MAX - 1;
 const TOKEN_DOORBELL: u64 = u64::MAX - 2;
+/// While polling shared-memory replies, how often the epoll set (sockets,
+/// exits, kicks) is polled too.
+const EPOLL_EVERY: Duration = Duration::from_micros(5);
 
 /// A connection to one worker.
 #[derive(Debug)]
@@ -474,9 +477,16 @@ impl Engine {
             let start = Instant::now();
             let budget = self.spin.min(timeout);
             let mut got = false;
+            let mut last_epoll: Option<Instant> = None;
             loop {
-                self.epoll_wait(Duration::ZERO, &mut ready)?;
                 got = got || self.take_replies(events);
+                // The reply queues are plain memory reads; the epoll set
+                // (a system call) is looked at every few microseconds.
+                if self.replies.is_empty() || last_epoll.is_none_or(|t| t.elapsed() >= EPOLL_EVERY)
+                {
+                    self.epoll_wait(Duration::ZERO, &mut ready)?;
+                    last_epoll = Some(Instant::now());
+                }
                 if got || !ready.is_empty() || start.elapsed() >= budget {
                     break;
                 }
