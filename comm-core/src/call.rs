@@ -395,7 +395,7 @@ pub const SLOW_WAIT_REPORT: Duration = Duration::from_secs(10);
 
 /// What a backend receives with every call: the description to carry and
 /// check, and the deadline. [`Call::waiting`] lets a backend report long
-/// waits ("still waiting for ranks [...] in <op> on group <g>") without each
+/// waits (`still waiting for ranks [...] in <op> on group <g>`) without each
 /// one writing its own throttled logging.
 #[derive(Debug)]
 pub struct Call<'a> {

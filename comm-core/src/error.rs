@@ -490,6 +490,61 @@ impl CommError {
         }
     }
 
+    /// The same error reported again for a later call `operation` that was
+    /// refused because of it: the variant (and so the blamed ranks, as data)
+    /// stays; the text says which call was refused. Errors without an
+    /// operation become [`CommError::Aborted`] naming both.
+    pub fn refused_as(self, operation: &str) -> Self {
+        let op = |o: String| format!("{operation}; the earlier call: `{o}`");
+        match self {
+            CommError::Timeout {
+                operation: o,
+                waited,
+                missing,
+                keys,
+                note,
+            } => CommError::Timeout {
+                operation: op(o),
+                waited,
+                missing,
+                keys,
+                note,
+            },
+            CommError::PeerLost {
+                peer,
+                operation: o,
+                detail,
+            } => CommError::PeerLost {
+                peer,
+                operation: op(o),
+                detail,
+            },
+            CommError::PeerAborted {
+                peer,
+                operation: o,
+                reason,
+                culprits,
+            } => CommError::PeerAborted {
+                peer,
+                operation: op(o),
+                reason,
+                culprits,
+            },
+            CommError::CallMismatch {
+                operation: o,
+                peer,
+                mine,
+                theirs,
+            } => CommError::CallMismatch {
+                operation: op(o),
+                peer,
+                mine,
+                theirs,
+            },
+            other => CommError::Aborted(format!("{operation}: {other}")),
+        }
+    }
+
     /// Attaches a diagnosis (e.g. the flight recorder's divergence report)
     /// to a timeout; other errors are returned unchanged.
     pub fn with_note(self, text: impl Into<String>) -> Self {

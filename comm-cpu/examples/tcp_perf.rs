@@ -1,12 +1,12 @@
-//! Quick nccl-tests style table for the TCP backend with ranks as threads
-//! (a stand-in until `comm-perf` runs it with processes):
+//! Quick nccl-tests style table for the TCP backend with ranks as threads,
+//! through the checked front as users call it:
 //! `cargo run --release -p comm-cpu --example tcp_perf -- <world> <all_reduce|all_to_all> [max_bytes]`.
 
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use comm_core::{DType, DeviceCommunicator, ReduceOp, Store, Tensor};
-use comm_cpu::{TcpCommunicator, TcpOptions};
+use comm_core::{GroupContext, ReduceOp, Registry, Store};
+use comm_cpu::{TcpFactory, TcpOptions};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -26,7 +26,9 @@ fn main() {
             std::thread::spawn(move || {
                 let mut o = TcpOptions::with_timeout(Duration::from_secs(60));
                 o.addr = Some("127.0.0.1".parse().unwrap());
-                let mut c = TcpCommunicator::new(store, rank, world, o).unwrap();
+                let registry = Registry::new().with(TcpFactory::with_options(o));
+                let ctx = GroupContext::new(store, rank, world).timeout(Duration::from_secs(60));
+                let c = registry.create("tcp", &ctx).unwrap();
                 let mut bytes = 8usize;
                 while bytes <= max {
                     let n = (bytes / 4).max(world);
@@ -35,8 +37,8 @@ fn main() {
                     } else {
                         n
                     };
-                    let mut a = Tensor::zeros([n], DType::F32);
-                    let mut b = Tensor::zeros([n], DType::F32);
+                    let mut a = vec![0.0f32; n];
+                    let mut b = vec![0.0f32; n];
                     let iters = ((200 << 20) / bytes).clamp(5, 2000);
                     let mut run = |k: usize| {
                         for _ in 0..k {

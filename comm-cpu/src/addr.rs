@@ -38,6 +38,7 @@ use crate::options::{SOCKET_ADDR_ENV, SOCKET_IFNAME_ENV};
 /// assert!(IfnameSpec::parse(" , ").is_err());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct IfnameSpec {
     /// True when the names are exclusions (`^` prefix).
     pub exclude: bool,

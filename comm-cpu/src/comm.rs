@@ -42,7 +42,8 @@ const MIN_IOV_RUN: usize = 1024;
 /// - barrier: dissemination (log2 rounds of empty messages).
 ///
 /// Every call's description travels with its first message to each peer
-/// and is checked on arrival (see [`crate::mesh`]); a member that fails
+/// and is checked on arrival (a ring of checks: each member checks at
+/// least its left neighbour, at once); a member that fails
 /// tells the others over the control connections whom it blames.
 #[derive(Debug)]
 pub struct TcpCommunicator {
@@ -179,9 +180,11 @@ impl TcpCommunicator {
         call: &Call<'_>,
         f: impl FnOnce(&mut Self) -> Result<()>,
     ) -> Result<()> {
-        let _ = call;
-        self.mesh.begin();
-        f(self)
+        self.mesh.begin(call);
+        f(self)?;
+        // Done: an abort from now on is not about this call.
+        self.mesh.end_collective();
+        Ok(())
     }
 
     fn all_reduce_small(
@@ -779,6 +782,7 @@ impl DeviceCommunicator for TcpCommunicator {
     }
 
     fn send_recv(&mut self, call: &Call<'_>, ops: &mut [P2p<'_>]) -> Result<()> {
+        self.mesh.end_collective();
         let mut sends: Vec<SendOp> = Vec::new();
         let mut recvs: Vec<RecvOp> = Vec::new();
         for p in ops.iter_mut() {

@@ -13,7 +13,7 @@
 //! ```
 //!
 //! The accepting side runs any number of handshakes at once as non-blocking
-//! state machines ([`Pending`]), each bounded by its own deadline, so idle
+//! state machines, each bounded by its own deadline, so idle
 //! or slow strangers on the port never delay the real members.
 
 use std::io::{Read, Write};

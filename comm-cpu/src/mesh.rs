@@ -307,7 +307,17 @@ impl RecvOp {
 #[derive(Debug, Clone)]
 struct Notice {
     at: Instant,
+    /// The peer's count of data messages sent to this member at the time.
+    sent: u32,
     missing: Vec<usize>,
+}
+
+/// What a peer's abort frame said.
+#[derive(Debug, Clone)]
+struct Abort {
+    reason: String,
+    culprits: Vec<(usize, String)>,
+    desc: Option<CallDesc>,
 }
 
 /// The connections to one peer.
@@ -324,8 +334,9 @@ pub(crate) struct Peer {
     desc_sent: bool,
     desc_recvd: bool,
     notice: Option<Notice>,
-    /// The abort this peer sent: its reason and the ranks it blamed.
-    aborted: Option<(String, Vec<(usize, String)>)>,
+    /// The abort this peer sent: its reason, the ranks it blamed and the
+    /// call it was in.
+    aborted: Option<Abort>,
 }
 
 impl Peer {
@@ -362,6 +373,8 @@ pub(crate) struct Mesh {
     aborted: bool,
     /// The next exchange is the first of a collective call.
     first: bool,
+    /// The collective in progress, for abort frames.
+    current: Option<CallDesc>,
     /// Reused lists for first exchanges that gain a ring frame.
     spare_sends: Spare<SendOp>,
     spare_recvs: Spare<RecvOp>,
@@ -432,6 +445,7 @@ impl Mesh {
             busy: vec![0; world],
             aborted: false,
             first: false,
+            current: None,
             spare_sends: Spare(Vec::new()),
             spare_recvs: Spare(Vec::new()),
         }
@@ -450,27 +464,41 @@ impl Mesh {
     /// where that exchange has no message for them), so in every call each
     /// member checks at least its left neighbour's call, at once, and a
     /// two-member group always checks both ways.
-    pub(crate) fn begin(&mut self) {
+    pub(crate) fn begin(&mut self, call: &Call<'_>) {
         self.first = true;
+        self.current = Some(call.desc);
         for p in self.peers.iter_mut().flatten() {
             p.desc_sent = false;
             p.desc_recvd = false;
         }
     }
 
-    /// After a call mismatch with `peer`: makes sure this member's
-    /// description reaches it (the rest of a started header, or a
-    /// description-only frame; best effort), so that peer sees the mismatch
-    /// itself instead of waiting for a message that will not come.
-    fn announce(&mut self, call: &Call<'_>, peer: usize, sends: &[SendOp]) {
+    /// Point-to-point traffic: no collective in progress.
+    pub(crate) fn end_collective(&mut self) {
+        self.current = None;
+        self.first = false;
+    }
+
+    /// After a call mismatch: makes sure this member's description reaches
+    /// every peer it was to reach in this exchange (the rest of each started
+    /// or pending first header) and its right neighbour (a ring frame, if
+    /// none went yet); best effort. Those peers then see a mismatch
+    /// themselves instead of waiting for messages that will not come.
+    fn announce(&mut self, call: &Call<'_>, sends: &[SendOp]) {
         let until = Instant::now() + Duration::from_millis(200);
-        if let Some(s) = sends.iter().find(|s| s.peer == peer && s.hlen >= MAX_HDR) {
-            if s.done < s.hlen {
-                write_bounded(&self.peer(peer).sock, &s.hdr[s.done..s.hlen], until);
+        for s in sends {
+            if s.hlen >= MAX_HDR && s.done < s.hlen {
+                let blocked = sends
+                    .iter()
+                    .take_while(|t| !std::ptr::eq(*t, s))
+                    .any(|t| t.peer == s.peer && !t.complete());
+                if !blocked {
+                    write_bounded(&self.peer(s.peer).sock, &s.hdr[s.done..s.hlen], until);
+                }
             }
-            return;
         }
-        let p = self.peer(peer);
+        let right = (self.rank + 1) % self.world;
+        let p = self.peer(right);
         if std::mem::replace(&mut p.desc_sent, true) {
             return;
         }
@@ -492,7 +520,8 @@ impl Mesh {
         if std::mem::replace(&mut self.aborted, true) {
             return;
         }
-        let frame = Control::abort(reason, culprits).encode();
+        let desc = self.current.map(|d| d.to_wire());
+        let frame = Control::abort(reason, culprits, desc).encode();
         let until = Instant::now() + Duration::from_millis(200);
         for p in self.peers.iter_mut().flatten() {
             if p.ctl_open {
@@ -501,11 +530,15 @@ impl Mesh {
         }
     }
 
-    /// Tells every peer that this member waits for `missing` in call `seq`.
-    fn notify_waiting(&mut self, seq: u64, missing: Vec<usize>) {
-        let frame = Control::Waiting { seq, missing }.encode();
+    /// Tells every peer that this member waits for `missing`.
+    fn notify_waiting(&mut self, missing: Vec<usize>) {
         for p in self.peers.iter_mut().flatten() {
             if p.ctl_open {
+                let frame = Control::Waiting {
+                    sent: u64::from(p.send_seq),
+                    missing: missing.clone(),
+                }
+                .encode();
                 // Best effort and never blocking: a peer that stopped reading
                 // its control connection loses notices, nothing else.
                 let _ =
@@ -529,14 +562,24 @@ impl Mesh {
                             Ok(Some((c, used))) => {
                                 p.ctl_buf.drain(..used);
                                 match c {
-                                    Control::Abort { reason, culprits } => {
+                                    Control::Abort {
+                                        reason,
+                                        culprits,
+                                        desc,
+                                    } => {
                                         if p.aborted.is_none() {
-                                            p.aborted = Some((reason, culprits));
+                                            p.aborted = Some(Abort {
+                                                reason,
+                                                culprits,
+                                                desc: desc
+                                                    .and_then(|d| CallDesc::from_wire(&d).ok()),
+                                            });
                                         }
                                     }
-                                    Control::Waiting { missing, .. } => {
+                                    Control::Waiting { sent, missing } => {
                                         p.notice = Some(Notice {
                                             at: Instant::now(),
+                                            sent: sent as u32,
                                             missing,
                                         });
                                     }
@@ -562,15 +605,25 @@ impl Mesh {
         Ok(())
     }
 
-    /// The first abort any peer has sent, as the error to report.
-    fn aborted_error(&self, op: &dyn Fn() -> String) -> Option<CommError> {
+    /// The first abort any peer has sent, as the error to report: a
+    /// `CallMismatch` when that peer was in a different collective than
+    /// `call` (the abort carries its description), else `PeerAborted`.
+    fn aborted_error(&self, call: &Call<'_>) -> Option<CommError> {
         self.peers.iter().enumerate().find_map(|(r, p)| {
-            let (reason, culprits) = p.as_ref()?.aborted.as_ref()?;
+            let a = p.as_ref()?.aborted.as_ref()?;
+            if let (Some(theirs), false) = (
+                a.desc,
+                call.desc.op.is_p2p() || call.desc.op == comm_core::Collective::SendRecv,
+            ) {
+                if let Err(e) = call.desc.check_peer(&theirs, r, &call.name()) {
+                    return Some(e);
+                }
+            }
             Some(CommError::peer_aborted(
                 r,
-                op(),
-                reason.clone(),
-                culprits
+                call.name(),
+                a.reason.clone(),
+                a.culprits
                     .iter()
                     .map(|(c, d)| Missing::new(*c, d.clone()))
                     .collect(),
@@ -581,11 +634,11 @@ impl Mesh {
     /// `PeerLost` for `peer`, unless it explained itself with an abort on
     /// its control connection (looked for briefly: an abort and the close
     /// that follows it travel on different connections).
-    fn lost(&mut self, peer: usize, op: &dyn Fn() -> String, detail: String) -> CommError {
+    fn lost(&mut self, peer: usize, call: &Call<'_>, detail: String) -> CommError {
         let until = Instant::now() + Duration::from_millis(200);
         loop {
             let _ = self.drain_control(peer);
-            if let Some(e) = self.aborted_error(op) {
+            if let Some(e) = self.aborted_error(call) {
                 return e;
             }
             let p = self.peer(peer);
@@ -596,17 +649,21 @@ impl Mesh {
             let mut fds = [PollFd::new(&p.ctl, PollFlags::IN)];
             let _ = rustix::event::poll(&mut fds, Some(&timespec(left)));
         }
-        CommError::peer_lost(peer, op(), detail)
+        CommError::peer_lost(peer, call.name(), detail)
     }
 
     /// The ranks really at fault when this member waited for `direct`:
-    /// peers that recently said they wait too are followed to whom they
-    /// wait for; ranks with no recent notice are the culprits.
+    /// peers that recently said they wait too (and sent nothing since) are
+    /// followed to whom they wait for; ranks with no such notice are the
+    /// culprits.
     fn culprits(&self, direct: Vec<(usize, String)>, fresh: Duration) -> Vec<Missing> {
         let now = Instant::now();
         let waiting = |r: usize| -> Option<&Vec<usize>> {
-            let n = self.peers.get(r)?.as_ref()?.notice.as_ref()?;
-            (now.duration_since(n.at) <= fresh).then_some(&n.missing)
+            let p = self.peers.get(r)?.as_ref()?;
+            let n = p.notice.as_ref()?;
+            // More messages arrived from it than it had sent: it moved on.
+            let moved_on = (p.recv_seq.wrapping_sub(n.sent) as i32) > 0;
+            (!moved_on && now.duration_since(n.at) <= fresh).then_some(&n.missing)
         };
         let mut seen = vec![false; self.world];
         seen[self.rank] = true;
@@ -674,8 +731,7 @@ impl Mesh {
         mut on_recv: impl FnMut(usize, usize, &[u8]) -> Result<()>,
         idle: &mut dyn FnMut() -> bool,
     ) -> Result<()> {
-        let op = &|| call.name();
-        if let Some(e) = self.aborted_error(op) {
+        if let Some(e) = self.aborted_error(call) {
             return Err(e);
         }
         let first = std::mem::replace(&mut self.first, false);
@@ -887,7 +943,7 @@ impl Mesh {
                     Ok(p) => progress |= p,
                     Err(e) => {
                         if matches!(e, CommError::CallMismatch { .. }) && r.desc.is_none() {
-                            self.announce(call, r.peer, sends);
+                            self.announce(call, sends);
                         }
                         return Err(e);
                     }
@@ -937,7 +993,7 @@ impl Mesh {
                     Some(g) => s.hlen + reported[g].min(s.len),
                     None => s.hlen + s.len,
                 };
-                if s.done < limit && self.try_send(s, limit, op)? {
+                if s.done < limit && self.try_send(s, limit, call)? {
                     progress = true;
                 }
                 if !s.complete() {
@@ -959,7 +1015,7 @@ impl Mesh {
             }
             // What the data connections said comes first (a call mismatch
             // seen here, rather than the peer's abort over it).
-            if let Some(e) = self.aborted_error(op) {
+            if let Some(e) = self.aborted_error(call) {
                 return Err(e);
             }
             if now >= call.deadline.instant() {
@@ -980,12 +1036,12 @@ impl Mesh {
                     .collect()
             });
             let stalled = now.duration_since(last_progress);
-            if stalled >= every && next_notice.map_or(true, |t| now >= t) {
+            if stalled >= every && next_notice.is_none_or(|t| now >= t) {
                 let missing = Self::outstanding(sends, recvs)
                     .into_iter()
                     .map(|(r, _)| r)
                     .collect();
-                self.notify_waiting(call.desc.seq, missing);
+                self.notify_waiting(missing);
                 next_notice = Some(now + every);
             }
             let wake = next_notice
@@ -1005,13 +1061,12 @@ impl Mesh {
         recvs: &[RecvOp],
         every: Duration,
     ) -> CommError {
-        let op = &|| call.name();
         for r in 0..self.world {
             if r != self.rank {
                 let _ = self.drain_control(r);
             }
         }
-        if let Some(e) = self.aborted_error(op) {
+        if let Some(e) = self.aborted_error(call) {
             return e;
         }
         let direct = Self::outstanding(sends, recvs);
@@ -1100,7 +1155,7 @@ impl Mesh {
                 // receives notice EOF themselves when they read.
                 return Err(self.lost(
                     p,
-                    op,
+                    call,
                     "the connection was closed while data was still to be sent to it".into(),
                 ));
             }
@@ -1110,7 +1165,8 @@ impl Mesh {
 
     /// Non-blocking write of as much of `s` (up to `limit` bytes, header
     /// included) as the kernel takes. True if anything was written.
-    fn try_send(&mut self, s: &mut SendOp, limit: usize, op: &dyn Fn() -> String) -> Result<bool> {
+    fn try_send(&mut self, s: &mut SendOp, limit: usize, call: &Call<'_>) -> Result<bool> {
+        let op = &|| call.name();
         let peer = s.peer;
         let mut any = false;
         while s.done < limit {
@@ -1146,7 +1202,7 @@ impl Mesh {
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR) => continue,
                 Err(e) if is_lost(e) => {
-                    return Err(self.lost(peer, op, format!("sending failed: {e}")));
+                    return Err(self.lost(peer, call, format!("sending failed: {e}")));
                 }
                 Err(e) => {
                     return Err(CommError::io(
@@ -1279,7 +1335,7 @@ impl Mesh {
                         r.payload_done(),
                         r.len
                     );
-                    return Err(self.lost(peer, op, detail));
+                    return Err(self.lost(peer, call, detail));
                 }
                 Ok(n) => {
                     let was = r.done;
@@ -1331,7 +1387,7 @@ impl Mesh {
                 Err(Errno::AGAIN) => break,
                 Err(Errno::INTR) => continue,
                 Err(e) if is_lost(e) => {
-                    return Err(self.lost(peer, op, format!("receiving failed: {e}")));
+                    return Err(self.lost(peer, call, format!("receiving failed: {e}")));
                 }
                 Err(e) => {
                     return Err(CommError::io(

@@ -1,4 +1,4 @@
-//! Configuration of the TCP backend and the choice of the address to bind.
+//! Configuration of the TCP backend (the bind address rules are in [`crate::addr`]).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -132,5 +132,12 @@ impl TcpOptions {
             connect_timeout: timeout,
             ..Self::default()
         }
+    }
+
+    /// The address a member with these options binds and publishes (the
+    /// rules of [`crate::addr`]).
+    pub fn bind_ip(&self) -> comm_core::Result<IpAddr> {
+        let master = self.master.as_ref().map(|(h, p)| (h.as_str(), *p));
+        Ok(crate::addr::choose(self.addr, self.interface.as_deref(), master)?.ip)
     }
 }

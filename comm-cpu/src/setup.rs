@@ -90,10 +90,6 @@ pub(crate) fn connect_mesh(
             secret.len()
         )));
     }
-    let records = read_records(store, g, world, &deadline)?;
-    check_reachable(g, rank, &records)?;
-    tracing::debug!(group = %g, rank, "tcp set-up: every member published its address");
-
     let stop = AtomicBool::new(false);
     let srv = Server {
         secret: &secret,
@@ -101,24 +97,34 @@ pub(crate) fn connect_mesh(
         world,
         rank,
     };
+    // Incoming handshakes are served from the start, while this member reads
+    // the others' addresses and connects out.
     let (outgoing, incoming) = std::thread::scope(|s| {
         let acceptor = std::thread::Builder::new()
             .name(format!("tcp-accept-{rank}"))
             .spawn_scoped(s, || accept_all(&listener, &srv, &deadline, &stop));
-        let out = (0..rank)
-            .map(|to| {
-                connect_pair(
-                    &records[to].addr,
-                    rank,
-                    to,
-                    world,
-                    &secret,
-                    g,
-                    opts,
-                    &deadline,
-                )
-            })
-            .collect::<Result<Vec<_>>>();
+        // Lower ranks first (checked before connecting to them), then all
+        // (so a member on loopback in a group spanning hosts fails at once).
+        let out = read_records(store, g, rank + 1, &deadline).and_then(|lower| {
+            check_reachable(g, rank, &lower)?;
+            let pairs = (0..rank)
+                .map(|to| {
+                    connect_pair(
+                        &lower[to].addr,
+                        rank,
+                        to,
+                        world,
+                        &secret,
+                        g,
+                        opts,
+                        &deadline,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            check_reachable(g, rank, &read_records(store, g, world, &deadline)?)?;
+            tracing::debug!(group = %g, rank, "tcp set-up: every member published its address");
+            Ok(pairs)
+        });
         if out.is_err() {
             stop.store(true, Ordering::Relaxed);
         }
@@ -145,14 +151,14 @@ pub(crate) fn connect_mesh(
     Ok(Connected { peers, local_addr })
 }
 
-/// Every member's published address and host.
+/// The published address and host of members `0..upto`.
 fn read_records(
     store: &Arc<dyn Store>,
     g: &str,
-    world: usize,
+    upto: usize,
     deadline: &Deadline,
 ) -> Result<Vec<AddrRecord>> {
-    let keys: Vec<String> = (0..world).map(|r| format!("{g}/addr/{r}")).collect();
+    let keys: Vec<String> = (0..upto).map(|r| format!("{g}/addr/{r}")).collect();
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     store
         .wait(&refs, deadline.remaining())

@@ -108,11 +108,16 @@ pub(crate) enum Control {
         reason: String,
         /// The ranks it blamed.
         culprits: Vec<(usize, String)>,
+        /// The collective it was in ([`comm_core::CallDesc::to_wire`]), so a
+        /// member whose own call differs reports the mismatch itself.
+        desc: Option<[u8; DESC]>,
     },
-    /// The sender has been waiting in call `seq` for `missing`.
+    /// The sender has been waiting for `missing`.
     Waiting {
-        /// Its call number.
-        seq: u64,
+        /// Data messages the sender had sent to this receiver when it wrote
+        /// the notice: a receiver that has since received more knows the
+        /// notice is stale (the sender moved on).
+        sent: u64,
         /// The group ranks it waits for.
         missing: Vec<usize>,
     },
@@ -175,14 +180,16 @@ impl<'a> Reader<'a> {
 }
 
 impl Control {
-    /// The abort frame for `why`, blaming `culprits` (group ranks).
-    pub(crate) fn abort(why: &str, culprits: &[Missing]) -> Control {
+    /// The abort frame for `why`, blaming `culprits` (group ranks), sent
+    /// from inside collective `desc` (if any).
+    pub(crate) fn abort(why: &str, culprits: &[Missing], desc: Option<[u8; DESC]>) -> Control {
         Control::Abort {
             reason: why.to_string(),
             culprits: culprits
                 .iter()
                 .map(|m| (m.rank.group, m.detail.clone()))
                 .collect(),
+            desc,
         }
     }
 
@@ -190,7 +197,18 @@ impl Control {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut body = Vec::new();
         let kind = match self {
-            Control::Abort { reason, culprits } => {
+            Control::Abort {
+                reason,
+                culprits,
+                desc,
+            } => {
+                match desc {
+                    Some(d) => {
+                        body.push(1);
+                        body.extend_from_slice(d);
+                    }
+                    None => body.push(0),
+                }
                 put_text(&mut body, reason);
                 // Leave room for the header fields of every culprit.
                 let max = (MAX_CTL_BODY - body.len() - 4) / (8 + MAX_TEXT);
@@ -202,8 +220,8 @@ impl Control {
                 }
                 CTL_ABORT
             }
-            Control::Waiting { seq, missing } => {
-                body.extend_from_slice(&seq.to_le_bytes());
+            Control::Waiting { sent, missing } => {
+                body.extend_from_slice(&sent.to_le_bytes());
                 let n = missing.len().min((MAX_CTL_BODY - 12) / 4);
                 body.extend_from_slice(&(n as u32).to_le_bytes());
                 for r in &missing[..n] {
@@ -260,6 +278,19 @@ impl Control {
         };
         let c = match buf[2] {
             CTL_ABORT => {
+                let desc = match r.take(1)?[0] {
+                    0 => None,
+                    1 => {
+                        let mut d = [0u8; DESC];
+                        d.copy_from_slice(r.take(DESC)?);
+                        Some(d)
+                    }
+                    _ => {
+                        return Err(CommError::Protocol(
+                            "a peer's abort frame has a bad description flag".into(),
+                        ))
+                    }
+                };
                 let reason = r.text()?;
                 let n = r.count(8)?;
                 let mut culprits = Vec::with_capacity(n);
@@ -267,16 +298,20 @@ impl Control {
                     let who = rank(r.u32()?)?;
                     culprits.push((who, r.text()?));
                 }
-                Control::Abort { reason, culprits }
+                Control::Abort {
+                    reason,
+                    culprits,
+                    desc,
+                }
             }
             CTL_WAITING => {
-                let seq = r.u64()?;
+                let sent = r.u64()?;
                 let n = r.count(4)?;
                 let mut missing = Vec::with_capacity(n);
                 for _ in 0..n {
                     missing.push(rank(r.u32()?)?);
                 }
-                Control::Waiting { seq, missing }
+                Control::Waiting { sent, missing }
             }
             k => {
                 return Err(CommError::Protocol(format!(
@@ -449,6 +484,7 @@ mod fuzz {
 
         #[test]
         fn control_round_trips(
+            desc in proptest::option::of(proptest::array::uniform32(any::<u8>())),
             reason in ".{0,300}",
             culprits in proptest::collection::vec((0usize..8, ".{0,40}"), 0..6),
             seq in any::<u64>(),
@@ -456,8 +492,17 @@ mod fuzz {
             split in 0usize..400,
         ) {
             for c in [
-                Control::Abort { reason: reason.clone(), culprits: culprits.clone() },
-                Control::Waiting { seq, missing: missing.clone() },
+                Control::Abort {
+                    reason: reason.clone(),
+                    culprits: culprits.clone(),
+                    desc: desc.map(|h| {
+                        let mut d = [0u8; DESC];
+                        d[..32].copy_from_slice(&h);
+                        d[32..].copy_from_slice(&h);
+                        d
+                    }),
+                },
+                Control::Waiting { sent: seq, missing: missing.clone() },
             ] {
                 let wire = c.encode();
                 // Any prefix is "need more", never an error or a wrong frame.
@@ -497,6 +542,7 @@ mod fuzz {
         let c = Control::Abort {
             reason: "x".into(),
             culprits: vec![(9, String::new())],
+            desc: None,
         };
         assert!(Control::decode(&c.encode(), 4).is_err());
     }

@@ -89,6 +89,38 @@ struct Capture {
 ///
 /// `Send` but not `Sync`: one thread drives it at a time.
 ///
+/// # What a call costs on the host
+///
+/// Besides the NCCL call itself: one atomic load (a stored error?), making
+/// the context current when it is not, the handle's lock (so the watchdog
+/// cannot abort in the middle of the call), and the registration of the
+/// deadline (a push under a short lock; no CUDA call, no system call, no
+/// event per call: the watchdog's poller records one event now and then for
+/// all the calls so far).
+///
+/// And cudarc's event tracking, which is the price of cross-stream safety:
+/// for a buffer allocated while the context tracks events (cudarc's
+/// default), cudarc makes the stream wait for the buffer's last read and
+/// write events (`cuStreamWaitEvent`) and records a new one after the call
+/// (`cuEventRecord`): two or three driver calls per buffer, whatever stream
+/// the buffer was allocated on. An application that orders its streams
+/// itself (one compute stream that waits for [`record_event`](Self::record_event),
+/// or work on [`stream`](Self::stream) only) avoids them by allocating its
+/// communication buffers with tracking off:
+///
+/// ```no_run
+/// # fn demo(ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+/// #         stream: &std::sync::Arc<cudarc::driver::CudaStream>) {
+/// // SAFETY (the application's): uses of `buf` on several streams are
+/// // ordered by the application, and it is not freed while in use.
+/// unsafe { ctx.disable_event_tracking() };
+/// let buf = stream.alloc_zeros::<f32>(1 << 20);
+/// unsafe { ctx.enable_event_tracking() };
+/// # let _ = buf; }
+/// ```
+///
+/// `gpu/check.sh`'s benchmark (`gpu_bench`) measures both.
+///
 /// ```
 /// fn needs_send<T: Send>() {}
 /// needs_send::<comm_nccl::NcclCommunicator>();
@@ -368,11 +400,12 @@ impl NcclCommunicator {
         }
     }
 
-    /// Before a call: the stored error, the context, the stream to use.
-    fn begin(&self) -> Result<Arc<CudaStream>> {
+    /// Before a call: the stored error (one atomic load when there is
+    /// none), the context, the stream to use.
+    fn begin(&self) -> Result<&CudaStream> {
         self.watchdog.check()?;
         self.dev.bind()?;
-        Ok(self.active_stream().clone())
+        Ok(self.active_stream())
     }
 
     /// [`enqueue`] for this communicator.
@@ -386,15 +419,19 @@ impl NcclCommunicator {
     }
 
     fn barrier_enqueue(&mut self, call: &Call<'_>) -> Result<()> {
-        let stream = self.begin()?;
-        let (p, _w) = self.barrier.device_ptr_mut(&stream);
+        self.watchdog.check()?;
+        self.dev.bind()?;
+        // The fields, not `active_stream()`: the barrier buffer is borrowed
+        // mutably at the same time.
+        let stream = self.capture.as_ref().map_or(&self.stream, |c| &c.stream);
+        let (p, _w) = self.barrier.device_ptr_mut(stream);
         // SAFETY: in-place sum of the one f32 of our own barrier buffer,
         // ordered on `stream` by its guard.
         enqueue(
             &self.watchdog,
             self.capture.is_some(),
             call,
-            &stream,
+            stream,
             |lib, h, s| unsafe {
                 lib.all_reduce(
                     p as *const c_void,
@@ -498,10 +535,10 @@ impl DeviceCommunicator for NcclCommunicator {
     fn all_reduce(&mut self, call: &Call<'_>, mut buf: BufMut<'_>, op: ReduceOp) -> Result<()> {
         let stream = self.begin()?;
         let (n, dt) = (buf.numel(), NcclDataType::from(buf.dtype()));
-        let (p, _w) = write_ptr("all_reduce", &mut buf, &stream)?;
+        let (p, _w) = write_ptr("all_reduce", &mut buf, stream)?;
         // SAFETY: in place over the buffer's `n` elements, ordered on
         // `stream` by the guard, which records the write after the call.
-        self.enqueue(call, &stream, |lib, h, s| unsafe {
+        self.enqueue(call, stream, |lib, h, s| unsafe {
             lib.all_reduce(p as *const c_void, p as *mut c_void, n, dt, op.into(), h, s)
         })
     }
@@ -514,11 +551,11 @@ impl DeviceCommunicator for NcclCommunicator {
     ) -> Result<()> {
         let stream = self.begin()?;
         let (n, dt) = (input.numel(), NcclDataType::from(input.dtype()));
-        let (sp, _r) = read_ptr("all_gather", &input, &stream)?;
-        let (dp, _w) = write_ptr("all_gather", &mut output, &stream)?;
+        let (sp, _r) = read_ptr("all_gather", &input, stream)?;
+        let (dp, _w) = write_ptr("all_gather", &mut output, stream)?;
         // SAFETY: the input holds `n` elements, the output `world * n` (the
         // front checked), both ordered on `stream` by their guards.
-        self.enqueue(call, &stream, |lib, h, s| unsafe {
+        self.enqueue(call, stream, |lib, h, s| unsafe {
             lib.all_gather(sp as *const c_void, dp as *mut c_void, n, dt, h, s)
         })
     }
@@ -532,10 +569,10 @@ impl DeviceCommunicator for NcclCommunicator {
     ) -> Result<()> {
         let stream = self.begin()?;
         let (n, dt) = (output.numel(), NcclDataType::from(output.dtype()));
-        let (sp, _r) = read_ptr("reduce_scatter", &input, &stream)?;
-        let (dp, _w) = write_ptr("reduce_scatter", &mut output, &stream)?;
+        let (sp, _r) = read_ptr("reduce_scatter", &input, stream)?;
+        let (dp, _w) = write_ptr("reduce_scatter", &mut output, stream)?;
         // SAFETY: the input holds `world * n` elements, the output `n`.
-        self.enqueue(call, &stream, |lib, h, s| unsafe {
+        self.enqueue(call, stream, |lib, h, s| unsafe {
             lib.reduce_scatter(
                 sp as *const c_void,
                 dp as *mut c_void,
@@ -551,9 +588,9 @@ impl DeviceCommunicator for NcclCommunicator {
     fn broadcast(&mut self, call: &Call<'_>, mut buf: BufMut<'_>, root: usize) -> Result<()> {
         let stream = self.begin()?;
         let (n, dt) = (buf.numel(), NcclDataType::from(buf.dtype()));
-        let (p, _w) = write_ptr("broadcast", &mut buf, &stream)?;
+        let (p, _w) = write_ptr("broadcast", &mut buf, stream)?;
         // SAFETY: in place over the buffer's `n` elements.
-        self.enqueue(call, &stream, |lib, h, s| unsafe {
+        self.enqueue(call, stream, |lib, h, s| unsafe {
             lib.broadcast(p as *const c_void, p as *mut c_void, n, dt, root, h, s)
         })
     }
@@ -569,14 +606,14 @@ impl DeviceCommunicator for NcclCommunicator {
         let (n, dt) = (input.numel(), NcclDataType::from(input.dtype()));
         let bytes = input.nbytes();
         let (world, me) = (self.world, self.rank);
-        let (sp, _r) = read_ptr("gather", &input, &stream)?;
+        let (sp, _r) = read_ptr("gather", &input, stream)?;
         match output {
             Some(mut out) => {
-                let (dp, _w) = write_ptr("gather", &mut out, &stream)?;
+                let (dp, _w) = write_ptr("gather", &mut out, stream)?;
                 // SAFETY: the output holds `world` blocks of `bytes` (the
                 // front checked); this member's block is a copy of its input.
-                unsafe { Self::copy(&stream, dp + (me * bytes) as u64, sp, bytes) }?;
-                self.enqueue(call, &stream, |lib, h, s| {
+                unsafe { Self::copy(stream, dp + (me * bytes) as u64, sp, bytes) }?;
+                self.enqueue(call, stream, |lib, h, s| {
                     grouped(lib, || {
                         let mut p = Progress::Done;
                         for r in (0..world).filter(|&r| r != me) {
@@ -589,7 +626,7 @@ impl DeviceCommunicator for NcclCommunicator {
                 })
             }
             // SAFETY: sends the input's `n` elements to the root.
-            None => self.enqueue(call, &stream, |lib, h, s| unsafe {
+            None => self.enqueue(call, stream, |lib, h, s| unsafe {
                 lib.send(sp as *const c_void, n, dt, root, h, s)
             }),
         }
@@ -606,12 +643,12 @@ impl DeviceCommunicator for NcclCommunicator {
         let n = input.numel() / world;
         let dt = NcclDataType::from(input.dtype());
         let bytes = input.nbytes() / world;
-        let (sp, _r) = read_ptr("all_to_all", &input, &stream)?;
-        let (dp, _w) = write_ptr("all_to_all", &mut output, &stream)?;
+        let (sp, _r) = read_ptr("all_to_all", &input, stream)?;
+        let (dp, _w) = write_ptr("all_to_all", &mut output, stream)?;
         let own = (me * bytes) as u64;
         // SAFETY: both buffers hold `world` blocks of `bytes` (the front checked).
-        unsafe { Self::copy(&stream, dp + own, sp + own, bytes) }?;
-        self.enqueue(call, &stream, |lib, h, s| {
+        unsafe { Self::copy(stream, dp + own, sp + own, bytes) }?;
+        self.enqueue(call, stream, |lib, h, s| {
             grouped(lib, || {
                 let mut p = Progress::Done;
                 for peer in (0..world).filter(|&q| q != me) {
@@ -639,19 +676,19 @@ impl DeviceCommunicator for NcclCommunicator {
         for op in ops.iter_mut() {
             match op {
                 P2p::Send { peer, buf, .. } => {
-                    let (p, g) = read_ptr("send", buf, &stream)?;
+                    let (p, g) = read_ptr("send", buf, stream)?;
                     plan.push((true, *peer, p, buf.numel(), NcclDataType::from(buf.dtype())));
                     guards.push(g);
                 }
                 P2p::Recv { peer, buf, .. } => {
                     let (n, dt) = (buf.numel(), NcclDataType::from(buf.dtype()));
-                    let (p, g) = write_ptr("recv", buf, &stream)?;
+                    let (p, g) = write_ptr("recv", buf, stream)?;
                     plan.push((false, *peer, p, n, dt));
                     guards.push(g);
                 }
             }
         }
-        let r = self.enqueue(call, &stream, |lib, h, s| {
+        let r = self.enqueue(call, stream, |lib, h, s| {
             grouped(lib, || {
                 let mut p = Progress::Done;
                 for &(send, peer, at, n, dt) in &plan {
@@ -677,9 +714,11 @@ impl DeviceCommunicator for NcclCommunicator {
         self.barrier_enqueue(call)
     }
 
+    /// Stores `why` for later calls and has the watchdog thread run
+    /// `ncclCommAbort`: it returns at once, while the abort itself may wait
+    /// for kernels still running on the device.
     fn abort(&mut self, why: &CommError) {
-        self.watchdog.set_error(why.clone());
-        self.watchdog.raw().abort();
+        self.watchdog.abort(why.clone());
     }
 
     fn fence(&mut self) -> Result<Option<Box<dyn Fence>>> {

@@ -280,10 +280,12 @@ impl Launch {
         }
         let width = WIDTHS.iter().rev().copied().find(|&w| {
             w >= es
-                && (run * es) % w == 0
-                && dims[..nd - 1].iter().all(|&(_, s)| (s * es) % w == 0)
-                && src % w as u64 == 0
-                && dst % w as u64 == 0
+                && (run * es).is_multiple_of(w)
+                && dims[..nd - 1]
+                    .iter()
+                    .all(|&(_, s)| (s * es).is_multiple_of(w))
+                && src.is_multiple_of(w as u64)
+                && dst.is_multiple_of(w as u64)
         })?;
         let mut size = [1u64; MAX_DIMS];
         let mut stride = [0u64; MAX_DIMS];

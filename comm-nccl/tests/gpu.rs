@@ -10,8 +10,6 @@
 //! one device); reductions across members are the conformance suite's job
 //! on machines with several GPUs.
 
-use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -287,31 +285,137 @@ fn front_takes_borrowed_cudarc_buffers() {
     s.wait(&event).unwrap();
 }
 
-/// Blocks a stream in a host callback until opened (or 60 s pass).
-struct Gate(Arc<AtomicBool>);
+/// A one-thread kernel that occupies a stream until the test releases it
+/// (a flag in pinned, device-mapped host memory that it polls) or until
+/// its own limit passes on the GPU's clock: GPU work that blocks the stream
+/// without blocking any driver thread. (A host function that waits for the
+/// test would also block the driver's callback thread, and CUDA forbids
+/// host functions to wait on anything that depends on other CUDA work:
+/// what the test observes then is undefined.)
+struct Spin {
+    /// Host address of the flags: `[release, started, finished]`.
+    flags: *mut u32,
+    stream: Arc<CudaStream>,
+    _kernel: cudarc::driver::CudaFunction,
+}
 
-unsafe extern "C" fn wait_gate(arg: *mut c_void) {
-    // SAFETY: `arg` is the leaked `Arc<AtomicBool>` of `Gate::block`.
-    let open = unsafe { &*(arg as *const AtomicBool) };
-    let t0 = Instant::now();
-    while !open.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(60) {
-        std::thread::sleep(Duration::from_millis(1));
+const SPIN_SRC: &str = r#"
+extern "C" __global__ void spin(volatile unsigned int* flags, unsigned long long limit_ns) {
+  unsigned long long t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  flags[1] = 1;
+  __threadfence_system();
+  do {
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  } while (flags[0] == 0 && t - t0 < limit_ns);
+  flags[2] = 1;
+  __threadfence_system();
+}
+"#;
+
+impl Spin {
+    /// Launches the kernel on `stream`; `None` (skipped) without NVRTC.
+    fn start(dev: &CudaDevice, stream: &Arc<CudaStream>, limit: Duration) -> Option<Spin> {
+        use cudarc::driver::{sys, LaunchConfig, PushKernelArg};
+        let ctx = dev.context();
+        let mut opts = cudarc::nvrtc::CompileOptions::default();
+        if let Ok((a, b)) = ctx.compute_capability() {
+            opts.options
+                .push(format!("--gpu-architecture=compute_{a}{b}"));
+        }
+        // cudarc panics when libnvrtc cannot be loaded.
+        let ptx =
+            match std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(SPIN_SRC, opts))
+            {
+                Ok(Ok(ptx)) => ptx,
+                Ok(Err(e)) => panic!("NVRTC failed on the spin kernel: {e:?}"),
+                Err(_) => {
+                    skipped("NVRTC (the test's spin kernel)", "libnvrtc did not load");
+                    return None;
+                }
+            };
+        let module = ctx.load_module(ptx).expect("loading the spin kernel");
+        let kernel = module.load_function("spin").expect("spin entry point");
+        let flags = {
+            // SAFETY: 16 bytes of pinned host memory, mapped for the device.
+            let p = unsafe {
+                cudarc::driver::result::malloc_host(
+                    16,
+                    sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
+                )
+            }
+            .expect("cuMemHostAlloc") as *mut u32;
+            for i in 0..4 {
+                // SAFETY: inside the 16-byte allocation.
+                unsafe { p.add(i).write_volatile(0) };
+            }
+            p
+        };
+        let mut dflags: sys::CUdeviceptr = 0;
+        // SAFETY: `flags` is mapped pinned memory of this context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dflags, flags.cast(), 0) }
+            .result()
+            .expect("cuMemHostGetDevicePointer");
+        let limit_ns = limit.as_nanos() as u64;
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&kernel);
+        b.arg(&dflags).arg(&limit_ns);
+        // SAFETY: the kernel reads and writes the three flags only; the
+        // memory stays allocated until `Drop` has synchronised the stream.
+        unsafe { b.launch(cfg) }.expect("launching the spin kernel");
+        let spin = Spin {
+            flags,
+            stream: stream.clone(),
+            _kernel: kernel,
+        };
+        let t0 = Instant::now();
+        while !spin.flag(1) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the spin kernel did not start"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Some(spin)
+    }
+    fn flag(&self, i: usize) -> bool {
+        // SAFETY: inside the live allocation; the device writes it.
+        unsafe { self.flags.add(i).read_volatile() != 0 }
+    }
+    /// Whether the kernel has returned.
+    fn finished(&self) -> bool {
+        self.flag(2)
+    }
+    fn release(&self) {
+        // SAFETY: inside the live allocation; the kernel polls it.
+        unsafe { self.flags.write_volatile(1) };
     }
 }
 
-impl Gate {
-    fn block(stream: &CudaStream) -> Gate {
-        let open = Arc::new(AtomicBool::new(false));
-        let arg = Arc::into_raw(open.clone()) as *mut c_void;
-        // SAFETY: a valid stream; `arg` stays alive (leaked reference).
-        unsafe {
-            cudarc::driver::result::stream::launch_host_function(stream.cu_stream(), wait_gate, arg)
+impl Drop for Spin {
+    fn drop(&mut self) {
+        self.release();
+        // The kernel must be gone before its flags are freed; if the stream
+        // cannot be synchronised, leak them instead.
+        if self.stream.synchronize().is_ok() {
+            // SAFETY: allocated by cuMemHostAlloc; no kernel uses it now.
+            let _ = unsafe { cudarc::driver::result::free_host(self.flags.cast()) };
         }
-        .expect("cuLaunchHostFunc");
-        Gate(open)
     }
-    fn open(&self) {
-        self.0.store(true, Ordering::SeqCst);
+}
+
+fn within(what: &str, limit: Duration, cond: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -322,7 +426,10 @@ fn calls_return_before_completion_and_fences_tell_when_done() {
     let x = sample(DType::F32, 1 << 20, 4);
     let src = upload(&dev, &x);
     let (mut out, range) = guarded(&dev, x.len());
-    let gate = Gate::block(c.stream());
+    let stream = c.stream().clone();
+    let Some(spin) = Spin::start(&dev, &stream, Duration::from_secs(60)) else {
+        return;
+    };
     let t0 = Instant::now();
     {
         let mut view = out.slice_mut(range);
@@ -337,43 +444,53 @@ fn calls_return_before_completion_and_fences_tell_when_done() {
     let mut fence = c.fence().unwrap().expect("NCCL gives fences");
     assert!(
         !fence.poll().unwrap(),
-        "the work cannot be done: its stream is blocked"
+        "the work cannot be done: its stream is busy"
     );
-    gate.open();
+    assert!(!spin.finished());
+    spin.release();
     c.synchronize().unwrap();
+    assert!(spin.finished());
     assert!(fence.poll().unwrap());
     assert_eq!(download(&out), framed(&x));
-    eprintln!("enqueue returned in {enqueue:?} while the stream was blocked");
+    eprintln!("enqueue returned in {enqueue:?} while the stream was busy");
 }
 
-/// A call whose work cannot finish by its deadline: the watchdog aborts the
-/// communicator and the next call returns the Timeout. (`gpu/check.sh`
-/// runs this one in a process of its own: the aborted communicator's queued
-/// kernel runs when the stream is released.)
+/// A call whose work cannot finish by its deadline (its stream is busy
+/// with a kernel the test holds): the watchdog stores the Timeout while the
+/// stream is still blocked, the next call fails at once, and the
+/// communicator is aborted. (`gpu/check.sh` runs this one in a process of
+/// its own.)
 #[test]
 fn watchdog_times_out_a_blocked_stream() {
     let Some((dev, mut c)) = nccl1() else { return };
-    let mut b = upload(&dev, &sample(DType::F32, 1024, 5));
-    let gate = Gate::block(c.stream());
+    let x = sample(DType::F32, 1 << 20, 5);
+    let src = upload(&dev, &x);
+    let mut out = upload(&dev, &vec![0u8; x.len()]);
+    let stream = c.stream().clone();
+    let Some(spin) = Spin::start(&dev, &stream, Duration::from_secs(60)) else {
+        return;
+    };
     let t0 = Instant::now();
-    c.all_reduce(
+    // World 1: NCCL copies the input behind the kernel.
+    c.all_gather(
         &call(
-            Collective::AllReduce,
+            Collective::AllGather,
             DType::F32,
-            1024,
+            1 << 20,
             Duration::from_secs(1),
         ),
-        wr(&mut b, DType::F32),
-        ReduceOp::Sum,
+        rd(&src, DType::F32),
+        wr(&mut out, DType::F32),
     )
     .unwrap();
-    let limit = Instant::now() + Duration::from_secs(30);
-    while c.error().is_none() {
-        assert!(Instant::now() < limit, "no watchdog timeout within 30 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    within("the watchdog timeout", Duration::from_secs(20), || {
+        c.error().is_some()
+    });
     let waited = t0.elapsed();
-    gate.open();
+    assert!(
+        !spin.finished(),
+        "the timeout must come while the stream is still blocked"
+    );
     match c.error() {
         Some(CommError::Timeout { keys, .. }) => {
             assert!(
@@ -385,10 +502,22 @@ fn watchdog_times_out_a_blocked_stream() {
         other => panic!("expected a Timeout, got {other:?}"),
     }
     assert!(waited >= Duration::from_secs(1), "{waited:?}");
+    let t1 = Instant::now();
     let next = c.barrier(&call60(Collective::Barrier, DType::F32, 1));
+    let refused = t1.elapsed();
     assert!(matches!(next, Err(CommError::Timeout { .. })), "{next:?}");
-    assert!(c.raw().is_closed(), "the communicator was aborted");
-    eprintln!("watchdog fired after {waited:?}");
+    assert!(refused < Duration::from_secs(1), "{refused:?}");
+    within("the abort", Duration::from_secs(10), || c.raw().is_closed());
+    let held = t0.elapsed();
+    spin.release();
+    let t2 = Instant::now();
+    drop(c);
+    drop(spin);
+    eprintln!(
+        "watchdog fired after {waited:?} with the stream blocked (held {held:?}); \
+         the next call was refused in {refused:?}; dropping the aborted communicator took {:?}",
+        t2.elapsed()
+    );
 }
 
 /// `[r, c]` read as row-major and written transposed, as host bytes.

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use comm_nccl::{NcclCommunicator, NcclFactory, NcclOptions};
 const STUB_C: &str = r#"
 #include <stddef.h>
 #include <string.h>
+#include <unistd.h>
 #ifndef STUB_VERSION
 #define STUB_VERSION 21903
 #endif
@@ -40,6 +41,11 @@ int stub_destroys(void) { return destroys; }
 int stub_finalizes(void) { return finalizes; }
 int stub_config_ok(void) { return config_ok; }
 void stub_set_async(int code) { async_code = code; }
+/* While set, ncclCommGetAsyncError / ncclCommAbort do not return: an NCCL
+   call stuck behind a busy driver or device. */
+static volatile int block_async, block_abort;
+void stub_block_async(int b) { block_async = b; }
+void stub_block_abort(int b) { block_abort = b; }
 int ncclGetVersion(int* v) { *v = STUB_VERSION; return 0; }
 const char* ncclGetErrorString(int r) { return r == 3 ? "internal error - please report this issue to the NCCL developers" : r == 6 ? "remote process exited or there was a network error" : "stub error"; }
 const char* ncclGetLastError(void* c) { (void)c; return "stub detail: transport failed"; }
@@ -55,13 +61,14 @@ int ncclCommInitRankConfig(void** c, int n, id_t_ id, int r, cfg_t* cfg) {
 }
 int ncclCommGetAsyncError(void* c, int* st) {
   (void)c;
+  while (block_async) usleep(1000);
   polls++;
   *st = (INIT_POLLS < 0 || polls < INIT_POLLS) ? 7 : async_code;
   return 0;
 }
 int ncclCommFinalize(void* c) { (void)c; finalizes++; return 0; }
 int ncclCommDestroy(void* c) { (void)c; destroys++; return 0; }
-int ncclCommAbort(void* c) { (void)c; aborts++; return 0; }
+int ncclCommAbort(void* c) { (void)c; while (block_abort) usleep(1000); aborts++; return 0; }
 int ncclAllReduce(const void* s, void* r, size_t n, int d, int o, void* c, void* st) { (void)s;(void)r;(void)n;(void)d;(void)o;(void)c;(void)st; return FAIL_CODE; }
 int ncclAllGather(const void* s, void* r, size_t n, int d, void* c, void* st) { (void)s;(void)r;(void)n;(void)d;(void)c;(void)st; return 0; }
 int ncclReduceScatter(const void* s, void* r, size_t n, int d, int o, void* c, void* st) { (void)s;(void)r;(void)n;(void)d;(void)o;(void)c;(void)st; return 0; }
@@ -380,22 +387,74 @@ fn abort_is_idempotent_and_closes_the_handle_for_every_user() {
 }
 
 /// A [`Tracker`] the test drives: `issued` is what a mark covers, `done`
-/// what has completed.
+/// what has completed; while `hold_mark` / `hold_reached` are set, marking
+/// / querying does not return (a CUDA call stuck in the driver), for at
+/// most [`HOLD_LIMIT`] so a failing test ends.
 #[derive(Clone, Default)]
 struct FakeStream {
     issued: Arc<AtomicU64>,
     done: Arc<AtomicU64>,
     marks: Arc<AtomicU64>,
+    hold_mark: Arc<AtomicBool>,
+    hold_reached: Arc<AtomicBool>,
+    /// Set while a call is held.
+    holding: Arc<AtomicBool>,
+}
+
+const HOLD_LIMIT: Duration = Duration::from_secs(30);
+
+impl FakeStream {
+    fn hold(&self, gate: &AtomicBool) {
+        let t0 = Instant::now();
+        while gate.load(Ordering::SeqCst) && t0.elapsed() < HOLD_LIMIT {
+            self.holding.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.holding.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Tracker for FakeStream {
     type Mark = u64;
     fn mark(&mut self) -> comm_core::Result<u64> {
+        self.hold(&self.hold_mark);
         self.marks.fetch_add(1, Ordering::SeqCst);
         Ok(self.issued.load(Ordering::SeqCst))
     }
     fn reached(&mut self, mark: &u64) -> comm_core::Result<bool> {
+        self.hold(&self.hold_reached);
         Ok(self.done.load(Ordering::SeqCst) >= *mark)
+    }
+}
+
+/// Runs `f`, asserting it returned within 2 s (calls that must not wait for
+/// CUDA, NCCL or the watchdog's threads).
+fn prompt<R>(what: &str, f: impl FnOnce() -> R) -> R {
+    let t0 = Instant::now();
+    let r = f();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "{what} took {:?}: it waited for a blocked call",
+        t0.elapsed()
+    );
+    r
+}
+
+fn expect_timeout(e: Option<CommError>, seq: u64) {
+    match e {
+        Some(CommError::Timeout {
+            operation, keys, ..
+        }) => {
+            assert!(
+                operation.contains(&format!("all_reduce #{seq}")),
+                "{operation}"
+            );
+            assert!(
+                keys.iter().any(|k| k.contains("members of group `tp:0`")),
+                "{keys:?}"
+            );
+        }
+        other => panic!("expected a Timeout, got {other:?}"),
     }
 }
 
@@ -442,7 +501,8 @@ fn watchdog_times_out_work_that_never_completes_and_aborts() {
         other => panic!("expected Timeout, got {other:?}"),
     }
     assert!(w.check().is_err(), "the next call gets the error");
-    assert_eq!(counter(&p, "stub_aborts"), 1, "the communicator is aborted");
+    // The watchdog's thread aborts right after storing the error.
+    eventually("the abort", || counter(&p, "stub_aborts") == 1);
     assert!(w.raw().is_closed());
 }
 
@@ -500,7 +560,7 @@ fn watchdog_turns_an_async_nccl_error_into_the_next_calls_error() {
         }
         other => panic!("expected the NCCL error, got {other:?}"),
     }
-    assert_eq!(counter(&p, "stub_aborts"), 1);
+    eventually("the abort", || counter(&p, "stub_aborts") == 1);
 }
 
 #[test]
@@ -515,7 +575,132 @@ fn watchdog_sees_async_errors_while_idle() {
     unsafe { set_async(2) };
     eventually("the idle poll", || w.error().is_some());
     assert!(matches!(w.error(), Some(CommError::Nccl { code: 2, .. })));
-    assert_eq!(counter(&p, "stub_aborts"), 1);
+    eventually("the abort", || counter(&p, "stub_aborts") == 1);
+}
+
+/// The GPU failure of the first watchdog (one thread that polled CUDA and
+/// then checked deadlines): a completion query that does not return (on
+/// the GPU, a CUDA call blocked in the driver) meant no timeout at all.
+/// Deadlines now hold whatever the queries do.
+#[test]
+fn watchdog_deadline_holds_while_completion_queries_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = stub(dir.path(), "wd-stuck-query", &[]) else {
+        return;
+    };
+    let fake = FakeStream::default();
+    fake.hold_reached.store(true, Ordering::SeqCst);
+    let w = Watchdog::start(init(leak(&p), 2), "tp:0".into(), 2, fake.clone()).unwrap();
+    let t0 = Instant::now();
+    fake.issued.store(1, Ordering::SeqCst);
+    prompt("watch", || {
+        w.watch(desc(1), Deadline::after(Duration::from_millis(300)))
+    });
+    eventually("the poller stuck in a query", || {
+        fake.holding.load(Ordering::SeqCst)
+    });
+    eventually("the watchdog timeout", || {
+        prompt("error", || w.error()).is_some()
+    });
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    expect_timeout(w.error(), 1);
+    assert!(
+        fake.holding.load(Ordering::SeqCst),
+        "the query is still stuck"
+    );
+    eventually("the abort", || counter(&p, "stub_aborts") == 1);
+    assert!(prompt("check", || w.check()).is_err());
+    fake.hold_reached.store(false, Ordering::SeqCst);
+}
+
+/// Marking (a CUDA event record) that does not return holds no lock the
+/// calls need: registering, checking and counting stay prompt, and the
+/// deadline still holds.
+#[test]
+fn watchdog_calls_never_wait_for_a_blocked_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = stub(dir.path(), "wd-stuck-mark", &[]) else {
+        return;
+    };
+    let fake = FakeStream::default();
+    fake.hold_mark.store(true, Ordering::SeqCst);
+    let w = Watchdog::start(init(leak(&p), 2), "tp:0".into(), 2, fake.clone()).unwrap();
+    fake.issued.store(1, Ordering::SeqCst);
+    w.watch(desc(1), Deadline::after(Duration::from_millis(300)));
+    eventually("the poller stuck in a mark", || {
+        fake.holding.load(Ordering::SeqCst)
+    });
+    for seq in 2..=4 {
+        prompt("watch", || {
+            w.watch(desc(seq), Deadline::after(Duration::from_secs(600)))
+        });
+    }
+    assert_eq!(prompt("pending", || w.pending()), 4);
+    eventually("the watchdog timeout", || {
+        prompt("error", || w.error()).is_some()
+    });
+    expect_timeout(w.error(), 1);
+    eventually("the abort", || counter(&p, "stub_aborts") == 1);
+    fake.hold_mark.store(false, Ordering::SeqCst);
+}
+
+/// An NCCL call of the poller that does not return (`ncclCommGetAsyncError`
+/// behind a busy driver): the deadline holds, and the abort runs once it
+/// returns.
+#[test]
+fn watchdog_deadline_holds_while_nccl_polls_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = stub(dir.path(), "wd-stuck-nccl", &[]) else {
+        return;
+    };
+    let fake = FakeStream::default();
+    let w = Watchdog::start(init(leak(&p), 2), "tp:0".into(), 2, fake.clone()).unwrap();
+    let (_l, block) = sym::<unsafe extern "C" fn(i32)>(&p, "stub_block_async");
+    // SAFETY: `void stub_block_async(int)` of the stub.
+    unsafe { block(1) };
+    fake.issued.store(1, Ordering::SeqCst);
+    w.watch(desc(1), Deadline::after(Duration::from_millis(300)));
+    eventually("the watchdog timeout", || {
+        prompt("error", || w.error()).is_some()
+    });
+    expect_timeout(w.error(), 1);
+    assert_eq!(
+        counter(&p, "stub_aborts"),
+        0,
+        "the abort waits for the poll"
+    );
+    // SAFETY: as above.
+    unsafe { block(0) };
+    eventually("the abort", || counter(&p, "stub_aborts") == 1);
+}
+
+/// The front's abort (after a fatal error) returns at once even when
+/// `ncclCommAbort` blocks (it frees device memory, which waits for running
+/// kernels): the abort runs on the watchdog's thread, and every later use
+/// fails at once instead of queueing behind it.
+#[test]
+fn abort_returns_at_once_while_ncclcommabort_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(p) = stub(dir.path(), "wd-slow-abort", &[]) else {
+        return;
+    };
+    let w = Watchdog::start(init(leak(&p), 2), "tp:0".into(), 2, FakeStream::default()).unwrap();
+    let (_l, block) = sym::<unsafe extern "C" fn(i32)>(&p, "stub_block_abort");
+    // SAFETY: `void stub_block_abort(int)` of the stub.
+    unsafe { block(1) };
+    prompt("abort", || {
+        w.abort(CommError::Aborted("aborted by the test".into()))
+    });
+    assert!(matches!(w.error(), Some(CommError::Aborted(m)) if m.contains("by the test")));
+    eventually("the abort started", || w.raw().is_closed());
+    let r = prompt("a call during the abort", || w.raw().with(|_, _| Ok(())));
+    assert!(matches!(r, Err(CommError::Aborted(_))), "{r:?}");
+    assert_eq!(counter(&p, "stub_aborts"), 0);
+    // SAFETY: as above.
+    unsafe { block(0) };
+    eventually("the abort", || counter(&p, "stub_aborts") == 1);
+    drop(w);
+    assert_eq!(counter(&p, "stub_aborts"), 1, "aborted once");
 }
 
 #[test]

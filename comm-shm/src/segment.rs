@@ -825,7 +825,7 @@ impl Segment {
                     Err(WaitFail::Aborted(code))
                 };
             }
-            if last_check.map_or(true, |t| t.elapsed() >= p.sleep_slice) {
+            if last_check.is_none_or(|t| t.elapsed() >= p.sleep_slice) {
                 last_check = Some(Instant::now());
                 if let Err(e) = self.check_watch(watch) {
                     // It may have published just before leaving.

@@ -2,37 +2,32 @@
 
 /// `x [rows, k] @ w [k, n]`, row-major.
 pub fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
-    assert!(
-        x.len() == rows * k && w.len() == k * n,
-        "matmul: operand sizes"
-    );
     let mut out = vec![0f32; rows * n];
-    // SAFETY: `x` is `rows x k`, `w` is `k x n` and `out` is `rows x n`, all
-    // row-major with the strides given (checked above), and `out` does not
-    // alias the inputs.
-    unsafe {
-        matrixmultiply::sgemm(
-            rows,
-            k,
-            n,
-            1.0,
-            x.as_ptr(),
-            k as isize,
-            1,
-            w.as_ptr(),
-            n as isize,
-            1,
-            0.0,
-            out.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    matmul_into(x, w, rows, k, n, &mut out);
     out
 }
 
-/// `c += alpha * a @ b` for strided views (row and column strides in
-/// elements), bounds checked against the slices.
+/// `out [rows, n] = x [rows, k] @ w [k, n]`, row-major, into a caller's
+/// buffer (steady-state layers allocate nothing).
+pub fn matmul_into(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize, out: &mut [f32]) {
+    assert!(
+        x.len() == rows * k && w.len() == k * n && out.len() == rows * n,
+        "matmul: operand sizes"
+    );
+    gemm_strided(
+        rows,
+        k,
+        n,
+        1.0,
+        (x, 0, k as isize, 1),
+        (w, 0, n as isize, 1),
+        0.0,
+        (out, 0, n as isize, 1),
+    );
+}
+
+/// `c = alpha * a @ b + beta * c` for strided views (offset, row and column
+/// strides in elements), bounds checked against the slices.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_strided(
     m: usize,
@@ -52,6 +47,10 @@ pub(crate) fn gemm_strided(
         }
     };
     assert!(
+        a.2 >= 0 && a.3 >= 0 && b.2 >= 0 && b.3 >= 0 && c.2 >= 0 && c.3 >= 0,
+        "gemm: negative strides"
+    );
+    assert!(
         a.1 + extent(m, k, a.2, a.3) <= a.0.len(),
         "gemm: a out of bounds"
     );
@@ -63,6 +62,9 @@ pub(crate) fn gemm_strided(
         c.1 + extent(m, n, c.2, c.3) <= c.0.len(),
         "gemm: c out of bounds"
     );
+    if m == 0 || n == 0 {
+        return;
+    }
     // SAFETY: the three views lie inside their slices (asserted above, with
     // non-negative strides), and `c` is a distinct mutable slice.
     unsafe {

@@ -9,7 +9,11 @@
 //! Attention is computed with an online softmax ([`OnlineSoftmax`]): keys
 //! and values may arrive in blocks (ring attention) and the result is the
 //! same, within rounding, as attending to all of them at once. The
-//! single-process [`reference`] uses the same code with one block.
+//! single-process [`Model::reference`] uses the same code with one block.
+//!
+//! [`usp`] runs the same layers over sequence-parallel groups: Ulysses
+//! all-to-alls and ring attention whose K/V exchange hides behind the
+//! attention compute (the main job, `parallel-state`'s `ulysses_attention`).
 //!
 //! ```
 //! use demo_model::{Config, Model};
@@ -23,9 +27,26 @@
 
 mod attention;
 mod gemm;
+pub mod usp;
 
 pub use attention::OnlineSoftmax;
-pub use gemm::matmul;
+pub use gemm::{matmul, matmul_into};
+
+/// The largest absolute difference between `a` and `b` (infinite when
+/// their lengths differ or either holds a NaN where the other does not).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    if a.len() != b.len() {
+        return f32::INFINITY;
+    }
+    a.iter().zip(b).fold(0f32, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    })
+}
 
 /// Shape of the demo model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,5 +199,47 @@ mod tests {
             .map(|(a, c)| (a - c).abs())
             .fold(0f32, f32::max);
         assert!(err < 1e-5, "max abs error {err}");
+    }
+
+    #[test]
+    fn packed_blocks_and_reuse_are_bit_identical() {
+        let (b, s, h, d) = (2, 9, 3, 4);
+        let mut g = Lcg(11);
+        let (q, k, v) = (
+            g.vec(b * s * h * d, 1.0),
+            g.vec(b * s * h * d, 1.0),
+            g.vec(b * s * h * d, 1.0),
+        );
+        // [b, s, h, 2d]: each head's key, then its value.
+        let kv: Vec<f32> = k
+            .chunks(d)
+            .zip(v.chunks(d))
+            .flat_map(|(kc, vc)| kc.iter().chain(vc).copied())
+            .collect();
+        let mut plain = OnlineSoftmax::new(b, s, h, d);
+        plain.update(&q, &k, &v, s, 7);
+        let plain = plain.finish();
+        let mut packed = OnlineSoftmax::new(b, s, h, d);
+        let mut out = vec![0f32; plain.len()];
+        for _ in 0..2 {
+            packed.reset();
+            packed.update_packed(&q, &kv, s, 7);
+            packed.finish_into(&mut out);
+            assert_eq!(out, plain);
+        }
+    }
+
+    #[test]
+    fn matmul_into_matches_a_naive_product() {
+        let (m, k, n) = (5, 7, 3);
+        let mut g = Lcg(3);
+        let (x, w) = (g.vec(m * k, 1.0), g.vec(k * n, 1.0));
+        let got = matmul(&x, &w, m, k, n);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|t| x[i * k + t] * w[t * n + j]).sum();
+                assert!((got[i * n + j] - want).abs() < 1e-5);
+            }
+        }
     }
 }

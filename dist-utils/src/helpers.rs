@@ -22,7 +22,7 @@ pub fn ensure_divisibility(numerator: usize, denominator: usize) -> Result<()> {
             "cannot divide {numerator} by zero"
         )));
     }
-    if numerator % denominator != 0 {
+    if !numerator.is_multiple_of(denominator) {
         return Err(CommError::invalid(format!(
             "{numerator} is not divisible by {denominator} (remainder {})",
             numerator % denominator
@@ -64,7 +64,7 @@ pub fn split_tensor_along_last_dim(t: &Tensor, parts: usize) -> Result<Vec<Tenso
 /// assert_eq!(compute_padding_for_sp(8, 4), (8, 0));
 /// ```
 pub fn compute_padding_for_sp(len: usize, p: usize) -> (usize, usize) {
-    if p <= 1 || len % p == 0 {
+    if p <= 1 || len.is_multiple_of(p) {
         (len, 0)
     } else {
         let pad = p - len % p;

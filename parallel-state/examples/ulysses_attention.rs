@@ -7,16 +7,23 @@
 //! Without `RANK` in the environment it launches `--nproc` copies of itself
 //! (through the project's launcher) and exits with their status. Each rank
 //! shards a `[B, S, H*D]` sequence (S not divisible by N, so it is padded),
-//! runs a stack of attention layers with an all_to_all_4D before attention
-//! and one after it, gathers the output with unpad, and compares it with the
-//! same layers run in one process. It exits non-zero if the max abs error
-//! exceeds 1e-5.
+//! runs demo-model's stack of attention layers (matrixmultiply GEMMs) with
+//! an all_to_all_4D before attention and one after it, gathers the output
+//! with unpad, and compares it with the same layers run in one process. It
+//! exits with 2 if the max abs error exceeds the tolerance (1e-5).
+//!
+//! `--ring R` runs USP: Ulysses over N / R ranks and ring attention over R
+//! (the K/V block travels around the ring while the current one is
+//! attended), and prints how much of the ring exchange was hidden behind
+//! the attention compute.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Parser;
-use parallel_state::{Device, InitOptions, ParallelState, ReduceOp, Tensor};
+use demo_model::usp::{forward_sequence_parallel, ring_wait_breakdown, UspGroups};
+use demo_model::{max_abs_diff, Config, Model};
+use parallel_state::{CommError, InitOptions, ParallelState, ReduceOp, Tensor};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Ulysses sequence-parallel attention, checked against one process")]
@@ -30,7 +37,7 @@ struct Args {
     /// Sequence length (need not divide by the number of processes).
     #[arg(long, default_value_t = 1022)]
     seq: usize,
-    /// Attention heads (must divide by the number of processes).
+    /// Attention heads (must divide by the Ulysses degree, processes / --ring).
     #[arg(long, default_value_t = 8)]
     heads: usize,
     /// Head dimension.
@@ -39,6 +46,10 @@ struct Args {
     /// Number of attention layers.
     #[arg(long, default_value_t = 4)]
     layers: usize,
+    /// Ring degree R: ring attention over groups of R ranks, Ulysses over
+    /// the other processes / R (USP). 1 is pure Ulysses.
+    #[arg(long, default_value_t = 1)]
+    ring: usize,
     /// `auto` (the local GPU when CUDA is visible), `cpu`, `cuda` (the
     /// local rank's GPU; needs the `nccl` feature) or `cuda:N`.
     #[arg(long, default_value = "cpu")]
@@ -54,113 +65,6 @@ struct Args {
     timeout: u64,
 }
 
-/// A small deterministic generator, so every rank builds identical weights.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * scale).collect()
-    }
-}
-
-struct Layer {
-    wq: Vec<f32>,
-    wk: Vec<f32>,
-    wv: Vec<f32>,
-    wo: Vec<f32>,
-}
-
-fn layers(n: usize, hidden: usize) -> Vec<Layer> {
-    let mut g = Lcg(0x5eed);
-    let s = 1.0 / (hidden as f32).sqrt();
-    (0..n)
-        .map(|_| Layer {
-            wq: g.vec(hidden * hidden, s),
-            wk: g.vec(hidden * hidden, s),
-            wv: g.vec(hidden * hidden, s),
-            wo: g.vec(hidden * hidden, s),
-        })
-        .collect()
-}
-
-/// `x [rows, k] @ w [k, n]`, i-k-j order so the inner loop vectorises.
-fn matmul(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut out = vec![0f32; rows * n];
-    for r in 0..rows {
-        let o = &mut out[r * n..(r + 1) * n];
-        for (kk, &xv) in x[r * k..(r + 1) * k].iter().enumerate() {
-            for (ov, wv) in o.iter_mut().zip(&w[kk * n..(kk + 1) * n]) {
-                *ov += xv * wv;
-            }
-        }
-    }
-    out
-}
-
-/// Softmax attention over `[B, S, h, D]` q/k/v, keys limited to the first
-/// `valid` positions (the rest is sequence padding).
-fn attention(q: &[f32], k: &[f32], v: &[f32], [b, s, h, d]: [usize; 4], valid: usize) -> Vec<f32> {
-    let mut out = vec![0f32; b * s * h * d];
-    let scale = 1.0 / (d as f32).sqrt();
-    let idx = |bb: usize, ss: usize, hh: usize| ((bb * s + ss) * h + hh) * d;
-    let mut scores = vec![0f32; valid];
-    for bb in 0..b {
-        for hh in 0..h {
-            for i in 0..s {
-                let qi = &q[idx(bb, i, hh)..idx(bb, i, hh) + d];
-                let mut max = f32::NEG_INFINITY;
-                for (j, sc) in scores.iter_mut().enumerate() {
-                    let kj = &k[idx(bb, j, hh)..idx(bb, j, hh) + d];
-                    *sc = qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f32>() * scale;
-                    max = max.max(*sc);
-                }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                let o = &mut out[idx(bb, i, hh)..idx(bb, i, hh) + d];
-                for (j, sc) in scores.iter().enumerate() {
-                    let w = sc / sum;
-                    for (ov, vv) in o.iter_mut().zip(&v[idx(bb, j, hh)..idx(bb, j, hh) + d]) {
-                        *ov += w * vv;
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-/// One process: all layers over the full sequence.
-fn reference(x: &[f32], a: &Args, ls: &[Layer]) -> Vec<f32> {
-    let (b, s, h, d) = (a.batch, a.seq, a.heads, a.head_dim);
-    let hid = h * d;
-    let mut x = x.to_vec();
-    for l in ls {
-        let q = matmul(&x, &l.wq, b * s, hid, hid);
-        let k = matmul(&x, &l.wk, b * s, hid, hid);
-        let v = matmul(&x, &l.wv, b * s, hid, hid);
-        let o = attention(&q, &k, &v, [b, s, h, d], s);
-        let o = matmul(&o, &l.wo, b * s, hid, hid);
-        x.iter_mut().zip(&o).for_each(|(xv, ov)| *xv += ov);
-    }
-    x
-}
-
-fn to_device(t: Tensor, device: Device) -> parallel_state::Result<Tensor> {
-    match device {
-        Device::Cpu => Ok(t),
-        Device::Cuda(_) => parallel_state::to_device(&t, device),
-    }
-}
-
 fn run_rank(a: &Args) -> parallel_state::Result<bool> {
     let request: parallel_state::DeviceRequest = a.device.parse()?;
     let mut opts = InitOptions::default().with_device(request);
@@ -168,76 +72,151 @@ fn run_rank(a: &Args) -> parallel_state::Result<bool> {
     let ps = ParallelState::init_from_env(opts)?;
     let device = ps.local_device();
     let p = ps.world_size();
-    ps.initialize_model_parallel(1, p, None)?;
-    let sp = ps.sp_group()?;
     let (b, s, h, d) = (a.batch, a.seq, a.heads, a.head_dim);
     let hid = h * d;
-    if h % p != 0 {
-        return Err(parallel_state::CommError::invalid(format!(
-            "--heads {h} must divide by the {p} processes"
+    if a.ring == 0 || p % a.ring != 0 {
+        return Err(CommError::invalid(format!(
+            "--ring {} must divide the {p} processes",
+            a.ring
         )));
     }
-    let ls = layers(a.layers, hid);
-    let input = Lcg(42).vec(b * s * hid, 1.0);
+    let u = p / a.ring;
+    if h % u != 0 {
+        return Err(CommError::invalid(format!(
+            "--heads {h} must divide by the Ulysses degree {u} (processes / --ring)"
+        )));
+    }
+    ps.initialize_model_parallel(1, p, None)?;
+    ps.initialize_ulysses_ring(u)?;
+    let groups = UspGroups {
+        sp: ps.sp_group()?,
+        ulysses: ps.ulysses_group()?,
+        ring: ps.ring_group()?,
+    };
+    let sp = groups.sp.clone();
+    let cfg = Config {
+        batch: b,
+        seq: s,
+        heads: h,
+        head_dim: d,
+        layers: a.layers,
+    };
+    let model = Model::new(&cfg);
+    let input = model.input();
     let full = Tensor::from_vec(input.clone(), [b, s, hid])?;
-    let (mut x, orig_len) = sp.shard(&full, 1)?;
-    let sl = x.shape()[1];
-    let padded = sl * p;
+    let ring_mode = a.ring > 1;
+    let run = forward_sequence_parallel(&model, &groups, &full, device, ring_mode)?;
+    let sl = run.shard_len;
     if sp.rank_in_group() == 0 {
         println!(
-            "world {p}, sp group {:?} on {} backend, device {device}; x [{b}, {s}, {h}x{d}] sharded to [{b}, {sl}, {hid}] (padded {s} -> {padded})",
+            "world {p}, sp group {:?} on {} backend, device {device}; x [{b}, {s}, {h}x{d}] sharded to [{b}, {sl}, {hid}] (padded {s} -> {})",
             sp.ranks(),
             sp.host_backend(),
+            sl * p,
         );
-    }
-    let mut per_layer = Vec::new();
-    for l in &ls {
-        let mut comm = Duration::ZERO;
-        let t0 = Instant::now();
-        let xv = x.as_slice::<f32>()?;
-        let mut qkv = Vec::new();
-        for w in [&l.wq, &l.wk, &l.wv] {
-            let y = Tensor::from_vec(matmul(xv, w, b * sl, hid, hid), [b, sl, h, d])?;
-            let y = to_device(y, device)?;
-            let c = Instant::now();
-            let y = sp.all_to_all_4d(&y, 2, 1)?; // [B, S_pad, H/P, D]
-            comm += c.elapsed();
-            qkv.push(y.to_vec::<f32>()?);
+        if ring_mode {
+            println!(
+                "USP: ulysses degree {u} (all_to_all_4d over {:?}) x ring degree {} (ring attention over {:?}, K/V blocks [{b}, {}, {}, 2x{d}] passed with ring_pass)",
+                groups.ulysses.ranks(),
+                a.ring,
+                groups.ring.ranks(),
+                u * sl,
+                h / u,
+            );
         }
-        let o = attention(&qkv[0], &qkv[1], &qkv[2], [b, padded, h / p, d], orig_len);
-        let o = to_device(Tensor::from_vec(o, [b, padded, h / p, d])?, device)?;
-        let c = Instant::now();
-        let o = sp.all_to_all_4d(&o, 1, 2)?; // [B, S_pad/P, H, D]
-        comm += c.elapsed();
-        let o = matmul(&o.to_vec::<f32>()?, &l.wo, b * sl, hid, hid);
-        let xs = x.as_mut_slice::<f32>()?;
-        xs.iter_mut().zip(&o).for_each(|(xv, ov)| *xv += ov);
-        let total = t0.elapsed();
-        // The slowest rank sets the pace: report the max over the group.
-        let mut t = Tensor::from_vec1(vec![comm.as_secs_f64(), (total - comm).as_secs_f64()]);
-        sp.all_reduce(&mut t, ReduceOp::Max)?;
-        per_layer.push(t.to_vec::<f64>()?);
     }
-    let out = sp.all_gather_with_unpad(&x, 1, orig_len)?;
+    // Per layer: the slowest rank's communication and compute (max over the
+    // group), and the ring's exposed wait and standalone exchange summed
+    // over ranks.
+    let mut per_layer = Vec::new();
+    for t in &run.layers {
+        let mut max = Tensor::from_vec1(vec![
+            t.communication().as_secs_f64(),
+            t.compute().as_secs_f64(),
+            t.all_to_all.as_secs_f64(),
+        ]);
+        sp.all_reduce(&mut max, ReduceOp::Max)?;
+        let mut sum = Tensor::from_vec1(vec![
+            t.ring.exposed.as_secs_f64(),
+            t.standalone.unwrap_or_default().as_secs_f64(),
+            t.ring.starting.as_secs_f64(),
+        ]);
+        sp.all_reduce(&mut sum, ReduceOp::Sum)?;
+        let mut v = max.to_vec::<f64>()?;
+        v.extend(sum.to_vec::<f64>()?);
+        per_layer.push(v);
+    }
+    // Where the exposed ring wait went (stamps compare only on one host).
+    let one_host = ps.node_group()?.world_size() == p;
+    let breakdown = if ring_mode && one_host {
+        let b = ring_wait_breakdown(&groups.ring, &run.layers)?;
+        let mut sum = Tensor::from_vec1(vec![
+            b.neighbour_late.as_secs_f64(),
+            b.transfer.as_secs_f64(),
+        ]);
+        sp.all_reduce(&mut sum, ReduceOp::Sum)?;
+        Some(sum.to_vec::<f64>()?)
+    } else {
+        None
+    };
     let ok = if sp.rank_in_group() == 0 {
         for (i, t) in per_layer.iter().enumerate() {
+            let ring = if ring_mode {
+                format!(
+                    "   (all_to_all_4d {:.3} ms; ring: starting {:.3} ms + exposed wait {:.3} ms of {:.3} ms standalone, rank mean)",
+                    t[2] * 1e3,
+                    t[5] / p as f64 * 1e3,
+                    t[3] / p as f64 * 1e3,
+                    t[4] / p as f64 * 1e3
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "layer {i}: communication {:8.3} ms   compute {:8.3} ms",
+                "layer {i}: communication {:8.3} ms   compute {:8.3} ms{ring}",
                 t[0] * 1e3,
                 t[1] * 1e3
             );
         }
-        let r = reference(&input, a, &ls);
-        let got = out.to_vec::<f32>()?;
-        let err = got
-            .iter()
-            .zip(&r)
-            .map(|(g, e)| (g - e).abs())
-            .fold(0f32, f32::max);
-        let ok = got.len() == r.len() && err <= a.tolerance;
+        if ring_mode {
+            let sum = |k: usize| per_layer.iter().map(|t| t[k]).sum::<f64>();
+            let (wait, standalone, starting) = (sum(3), sum(4), sum(5));
+            let hidden = |e: f64| {
+                if standalone > 0.0 {
+                    (1.0 - e / standalone) * 100.0
+                } else {
+                    0.0
+                }
+            };
+            println!(
+                "ring communication hidden behind compute: {:.1}% = 1 - (starting {:.3} ms + exposed wait {:.3} ms) / \
+                 standalone exchange {:.3} ms; counting the wait alone: {:.1}% \
+                 (sums over layers and ranks; starting: queueing each exchange, including getting a core back after \
+                 waking the progress engine; exposed wait: waiting for the next K/V block after attending the current \
+                 one; standalone: the same blocks passed around the ring with no compute, after a barrier, in every \
+                 layer of this run)",
+                hidden(starting + wait),
+                starting * 1e3,
+                wait * 1e3,
+                standalone * 1e3,
+                hidden(wait),
+            );
+            if let Some(b) = &breakdown {
+                println!(
+                    "  from the ring neighbours' step stamps: {:.3} ms waiting for a neighbour still computing its \
+                     previous step (load imbalance), {:.3} ms after both neighbours had started the exchange",
+                    b[0] * 1e3,
+                    b[1] * 1e3,
+                );
+            }
+        }
+        let reference = model.reference(&input);
+        let got = run.output.to_vec::<f32>()?;
+        let err = max_abs_diff(&got, &reference);
+        let ok = err <= a.tolerance;
         println!(
             "output [{b}, {}, {hid}] vs single-process reference: max abs error {err:.3e} (tolerance {:.0e}) -> {}",
-            out.shape()[1],
+            run.output.shape()[1],
             a.tolerance,
             if ok { "OK" } else { "FAILED" }
         );

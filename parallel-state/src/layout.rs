@@ -1,5 +1,5 @@
 //! Rank layouts: which global ranks form each tensor-, sequence- and
-//! data-parallel group.
+//! data-parallel group (the rules are in the crate docs, "Group layouts").
 
 use comm_core::{CommError, Result};
 
@@ -37,12 +37,12 @@ fn check_sizes(world: usize, tp: usize, sp: usize) -> Result<()> {
              sequence_parallel_size={sp}"
         )));
     }
-    if world % tp != 0 {
+    if !world.is_multiple_of(tp) {
         return Err(CommError::invalid(format!(
             "world_size {world} is not divisible by tensor_parallel_size {tp}"
         )));
     }
-    if world % sp != 0 {
+    if !world.is_multiple_of(sp) {
         return Err(CommError::invalid(format!(
             "world_size {world} is not divisible by sequence_parallel_size {sp}"
         )));
@@ -56,8 +56,9 @@ fn blocks(world: usize, size: usize) -> Vec<Vec<usize>> {
         .collect()
 }
 
-/// FastVideo's layout (see DESIGN.md): TP = consecutive blocks of `tp`, SP =
-/// consecutive blocks of `sp`, DP = `{i, i+sp, i+2sp, ...}` for `i < sp`.
+/// FastVideo's layout (see the crate docs, "Group layouts"): TP =
+/// consecutive blocks of `tp`, SP = consecutive blocks of `sp`, DP = `{i,
+/// i+sp, i+2sp, ...}` for `i < sp`.
 ///
 /// `dp`, when given, must equal `world / sp` (FastVideo ignores it; here a
 /// mismatch is an error).
@@ -106,7 +107,7 @@ pub fn fastvideo_layout(
 /// ```
 pub fn mesh_layout(world: usize, tp: usize, sp: usize, dp: Option<usize>) -> Result<GroupLayout> {
     check_sizes(world, tp, sp)?;
-    if world % (tp * sp) != 0 {
+    if !world.is_multiple_of(tp * sp) {
         return Err(CommError::invalid(format!(
             "world_size {world} is not divisible by tensor_parallel_size x sequence_parallel_size = {}",
             tp * sp
@@ -156,7 +157,7 @@ pub fn mesh_layout(world: usize, tp: usize, sp: usize, dp: Option<usize>) -> Res
 /// ```
 pub fn ulysses_ring_split(sp_group: &[usize], ulysses: usize) -> Result<(RankGroups, RankGroups)> {
     let n = sp_group.len();
-    if ulysses == 0 || n % ulysses != 0 {
+    if ulysses == 0 || !n.is_multiple_of(ulysses) {
         return Err(CommError::invalid(format!(
             "ulysses degree {ulysses} must be positive and divide the sequence-parallel size {n}"
         )));

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
-use comm_core::{BackendFactory, CommError, Device, Registry, Result, Store};
+use comm_core::{
+    BackendFactory, CommError, DType, Device, Registry, Result, Store, Tensor, TensorMetadata,
+};
 use dist_utils::rendezvous::RankInfo;
 use dist_utils::{HashStore, PrefixStore};
 
@@ -127,11 +129,14 @@ pub struct ParallelState {
     device: Device,
     backends: Arc<Registry>,
     world: Arc<GroupCoordinator>,
-    node: Arc<GroupCoordinator>,
+    node: RwLock<Option<Arc<GroupCoordinator>>>,
     model: RwLock<Option<ModelGroups>>,
     registry: Mutex<HashMap<String, Weak<GroupCoordinator>>>,
     name_counts: Mutex<HashMap<String, usize>>,
     custom_all_reduce: AtomicBool,
+    /// Name of the SP group `warmup_sequence_parallel_communication` last
+    /// warmed (a new SP group, after a re-initialization, is warmed again).
+    sp_warmed: Mutex<Option<String>>,
 }
 
 fn lock_err<T>(_: T) -> CommError {
@@ -225,22 +230,107 @@ impl ParallelState {
             store,
             device,
             backends: registry,
-            node_ranks: node_ranks.clone(),
+            node_ranks,
             world: Arc::new(GroupCoordinator::single(rank, local_rank, "world-pending")),
-            node: Arc::new(GroupCoordinator::single(rank, local_rank, "node-pending")),
+            node: RwLock::new(None),
             opts,
             model: RwLock::new(None),
             registry: Mutex::new(HashMap::new()),
             name_counts: Mutex::new(HashMap::new()),
             custom_all_reduce: AtomicBool::new(true),
+            sp_warmed: Mutex::new(None),
         };
         st.world = st.new_group(
             (0..world_size).collect(),
             "world",
             st.opts.use_message_queue_broadcaster,
         )?;
-        st.node = st.new_group(node_ranks, "node", false)?;
+        st.init_node_group(None)?;
         Ok(st)
+    }
+
+    /// `Ok` when `world_size`, `rank`, `local_rank` and `backend` agree with
+    /// this state; otherwise an error naming each value that differs, the
+    /// state's and the requested one. `None` for `local_rank` or `backend`
+    /// means "whatever was chosen". A requested backend agrees when it is the
+    /// one forced at initialization, or, when none was forced, one of the
+    /// world group's planes (`shm`, `tcp`, `nccl`, `single`; aliases such as
+    /// `gloo` and `cuda` count).
+    ///
+    /// This is what a repeated `init_distributed_environment` checks.
+    pub fn check_environment(
+        &self,
+        world_size: usize,
+        rank: usize,
+        local_rank: Option<usize>,
+        backend: Option<&str>,
+    ) -> Result<()> {
+        let mut diffs = Vec::new();
+        if world_size != self.world_size {
+            diffs.push(format!(
+                "world_size: initialized with {}, now {world_size}",
+                self.world_size
+            ));
+        }
+        if rank != self.rank {
+            diffs.push(format!("rank: initialized with {}, now {rank}", self.rank));
+        }
+        if let Some(l) = local_rank.filter(|&l| l != self.local_rank) {
+            diffs.push(format!(
+                "local_rank: initialized with {}, now {l}",
+                self.local_rank
+            ));
+        }
+        if let Some(b) = backend {
+            let want = crate::backend::canonical(b);
+            let (agrees, have) = match &self.opts.backend {
+                Some(forced) => {
+                    let forced = crate::backend::canonical(forced);
+                    (forced == want, format!("`{forced}`"))
+                }
+                None => {
+                    let w = &self.world;
+                    let planes: Vec<&str> = std::iter::once(w.host_backend())
+                        .chain(w.device_backend())
+                        .collect();
+                    (
+                        planes.contains(&want.as_str()),
+                        format!(
+                            "the automatic choice (world group: {})",
+                            planes
+                                .iter()
+                                .map(|p| format!("`{p}`"))
+                                .collect::<Vec<_>>()
+                                .join(" + ")
+                        ),
+                    )
+                }
+            };
+            if !agrees {
+                diffs.push(format!("backend: initialized with {have}, now `{want}`"));
+            }
+        }
+        if diffs.is_empty() {
+            return Ok(());
+        }
+        Err(CommError::State(format!(
+            "the distributed environment is already initialized differently: {}; call \
+             destroy_distributed_environment first to change it",
+            diffs.join("; ")
+        )))
+    }
+
+    /// `Ok` when `local_rank` is this process's (FastVideo's functions take
+    /// it as an argument; here it is fixed at initialization).
+    pub(crate) fn check_local_rank(&self, what: &str, local_rank: usize) -> Result<()> {
+        if local_rank != self.local_rank {
+            return Err(CommError::invalid(format!(
+                "{what}: local_rank {local_rank} differs from this process's local rank {} (set \
+                 when the environment was initialized)",
+                self.local_rank
+            )));
+        }
+        Ok(())
     }
 
     /// This process's global rank.
@@ -275,9 +365,56 @@ impl ParallelState {
     pub fn world_group(&self) -> Arc<GroupCoordinator> {
         self.world.clone()
     }
-    /// The group of ranks on this host.
-    pub fn node_group(&self) -> Arc<GroupCoordinator> {
-        self.node.clone()
+    /// The group of ranks on this host. An error after
+    /// [`destroy_model_parallel`](Self::destroy_model_parallel) (which
+    /// destroys it, as FastVideo's does) until
+    /// [`init_node_group`](Self::init_node_group) builds a new one.
+    pub fn node_group(&self) -> Result<Arc<GroupCoordinator>> {
+        self.node.read().map_err(lock_err)?.clone().ok_or_else(|| {
+            CommError::State(
+                "the node group is not initialized (destroy_model_parallel destroys it); call \
+                 init_node_group"
+                    .into(),
+            )
+        })
+    }
+
+    /// FastVideo's `init_node_group`: builds the group of the ranks on this
+    /// host and installs it as the node group (a previous one is replaced,
+    /// not destroyed: holders keep using it). Collective over those ranks.
+    ///
+    /// Unlike FastVideo, which assumes every host runs the same number of
+    /// ranks in consecutive blocks, the members are the ranks found on this
+    /// host by the shared-memory probe at initialization, so uneven hosts work.
+    /// `backend` forces a backend for this group (`None`: as the state).
+    pub fn init_node_group(&self, backend: Option<&str>) -> Result<Arc<GroupCoordinator>> {
+        let g = self.new_group_with(self.node_ranks.clone(), "node", false, backend)?;
+        *self.node.write().map_err(lock_err)? = Some(g.clone());
+        Ok(g)
+    }
+
+    /// The node group, built again if `destroy_model_parallel` destroyed it
+    /// (what FastVideo's `init_distributed_environment` does). Collective
+    /// over this host's ranks when it builds.
+    pub fn ensure_node_group(&self) -> Result<Arc<GroupCoordinator>> {
+        if let Some(g) = self.node.read().map_err(lock_err)?.clone() {
+            return Ok(g);
+        }
+        self.init_node_group(None)
+    }
+
+    /// FastVideo's `init_world_group(ranks, local_rank, backend)`: a new
+    /// group over `ranks` named `world` (this rank must be a member), with
+    /// `backend` forced when given. It is returned, not installed: the
+    /// state's world group stays. `local_rank` must be this process's.
+    pub fn init_world_group(
+        &self,
+        ranks: &[usize],
+        local_rank: usize,
+        backend: Option<&str>,
+    ) -> Result<Arc<GroupCoordinator>> {
+        self.check_local_rank("init_world_group", local_rank)?;
+        self.new_group_with(ranks.to_vec(), "world", false, backend)
     }
 
     fn unique_name(&self, name: &str) -> Result<String> {
@@ -297,6 +434,18 @@ impl ParallelState {
         name: &str,
         use_mq: bool,
     ) -> Result<Arc<GroupCoordinator>> {
+        self.new_group_with(ranks, name, use_mq, None)
+    }
+
+    /// [`new_group`](Self::new_group) with `backend` forced for this group
+    /// (`None`: the state's choice).
+    pub fn new_group_with(
+        &self,
+        ranks: Vec<usize>,
+        name: &str,
+        use_mq: bool,
+        backend: Option<&str>,
+    ) -> Result<Arc<GroupCoordinator>> {
         if let Some(bad) = ranks.iter().find(|&&r| r >= self.world_size) {
             return Err(CommError::invalid(format!(
                 "group `{name}` names rank {bad}, outside the world of {}",
@@ -305,7 +454,7 @@ impl ParallelState {
         }
         let unique = self.unique_name(name)?;
         let g = if ranks.len() == 1 && ranks[0] == self.rank {
-            GroupCoordinator::single(self.rank, self.local_rank, unique.clone())
+            GroupCoordinator::single_on(self.rank, self.local_rank, unique.clone(), self.device)
         } else {
             let key = ranks
                 .iter()
@@ -319,7 +468,9 @@ impl ParallelState {
             let on_host = ranks.iter().all(|r| self.node_ranks.contains(r));
             let mut opts = GroupOptions::default();
             opts.timeout = self.opts.timeout;
-            opts.backend = self.opts.backend.clone();
+            opts.backend = backend
+                .map(str::to_string)
+                .or_else(|| self.opts.backend.clone());
             opts.device = self.device;
             opts.use_message_queue_broadcaster = use_mq;
             opts.registry = self.backends.clone();
@@ -349,17 +500,30 @@ impl ParallelState {
         name: &str,
         use_message_queue_broadcaster: bool,
     ) -> Result<Arc<GroupCoordinator>> {
+        self.init_model_parallel_group_with(group_ranks, name, use_message_queue_broadcaster, None)
+    }
+
+    /// [`init_model_parallel_group`](Self::init_model_parallel_group) with
+    /// `backend` forced for the group (`None`: the state's choice).
+    pub fn init_model_parallel_group_with(
+        &self,
+        group_ranks: &[Vec<usize>],
+        name: &str,
+        use_message_queue_broadcaster: bool,
+        backend: Option<&str>,
+    ) -> Result<Arc<GroupCoordinator>> {
         let mine = layout::group_of(group_ranks, self.rank).ok_or_else(|| {
             CommError::invalid(format!(
                 "rank {} is in none of the `{name}` groups {group_ranks:?}",
                 self.rank
             ))
         })?;
-        self.new_group(mine.clone(), name, use_message_queue_broadcaster)
+        self.new_group_with(mine.clone(), name, use_message_queue_broadcaster, backend)
     }
 
     /// Builds the tensor-, sequence- and data-parallel groups with FastVideo's
-    /// layout (see DESIGN.md). `dp`, when given, must equal `world / sp`.
+    /// layout (see the crate docs, "Group layouts"). `dp`, when given, must
+    /// equal `world / sp`.
     /// Calling it twice without `destroy_model_parallel` is an error.
     pub fn initialize_model_parallel(&self, tp: usize, sp: usize, dp: Option<usize>) -> Result<()> {
         self.initialize_model_parallel_with(tp, sp, dp, LayoutKind::FastVideo)
@@ -421,25 +585,118 @@ impl ParallelState {
     }
 
     /// FastVideo's `initialize_tensor_parallel_group`: consecutive blocks of
-    /// `size` ranks, named `tp{suffix}`, returned (not installed as the TP group).
+    /// `size` ranks, named `tp_{suffix}` (`tp` for an empty suffix), so the
+    /// first one is registered as `tp_{suffix}:0`; returned, not installed
+    /// as the TP group (see
+    /// [`patch_tensor_parallel_group`](Self::patch_tensor_parallel_group)).
+    /// Uses the message-queue broadcaster when the state does, like the TP
+    /// group.
     pub fn initialize_tensor_parallel_group(
         &self,
         size: usize,
         suffix: &str,
     ) -> Result<Arc<GroupCoordinator>> {
         let l = layout::fastvideo_layout(self.world_size, size, 1, None)?;
-        self.init_model_parallel_group(&l.tp, &format!("tp{suffix}"), false)
+        let mq = self.opts.use_message_queue_broadcaster;
+        self.init_model_parallel_group(&l.tp, &suffixed("tp", suffix), mq)
     }
 
     /// FastVideo's `initialize_sequence_parallel_group`: consecutive blocks of
-    /// `size` ranks, named `sp{suffix}`.
+    /// `size` ranks, named `sp_{suffix}` (`sp` for an empty suffix).
     pub fn initialize_sequence_parallel_group(
         &self,
         size: usize,
         suffix: &str,
     ) -> Result<Arc<GroupCoordinator>> {
         let l = layout::fastvideo_layout(self.world_size, 1, size, None)?;
-        self.init_model_parallel_group(&l.sp, &format!("sp{suffix}"), false)
+        self.init_model_parallel_group(&l.sp, &suffixed("sp", suffix), false)
+    }
+
+    /// FastVideo's `warmup_sequence_parallel_communication`: runs both
+    /// Ulysses all-to-all modes and an all-gather on small bf16 tensors over
+    /// the SP group, on `device` (default: this process's device, where
+    /// FastVideo defaults to `cuda`), then waits for them, so the first real
+    /// step does not pay for lazy set-up (NCCL communicators, connections,
+    /// workspaces). Collective over the SP group.
+    ///
+    /// Does nothing before `initialize_model_parallel`, on an SP group of
+    /// one, or on an SP group it already warmed (a new SP group, after a
+    /// re-initialization, is warmed again).
+    pub fn warmup_sequence_parallel_communication(&self, device: Option<Device>) -> Result<()> {
+        if !self.model_parallel_is_initialized() {
+            return Ok(());
+        }
+        let sp = self.sp_group()?;
+        let mut warmed = self.sp_warmed.lock().map_err(lock_err)?;
+        if warmed.as_deref() == Some(sp.name()) {
+            return Ok(());
+        }
+        let p = sp.world_size();
+        if p > 1 {
+            let device = device.unwrap_or(self.device);
+            tracing::info!(sp = p, %device, "warming up sequence parallel communication");
+            let zeros = |shape: [usize; 4]| {
+                Tensor::zeros_on(&TensorMetadata {
+                    device,
+                    dtype: DType::BF16,
+                    shape: shape.to_vec(),
+                })
+            };
+            let (seq, heads, head_dim) = (16, 4 * p, 64);
+            sp.all_to_all_4d(&zeros([1, seq, heads, head_dim])?, 2, 1)?;
+            sp.all_to_all_4d(&zeros([1, seq * p, heads / p, head_dim])?, 1, 2)?;
+            sp.all_gather(&zeros([1, 8, heads / p, head_dim])?, 2)?;
+            sp.communicator_for(device)?.synchronize()?;
+        }
+        *warmed = Some(sp.name().to_string());
+        Ok(())
+    }
+
+    /// FastVideo's `get_same_node_ranks(pg, source_rank)`: the global ranks
+    /// of `group` on the same host as its member `source_rank` (a group
+    /// rank), found by the shared-memory probe (a segment created by each
+    /// member, opened by the others, unlinked before returning). Collective
+    /// over `group`; every member gets the same list, in group order.
+    pub fn get_same_node_ranks(
+        &self,
+        group: &GroupCoordinator,
+        source_rank: usize,
+    ) -> Result<Vec<usize>> {
+        let w = group.world_size();
+        if source_rank >= w {
+            return Err(CommError::invalid(format!(
+                "get_same_node_ranks: source rank {source_rank} is out of range for group `{}` \
+                 of size {w}",
+                group.name()
+            )));
+        }
+        if w == 1 {
+            return Ok(group.ranks().to_vec());
+        }
+        let key = group
+            .ranks()
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let store = PrefixStore::new(
+            format!("same-node/{}/{key}", group.name()),
+            self.store.clone(),
+        );
+        let mine = dist_utils::same_host_ranks(&store, group.rank_in_group(), w, group.timeout())?;
+        let is_source = group.rank_in_group() == source_rank;
+        let theirs: Vec<usize> = group.broadcast_object(is_source.then_some(&mine), source_rank)?;
+        theirs
+            .iter()
+            .map(|&i| {
+                group.ranks().get(i).copied().ok_or_else(|| {
+                    CommError::Protocol(format!(
+                        "get_same_node_ranks: group rank {source_rank} reported member {i} of a \
+                         group of {w}"
+                    ))
+                })
+            })
+            .collect()
     }
 
     /// True once `initialize_model_parallel` has run.
@@ -502,17 +759,24 @@ impl ParallelState {
             .ok_or_else(|| CommError::invalid(format!("no live group is registered as `{name}`")))
     }
 
-    /// Records whether a custom (non-NCCL) all-reduce may be used on CUDA
-    /// groups. Host groups always use their backend's own algorithms.
+    /// Accepted for compatibility with FastVideo / vLLM and otherwise
+    /// ignored: there is no custom all-reduce here; every group uses its
+    /// backend's own all-reduce (NCCL on CUDA groups, the shm or TCP
+    /// backend's algorithms on the host plane), whatever the flag says.
+    /// The value is only kept so that [`custom_all_reduce`](Self::custom_all_reduce)
+    /// reports what was set (FastVideo also stores the flag and never reads it).
     pub fn set_custom_all_reduce(&self, enable: bool) {
         self.custom_all_reduce.store(enable, Ordering::Relaxed);
     }
-    /// The flag set by [`set_custom_all_reduce`](Self::set_custom_all_reduce).
+    /// The flag last given to [`set_custom_all_reduce`](Self::set_custom_all_reduce)
+    /// (initially `true`); it changes nothing.
     pub fn custom_all_reduce(&self) -> bool {
         self.custom_all_reduce.load(Ordering::Relaxed)
     }
 
-    /// Destroys the model-parallel groups (world and node stay).
+    /// Destroys the model-parallel groups and the node group, as FastVideo
+    /// does (the world group stays). [`ensure_node_group`](Self::ensure_node_group)
+    /// or [`init_node_group`](Self::init_node_group) builds a new node group.
     pub fn destroy_model_parallel(&self) {
         if let Ok(mut m) = self.model.write() {
             if let Some(m) = m.take() {
@@ -524,12 +788,16 @@ impl ParallelState {
                 }
             }
         }
+        if let Ok(mut n) = self.node.write() {
+            if let Some(n) = n.take() {
+                n.destroy();
+            }
+        }
     }
 
     /// Destroys every group.
     pub fn destroy(&self) {
         self.destroy_model_parallel();
-        self.node.destroy();
         self.world.destroy();
     }
 }
@@ -537,6 +805,15 @@ impl ParallelState {
 impl Drop for ParallelState {
     fn drop(&mut self) {
         self.destroy();
+    }
+}
+
+/// FastVideo's group names: `{base}_{suffix}`, or `base` without a suffix.
+fn suffixed(base: &str, suffix: &str) -> String {
+    if suffix.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}_{suffix}")
     }
 }
 

@@ -153,6 +153,31 @@ fn group_registry_and_destroy() {
     let tp = ps.tp_group().unwrap();
     assert!(tp.name().starts_with("tp:"));
     assert_eq!(ps.group_by_name(tp.name()).unwrap().ranks(), &[0]);
+    let node = ps.node_group().unwrap();
     ps.destroy_model_parallel();
     assert!(ps.tp_group().is_err());
+    // The node group goes with the model-parallel groups, as in FastVideo.
+    assert!(node.is_destroyed() && ps.node_group().is_err());
+    assert!(!ps.world_group().is_destroyed());
+    assert!(!ps.ensure_node_group().unwrap().is_destroyed());
+}
+
+#[test]
+fn check_environment_names_both_values() {
+    let ps = world_of_one();
+    ps.check_environment(1, 0, Some(0), None).unwrap();
+    // Automatic choice: a world of one uses the `single` backend.
+    ps.check_environment(1, 0, None, Some("single")).unwrap();
+    let e = ps
+        .check_environment(2, 0, Some(3), Some("gloo"))
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, CommError::State(_)), "{text}");
+    for part in [
+        "world_size: initialized with 1, now 2",
+        "local_rank: initialized with 0, now 3",
+        "backend: initialized with the automatic choice (world group: `single`), now `tcp`",
+    ] {
+        assert!(text.contains(part), "`{text}` lacks `{part}`");
+    }
 }

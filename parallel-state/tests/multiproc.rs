@@ -2,13 +2,14 @@
 //! project's launcher. The launched processes re-enter this test binary
 //! through the ignored `worker_entry` test with `PS_SCENARIO` set.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use executor::{launch, LaunchConfig};
+use parallel_state as ps;
 use parallel_state::{
-    CommError, DType, GroupCoordinator, InitOptions, ParallelState, ReduceOp, Tensor, TensorDict,
-    Value,
+    CommError, DType, Device, GroupCoordinator, InitOptions, ParallelState, ReduceOp, Tensor,
+    TensorDict, Value, MAX_DICT_DEPTH,
 };
 
 /// One launch at a time: the machine has 2 cores.
@@ -65,6 +66,27 @@ fn run(scenario: &str, nproc: usize, env: &[(&str, &str)]) {
 #[ignore = "entry point of the processes the other tests launch"]
 fn worker_entry() {
     let scenario = std::env::var("PS_SCENARIO").expect("PS_SCENARIO is set by the launching test");
+    // Scenarios of the global (FastVideo-named) layer build the process-wide
+    // state themselves.
+    let global: Option<fn()> = match scenario.as_str() {
+        "reinit" => Some(reinit),
+        "maybe_init" => Some(maybe_init),
+        "names" => Some(names),
+        "destroy" => Some(destroy),
+        "helpers" => Some(helpers),
+        "custom_all_reduce" => Some(custom_all_reduce),
+        _ => None,
+    };
+    if let Some(f) = global {
+        f();
+        let rank = ps::get_world_rank().unwrap();
+        // Nobody tears down the store (hosted by rank 0) while another rank
+        // still needs it.
+        ps::get_world_group().unwrap().barrier().unwrap();
+        ps::cleanup_dist_env_and_memory();
+        println!("PS_OK {scenario} rank {rank}");
+        return;
+    }
     let ps = ParallelState::init_from_env(
         InitOptions::default()
             .with_timeout(Duration::from_secs(if scenario == "absent" {
@@ -82,6 +104,8 @@ fn worker_entry() {
         "dicts" => dicts(&ps),
         "send_dicts" => send_dicts(&ps),
         "shard" => shard(&ps),
+        "single" => single(&ps),
+        "dict_values" => dict_values(&ps),
         "concurrent" => concurrent(&ps),
         "block" => block(&ps),
         "errors" => errors(&ps),
@@ -335,17 +359,49 @@ fn send_dicts(ps: &ParallelState) {
             dp.send_tensor_dict(&d, Some(1), ag).unwrap();
         } else {
             let got = dp.recv_tensor_dict(Some(0), ag).unwrap();
-            assert_eq!(got, want, "all_gather_group {}", ag.is_some());
+            assert_eq!(
+                got.as_ref(),
+                Some(&want),
+                "all_gather_group {}",
+                ag.is_some()
+            );
         }
     }
 }
 
+/// `shard` is FastVideo's exact split where the length divides and an
+/// error naming the padding functions where it does not; `shard_with_pad`
+/// pads (zeros at the end) and `all_gather_with_unpad` inverts it.
 fn shard(ps: &ParallelState) {
     let g = sp_world(ps);
     let (p, r) = (g.world_size(), g.rank_in_group());
+    // A dividing length: rows [r * len / p, (r + 1) * len / p), both ways.
+    let even = det(&[2, 3 * p, 3], 4);
+    let (s, len) = g.shard(&even, 1).unwrap();
+    assert_eq!(
+        (s.clone_checked(), len),
+        (narrow(&even, 1, 3 * r, 3), 3 * p)
+    );
+    assert_eq!(
+        g.shard_with_pad(&even, 1).unwrap(),
+        (s.clone_checked(), 3 * p)
+    );
+    assert_eq!(g.shard(&even, -2).unwrap().0, s);
+    assert_eq!(g.all_gather_with_unpad(&s, 1, len).unwrap(), even);
+    // A length that does not divide: an error pointing to the padding.
     let len = if p == 2 { 7 } else { 13 };
     let x = det(&[2, len, 3], 9);
-    let (s, orig) = g.shard(&x, 1).unwrap();
+    match g.shard(&x, 1) {
+        Err(CommError::ShapeMismatch { actual, .. }) => {
+            assert!(
+                actual.contains("shard_with_pad")
+                    && actual.contains("sequence_model_parallel_shard"),
+                "{actual}"
+            );
+        }
+        other => panic!("shard of {len} over {p}: {other:?}"),
+    }
+    let (s, orig) = g.shard_with_pad(&x, 1).unwrap();
     let per = len.div_ceil(p);
     assert_eq!((s.shape().to_vec(), orig), (vec![2, per, 3], len));
     // Rows past the end are zero padding.
@@ -366,6 +422,16 @@ fn shard(ps: &ParallelState) {
     }
     assert_eq!(g.all_gather_with_unpad(&s, 1, orig).unwrap(), x);
     assert_eq!(g.all_gather_with_unpad(&s, -2, orig).unwrap(), x);
+}
+
+/// A tensor copy for comparisons (`Tensor` is not `Clone`: copies are explicit).
+trait CloneChecked {
+    fn clone_checked(&self) -> Tensor;
+}
+impl CloneChecked for Tensor {
+    fn clone_checked(&self) -> Tensor {
+        self.try_clone().unwrap()
+    }
 }
 
 fn concurrent(ps: &ParallelState) {
@@ -415,7 +481,7 @@ fn layout8(ps: &ParallelState) {
     let sp = ps.sp_group().unwrap();
     assert_eq!(sp.next_rank(), sp.ranks()[(sp.rank_in_group() + 1) % 4]);
     assert_eq!(sp.prev_rank(), sp.ranks()[(sp.rank_in_group() + 3) % 4]);
-    assert_eq!(sp.is_first_rank(), r % 4 == 0);
+    assert_eq!(sp.is_first_rank(), r.is_multiple_of(4));
     assert_eq!(sp.is_last_rank(), r % 4 == 3);
     ps.initialize_ulysses_ring(2).unwrap();
     let base = r / 4 * 4;
@@ -465,7 +531,7 @@ fn errors(ps: &ParallelState) {
     ));
     // Point to point with the default ring neighbours still works afterwards.
     let mine = Tensor::from_vec1(vec![r as f64; 5]);
-    if r % 2 == 0 {
+    if r.is_multiple_of(2) {
         g.send(&mine, None).unwrap();
         let got = g.recv(&[5], DType::F64, None).unwrap();
         assert_eq!(
@@ -528,6 +594,549 @@ fn absent(ps: &ParallelState) {
             dp.all_reduce(&mut t, ReduceOp::Sum).unwrap();
             assert_eq!(t.to_vec::<f32>().unwrap(), vec![2.0; 64]);
         }
+    }
+}
+
+// ------------------------------------------------------ FastVideo parity (issue 12)
+
+fn env_usize(k: &str) -> usize {
+    std::env::var(k)
+        .unwrap_or_else(|_| panic!("{k} is set by the launcher"))
+        .parse()
+        .unwrap()
+}
+
+/// `init_distributed_environment` from the launcher's variables.
+fn init_global(backend: Option<&str>) -> (usize, usize, usize) {
+    let (w, r, lr) = (
+        env_usize("WORLD_SIZE"),
+        env_usize("RANK"),
+        env_usize("LOCAL_RANK"),
+    );
+    ps::init_distributed_environment(w, r, "env://", Some(lr), backend).unwrap();
+    (w, r, lr)
+}
+
+fn state_error(r: ps::Result<()>) -> String {
+    match r {
+        Err(CommError::State(m)) => m,
+        other => panic!("expected a State error, got {other:?}"),
+    }
+}
+
+fn sum_over(g: &GroupCoordinator, value: i64) -> i64 {
+    let mut t = Tensor::from_vec1(vec![value; 3]);
+    g.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+    let v = t.to_vec::<i64>().unwrap();
+    assert!(v.iter().all(|&x| x == v[0]));
+    v[0]
+}
+
+/// Item 1: a repeated `init_distributed_environment` is a no-op when it
+/// agrees and an error naming both values when it does not.
+fn reinit() {
+    let (w, r, lr) = init_global(Some("tcp"));
+    let world = ps::get_world_group().unwrap();
+    // Agreeing calls (the backend by an alias, or left open; another init
+    // method is not compared) change nothing.
+    ps::init_distributed_environment(w, r, "env://", Some(lr), Some("tcp")).unwrap();
+    ps::init_distributed_environment(w, r, "env://", None, Some("gloo")).unwrap();
+    ps::init_distributed_environment(w, r, "tcp://127.0.0.1:1", None, None).unwrap();
+    assert!(Arc::ptr_eq(&world, &ps::get_world_group().unwrap()));
+    let e = state_error(ps::init_distributed_environment(
+        w + 1,
+        r,
+        "env://",
+        Some(lr),
+        None,
+    ));
+    assert!(
+        e.contains(&format!("world_size: initialized with {w}, now {}", w + 1)),
+        "{e}"
+    );
+    let other = (r + 1) % w;
+    let e = state_error(ps::init_distributed_environment(
+        w, other, "env://", None, None,
+    ));
+    assert!(
+        e.contains(&format!("rank: initialized with {r}, now {other}")),
+        "{e}"
+    );
+    let e = state_error(ps::init_distributed_environment(
+        w,
+        r,
+        "env://",
+        Some(lr + 5),
+        None,
+    ));
+    assert!(
+        e.contains(&format!(
+            "local_rank: initialized with {lr}, now {}",
+            lr + 5
+        )),
+        "{e}"
+    );
+    let e = state_error(ps::init_distributed_environment(
+        w,
+        r,
+        "env://",
+        None,
+        Some("shm"),
+    ));
+    assert!(
+        e.contains("backend: initialized with `tcp`, now `shm`"),
+        "{e}"
+    );
+    // Two differences at once are both named.
+    let e = state_error(ps::init_distributed_environment(
+        w + 1,
+        other,
+        "env://",
+        None,
+        None,
+    ));
+    assert!(e.contains("world_size") && e.contains("rank: "), "{e}");
+    // The environment still works, on the forced backend.
+    assert!(Arc::ptr_eq(&world, &ps::get_world_group().unwrap()));
+    assert_eq!(world.host_backend(), "tcp");
+    assert_eq!(sum_over(&world, r as i64 + 1), (w * (w + 1) / 2) as i64);
+}
+
+/// Item 2: `maybe_init_distributed_environment_and_model_parallel` with
+/// other sizes than the existing groups is an error naming both.
+fn maybe_init() {
+    ps::maybe_init_distributed_environment_and_model_parallel(1, 2).unwrap();
+    let sp = ps::get_sp_group().unwrap();
+    ps::maybe_init_distributed_environment_and_model_parallel(1, 2).unwrap();
+    assert!(
+        Arc::ptr_eq(&sp, &ps::get_sp_group().unwrap()),
+        "same sizes keep the groups"
+    );
+    let e = state_error(ps::maybe_init_distributed_environment_and_model_parallel(
+        2, 2,
+    ));
+    assert!(
+        e.contains("tensor_parallel_size 2 requested, but the groups exist with 1"),
+        "{e}"
+    );
+    let e = state_error(ps::maybe_init_distributed_environment_and_model_parallel(
+        1, 1,
+    ));
+    assert!(
+        e.contains("sequence_parallel_size 1 requested, but the groups exist with 2"),
+        "{e}"
+    );
+    let e = state_error(ps::maybe_init_distributed_environment_and_model_parallel(
+        2, 1,
+    ));
+    assert!(e.contains("tensor_parallel_size 2") && e.contains("sequence_parallel_size 1"));
+    // The groups are unchanged.
+    assert!(Arc::ptr_eq(&sp, &ps::get_sp_group().unwrap()));
+    assert_eq!(
+        (
+            ps::get_tp_world_size().unwrap(),
+            ps::get_sp_world_size().unwrap()
+        ),
+        (1, 2)
+    );
+    assert_eq!(sum_over(&sp, 5), 10);
+}
+
+/// Item 3: FastVideo's group names `tp_{suffix}` / `sp_{suffix}`, and
+/// name-based all_reduce over them.
+fn names() {
+    let (w, r, _) = init_global(None);
+    assert_eq!(w, 4);
+    let tp = ps::initialize_tensor_parallel_group(2, "model1").unwrap();
+    assert_eq!(tp.name(), "tp_model1:0");
+    assert_eq!(tp.ranks(), &[r / 2 * 2, r / 2 * 2 + 1]);
+    let sp = ps::initialize_sequence_parallel_group(4, "vae").unwrap();
+    assert_eq!(sp.name(), "sp_vae:0");
+    assert_eq!(
+        ps::initialize_tensor_parallel_group(2, "").unwrap().name(),
+        "tp:0"
+    );
+    assert_eq!(
+        ps::initialize_sequence_parallel_group(2, "")
+            .unwrap()
+            .name(),
+        "sp:0"
+    );
+    assert_eq!(
+        ps::initialize_tensor_parallel_group(2, "model1")
+            .unwrap()
+            .name(),
+        "tp_model1:1"
+    );
+    let mut t = Tensor::from_vec1(vec![r as f32 + 1.0; 4]);
+    ps::all_reduce(&mut t, "tp_model1:0").unwrap();
+    let pair = (r / 2 * 2 + 1 + r / 2 * 2 + 2) as f32;
+    assert_eq!(t.to_vec::<f32>().unwrap(), vec![pair; 4]);
+    let mut t = Tensor::from_vec1(vec![r as f32 + 1.0; 4]);
+    ps::all_reduce(&mut t, "sp_vae:0").unwrap();
+    assert_eq!(t.to_vec::<f32>().unwrap(), vec![10.0; 4]);
+    // The old spelling names no group.
+    assert!(matches!(
+        ps::all_reduce(&mut t, "tpmodel1:0"),
+        Err(CommError::InvalidArgument(_))
+    ));
+    // Explicit state too.
+    let st = ps::global_state().unwrap();
+    assert_eq!(st.group_by_name("tp_model1:0").unwrap().ranks(), tp.ranks());
+}
+
+/// Item 4: every operation of a one-member group returns its input after
+/// the usual checks; tensor dicts do not communicate. World 2 as tp=1,
+/// sp=2: the TP and DP groups have one member each.
+fn single(st: &ParallelState) {
+    st.initialize_model_parallel(1, 2, None).unwrap();
+    let g = st.tp_group().unwrap();
+    let r = st.rank();
+    assert_eq!((g.world_size(), g.ranks()), (1, &[r][..]));
+    assert_eq!(st.dp_group().unwrap().world_size(), 1);
+    assert_eq!(g.device(), st.local_device());
+    let invalid = |res: ps::Result<()>, what: &str| {
+        assert!(
+            matches!(res, Err(CommError::InvalidArgument(_))),
+            "{what}: {res:?}"
+        )
+    };
+    let x = det(&[2, 3, 4], r);
+    // Flat collectives.
+    for op in ReduceOp::ALL {
+        let mut y = x.clone_checked();
+        g.all_reduce(&mut y, op).unwrap();
+        assert_eq!(y, x, "{op:?}");
+    }
+    let mut y = x.clone_checked();
+    g.broadcast(&mut y, 0).unwrap();
+    assert_eq!(y, x);
+    invalid(g.broadcast(&mut y, 1), "broadcast from group rank 1");
+    g.barrier().unwrap();
+    // Along a dimension.
+    for dim in [0isize, 1, 2, -1] {
+        assert_eq!(g.all_gather(&x, dim).unwrap(), x, "all_gather {dim}");
+        assert_eq!(g.gather(&x, 0, dim).unwrap().unwrap(), x, "gather {dim}");
+        assert_eq!(g.reduce_scatter(&x, dim, ReduceOp::Sum).unwrap(), x);
+        assert_eq!(
+            g.shard(&x, dim).unwrap(),
+            (x.clone_checked(), x.shape()[dim.rem_euclid(3) as usize])
+        );
+        assert_eq!(g.shard_with_pad(&x, dim).unwrap().0, x);
+    }
+    let mut out = x.zeros_like().unwrap();
+    g.all_gather_into(&x, 1, &mut out).unwrap();
+    assert_eq!(out, x);
+    assert!(matches!(
+        g.all_gather(&x, 3),
+        Err(CommError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        g.gather(&x, 1, 0),
+        Err(CommError::InvalidArgument(_))
+    ));
+    assert_eq!(g.all_gather_with_unpad(&x, 1, 3).unwrap(), x);
+    // Ulysses.
+    let x4 = det(&[2, 3, 5, 2], r);
+    assert_eq!(g.all_to_all_4d(&x4, 2, 1).unwrap(), x4);
+    assert_eq!(g.all_to_all_4d(&x4, 1, 2).unwrap(), x4);
+    assert_eq!(g.all_to_all_4d_uneven(&x4, 2, 1, None).unwrap(), x4);
+    assert!(matches!(
+        g.all_to_all_4d(&x4, 0, 1),
+        Err(CommError::InvalidArgument(_))
+    ));
+    // Ring: one step on the member's own block.
+    let (mut block, mut spare) = (vec![r as i32; 4], vec![0i32; 4]);
+    let mut seen = Vec::new();
+    let times = g
+        .ring_pass(&mut block, &mut spare, |step, b| {
+            seen.push((step, b[0]));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!((seen, times.exchanges), (vec![(0, r as i32)], 0));
+    // Objects.
+    let v: Vec<String> = g.broadcast_object(Some(&vec!["a".to_string()]), 0).unwrap();
+    assert_eq!(v, ["a"]);
+    let l: Vec<u8> = g.broadcast_object_list(Some(&[1u8, 2][..]), 0).unwrap();
+    assert_eq!(l, [1, 2]);
+    assert!(matches!(
+        g.broadcast_object::<u8>(None, 0),
+        Err(CommError::InvalidArgument(_))
+    ));
+    // Tensor dicts: the dict back (broadcast), nothing sent, `None` received.
+    let d = nested_dict(r);
+    assert_eq!(g.broadcast_tensor_dict(Some(nested_dict(r)), 0).unwrap(), d);
+    g.send_tensor_dict(&d, None, None).unwrap();
+    g.send_tensor_dict(&d, Some(0), Some(&g)).unwrap();
+    assert_eq!(g.recv_tensor_dict(None, None).unwrap(), None);
+    assert_eq!(g.recv_tensor_dict(Some(0), Some(&g)).unwrap(), None);
+    invalid(
+        g.send_tensor_dict(&d, Some(1), None),
+        "send_tensor_dict to group rank 1",
+    );
+    invalid(
+        g.recv_tensor_dict(Some(1), None).map(|_| ()),
+        "recv_tensor_dict from 1",
+    );
+    invalid(
+        g.send_tensor_dict(&too_deep(), None, None),
+        "a dict too deep",
+    );
+    // Point to point needs a peer; a group of one has none.
+    invalid(g.send(&x, None), "send");
+    invalid(g.recv(&[2, 3, 4], DType::F32, None).map(|_| ()), "recv");
+    invalid(g.send_object(&1u8, 0), "send_object");
+    invalid(g.recv_object::<u8>(0).map(|_| ()), "recv_object");
+    assert!(!g.graph_capture().unwrap().is_cuda());
+    assert_eq!(st.get_same_node_ranks(&g, 0).unwrap(), [r]);
+    // The two-member SP group beside them is unaffected.
+    assert_eq!(sum_over(&st.sp_group().unwrap(), r as i64), 1);
+}
+
+/// Nested values at every level, tensors inside lists and dicts included.
+fn nested_dict(seed: usize) -> TensorDict {
+    let mut deeper = TensorDict::new();
+    deeper.insert("x", det(&[3, 2], seed + 1));
+    deeper.insert("scale", 0.25f32);
+    let mut nested = TensorDict::new();
+    nested.insert("dtype", DType::BF16);
+    nested.insert("empty", Tensor::zeros([0, 3], DType::BF16));
+    nested.insert("deeper", deeper);
+    let mut d = TensorDict::new();
+    d.insert("latents", det(&[2, 5], seed));
+    d.insert(
+        "list",
+        vec![
+            Value::Int(-3),
+            Value::Float(1.5),
+            Value::Tensor(Tensor::from_vec1(vec![7i64, -8, 9])),
+            Value::Str("text".into()),
+            Value::List(vec![]),
+        ],
+    );
+    d.insert(
+        "tuple",
+        Value::Tuple(vec![
+            Value::Int(4),
+            Value::Tuple(vec![Value::Bool(true), Value::None]),
+        ]),
+    );
+    d.insert("nested", nested);
+    d.insert(
+        "dtypes",
+        DType::ALL.into_iter().map(Value::from).collect::<Vec<_>>(),
+    );
+    d.insert("object", Value::encode(&("pickled", 12u32)).unwrap());
+    d.insert("nothing", Option::<i64>::None);
+    d
+}
+
+/// A dict whose value nests one level deeper than may travel.
+fn too_deep() -> TensorDict {
+    let mut v = Value::Tensor(det(&[1], 0));
+    for _ in 0..MAX_DICT_DEPTH {
+        v = Value::List(vec![v]);
+    }
+    let mut d = TensorDict::new();
+    d.insert("deep", v);
+    d
+}
+
+/// Item 7: lists, tuples, nested dicts, dtypes and serde objects travel in
+/// tensor dicts, tensors at any depth; a dict too deep is refused by the
+/// sender before anything is sent.
+fn dict_values(st: &ParallelState) {
+    let g = sp_world(st);
+    let (p, r) = (g.world_size(), g.rank_in_group());
+    let src = p - 1;
+    let got = g
+        .broadcast_tensor_dict((r == src).then(|| nested_dict(src)), src)
+        .unwrap();
+    assert_eq!(got, nested_dict(src));
+    let Some(Value::List(list)) = got.get("list") else {
+        panic!("list lost: {got:?}")
+    };
+    assert_eq!(list[2], Value::Tensor(Tensor::from_vec1(vec![7i64, -8, 9])));
+    assert_eq!(
+        got.get("object")
+            .unwrap()
+            .decode::<(String, u32)>()
+            .unwrap(),
+        ("pickled".to_string(), 12)
+    );
+    // Point to point, 0 -> 1.
+    match r {
+        0 => g.send_tensor_dict(&nested_dict(0), Some(1), None).unwrap(),
+        1 => assert_eq!(
+            g.recv_tensor_dict(Some(0), None).unwrap(),
+            Some(nested_dict(0))
+        ),
+        _ => {}
+    }
+    // Too deep: the sender fails at once with the key path; nothing
+    // travels, so the others do not take part and the group stays usable.
+    if r == 0 {
+        for e in [
+            g.send_tensor_dict(&too_deep(), Some(1), None).unwrap_err(),
+            g.broadcast_tensor_dict(Some(too_deep()), 0).unwrap_err(),
+        ] {
+            let text = e.to_string();
+            assert!(matches!(e, CommError::InvalidArgument(_)), "{text}");
+            assert!(
+                text.contains("`deep/0/0")
+                    && text.contains(&format!("deeper than {MAX_DICT_DEPTH}")),
+                "{text}"
+            );
+        }
+    }
+    let got = g
+        .broadcast_tensor_dict((r == 0).then(|| nested_dict(0)), 0)
+        .unwrap();
+    assert_eq!(got, nested_dict(0));
+}
+
+/// Item 6: `destroy_model_parallel` destroys the node group too; it is
+/// built again by the next initialization or by `init_node_group`.
+fn destroy() {
+    ps::maybe_init_distributed_environment_and_model_parallel(1, 2).unwrap();
+    let lr = env_usize("LOCAL_RANK");
+    let node = ps::get_node_group().unwrap();
+    assert_eq!((node.name(), node.ranks()), ("node:0", &[0, 1][..]));
+    assert_eq!(sum_over(&node, 1), 2);
+    ps::destroy_model_parallel();
+    assert!(node.is_destroyed());
+    let e = ps::get_node_group().unwrap_err().to_string();
+    assert!(e.contains("init_node_group"), "{e}");
+    assert!(matches!(node.barrier(), Err(CommError::State(_))));
+    assert!(ps::get_tp_group().is_err() && !ps::model_parallel_is_initialized());
+    let world = ps::get_world_group().unwrap();
+    assert!(!world.is_destroyed());
+    assert_eq!(sum_over(&world, 2), 4);
+    // maybe_init builds node and model groups again.
+    ps::maybe_init_distributed_environment_and_model_parallel(1, 2).unwrap();
+    let node = ps::get_node_group().unwrap();
+    assert_eq!(node.name(), "node:1");
+    assert_eq!(sum_over(&node, 3), 6);
+    // So does a repeated init_distributed_environment, as in FastVideo.
+    ps::destroy_model_parallel();
+    let (w, r) = (env_usize("WORLD_SIZE"), env_usize("RANK"));
+    ps::init_distributed_environment(w, r, "env://", Some(lr), None).unwrap();
+    assert_eq!(ps::get_node_group().unwrap().name(), "node:2");
+    // And init_node_group, explicitly.
+    ps::destroy_model_parallel();
+    let node = ps::init_node_group(lr, None).unwrap();
+    assert!(Arc::ptr_eq(&node, &ps::get_node_group().unwrap()));
+    assert_eq!(node.name(), "node:3");
+    assert_eq!(sum_over(&node, 4), 8);
+    assert!(matches!(
+        ps::init_node_group(lr + 1, None),
+        Err(CommError::InvalidArgument(_))
+    ));
+}
+
+/// Item 8: the functions that were missing.
+fn helpers() {
+    ps::maybe_init_distributed_environment_and_model_parallel(1, 2).unwrap();
+    let (r, lr) = (env_usize("RANK"), env_usize("LOCAL_RANK"));
+    let world = ps::get_world_group().unwrap();
+    // Same-node ranks, from either source, by both names.
+    for src in 0..2 {
+        assert_eq!(ps::get_same_node_ranks(&world, src).unwrap(), [0, 1]);
+    }
+    assert_eq!(ps::is_the_same_node_as(&world, 1).unwrap(), [0, 1]);
+    assert!(matches!(
+        ps::get_same_node_ranks(&world, 2),
+        Err(CommError::InvalidArgument(_))
+    ));
+    // init_world_group with its arguments: a new group on the forced backend.
+    let w2 = ps::init_world_group(&[0, 1], lr, Some("tcp")).unwrap();
+    assert_eq!((w2.name(), w2.host_backend()), ("world:1", "tcp"));
+    assert_eq!(sum_over(&w2, r as i64 + 1), 3);
+    let e = ps::init_world_group(&[0, 1], lr + 1, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("local_rank {}", lr + 1)) && e.contains(&format!("local rank {lr}")),
+        "{e}"
+    );
+    // init_node_group.
+    let node = ps::init_node_group(lr, Some("tcp")).unwrap();
+    assert_eq!((node.name(), node.host_backend()), ("node:1", "tcp"));
+    assert!(Arc::ptr_eq(&node, &ps::get_node_group().unwrap()));
+    // init_model_parallel_group with FastVideo's arguments.
+    let mine =
+        ps::init_model_parallel_group(&[vec![0], vec![1]], lr, None, false, Some("mine")).unwrap();
+    assert_eq!((mine.name(), mine.ranks()), ("mine:0", &[r][..]));
+    let anon = ps::init_model_parallel_group(&[vec![0, 1]], lr, None, false, None).unwrap();
+    assert_eq!(anon.name(), "anonymous:0");
+    assert_eq!(sum_over(&anon, 1), 2);
+    // The local device, and groups and receives that use it.
+    let dev = ps::get_local_torch_device().unwrap();
+    assert_eq!(dev, ps::get_local_device());
+    assert_eq!(dev, ps::global_state().unwrap().local_device());
+    if ps::core::visible_devices() == 0 {
+        assert_eq!(dev, Device::Cpu, "no GPU visible to this build");
+    }
+    let sp = ps::get_sp_group().unwrap();
+    assert_eq!(
+        (sp.device(), ps::get_tp_group().unwrap().device()),
+        (dev, dev)
+    );
+    if r == 0 {
+        sp.send(&Tensor::from_vec1(vec![1.5f64, 2.5]), Some(1))
+            .unwrap();
+    } else {
+        let t = sp.recv(&[2], DType::F64, Some(0)).unwrap();
+        assert_eq!(
+            (t.device(), t.to_vec::<f64>().unwrap()),
+            (dev, vec![1.5, 2.5])
+        );
+    }
+    // Warm-up: collective over SP, then a no-op for the same group.
+    ps::warmup_sequence_parallel_communication(None).unwrap();
+    ps::warmup_sequence_parallel_communication(Some(Device::Cpu)).unwrap();
+    // The padding shard, through the global layer.
+    let x = det(&[1, 5, 2], 3);
+    let (s, len) = ps::sequence_model_parallel_shard(&x, 1).unwrap();
+    assert_eq!((s.shape(), len), (&[1, 3, 2][..], 5));
+    assert_eq!(
+        ps::sequence_model_parallel_all_gather_with_unpad(&s, len, 1).unwrap(),
+        x
+    );
+    // utils.py under FastVideo's names.
+    assert_eq!(ps::divide(12, 4).unwrap(), 3);
+    assert!(ps::divide(10, 4).is_err() && ps::ensure_divisibility(10, 4).is_err());
+    ps::ensure_divisibility(12, 3).unwrap();
+    assert_eq!(ps::compute_padding_for_sp(7, 2), (8, 1));
+    assert_eq!(ps::compute_padding_for_sp(8, 2), (8, 0));
+    let parts = ps::split_tensor_along_last_dim(&x, 2).unwrap();
+    assert_eq!(parts.len(), 2);
+    assert_eq!(parts[1], narrow(&x, 2, 1, 1));
+    let t = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], [2, 2]).unwrap();
+    let p = ps::pad_sequence_tensor(&t, 4, 1, 9.5).unwrap();
+    assert_eq!(
+        p.to_vec::<f32>().unwrap(),
+        [1.0, 2.0, 9.5, 9.5, 3.0, 4.0, 9.5, 9.5]
+    );
+    assert_eq!(ps::pad_sequence_tensor(&t, 1, -1, 9.5).unwrap(), t);
+    let bf = Tensor::from_vec1(vec![ps::core::bf16::from_f32(1.0)]);
+    let pb = ps::pad_sequence_tensor(&bf, 2, 0, -2.0).unwrap();
+    assert_eq!(pb.to_vec::<ps::core::bf16>().unwrap()[1].to_f32(), -2.0);
+    assert_eq!(ps::unpad_sequence_tensor(&p, 2, 1).unwrap(), t);
+    assert!(ps::unpad_sequence_tensor(&p, 5, 1).is_err());
+}
+
+/// Item 9: `set_custom_all_reduce` is accepted and changes nothing.
+fn custom_all_reduce() {
+    ps::maybe_init_distributed_environment_and_model_parallel(2, 1).unwrap();
+    let r = env_usize("RANK");
+    for enable in [false, true] {
+        ps::set_custom_all_reduce(enable).unwrap();
+        assert_eq!(ps::global_state().unwrap().custom_all_reduce(), enable);
+        let mut t = Tensor::from_vec1(vec![r as f32 + 1.0; 1000]);
+        ps::tensor_model_parallel_all_reduce(&mut t).unwrap();
+        assert_eq!(t.to_vec::<f32>().unwrap(), vec![3.0; 1000]);
     }
 }
 
@@ -647,7 +1256,7 @@ fn block(ps: &ParallelState) {
     };
     let x: Vec<f32> = weights(b * s * hid, 7).iter().map(|v| v * 10.0).collect();
     let full = Tensor::from_vec(x.clone(), [b, s, hid]).unwrap();
-    let (shard, orig) = g.shard(&full, 1).unwrap();
+    let (shard, orig) = g.shard_with_pad(&full, 1).unwrap();
     let sl = shard.shape()[1];
     let y = block_forward(
         shard.as_slice::<f32>().unwrap(),
@@ -749,4 +1358,40 @@ fn transformer_block_sharded_matches_single_rank() {
 #[test]
 fn error_cases_and_default_neighbours() {
     run("errors", 4, &[("DIST_BACKEND", "tcp")]);
+}
+#[test]
+fn reinit_agrees_or_names_both_values() {
+    run("reinit", 2, &[]);
+}
+#[test]
+fn maybe_init_with_other_sizes_names_both() {
+    run("maybe_init", 2, &[]);
+}
+#[test]
+fn fastvideo_group_names_and_lookup_by_name() {
+    run("names", 4, &[]);
+}
+#[test]
+fn one_member_groups_return_inputs() {
+    run("single", 2, &[]);
+}
+#[test]
+fn shard_exact_or_error_and_padding_shard_p3() {
+    run("shard", 3, &[]);
+}
+#[test]
+fn destroy_model_parallel_destroys_node_group() {
+    run("destroy", 2, &[]);
+}
+#[test]
+fn tensor_dict_nested_values_lists_tuples_dtypes() {
+    run("dict_values", 3, &[]);
+}
+#[test]
+fn fastvideo_helpers_node_world_device_warmup_utils() {
+    run("helpers", 2, &[]);
+}
+#[test]
+fn set_custom_all_reduce_is_accepted_and_ignored() {
+    run("custom_all_reduce", 2, &[]);
 }

@@ -4,7 +4,13 @@
 //! fails once the communicator is closed, and [`RawComm::abort`] (the
 //! documented thread-safe way to unblock NCCL) closes it under that lock,
 //! so no call can use a freed handle.
+//!
+//! `ncclCommAbort` itself may block for as long as the device is busy (it
+//! frees device memory, which waits for running kernels), so the closing is
+//! also announced in an atomic flag before the abort starts: later users
+//! fail at once instead of queueing behind it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -54,6 +60,8 @@ pub struct RawComm {
     lib: &'static NcclLibrary,
     handle: NcclCommHandle,
     life: Mutex<Life>,
+    /// Set (before taking `life`) by the first abort or shutdown.
+    closing: AtomicBool,
 }
 
 // SAFETY: an NCCL communicator may be used from any thread; every use of the
@@ -108,6 +116,7 @@ impl RawComm {
             lib,
             handle,
             life: Mutex::new(Life::Open),
+            closing: AtomicBool::new(false),
         };
         let op = || format!("ncclCommInitRankConfig ({label}, rank {rank} of {world})");
         let missing = || {
@@ -130,7 +139,8 @@ impl RawComm {
     }
 
     /// Runs `f` with the live handle, holding the lock (so an abort from
-    /// another thread waits until `f` returns). `Aborted` once closed.
+    /// another thread waits until `f` returns). `Aborted` once closed, or
+    /// once an abort has started (without waiting for it).
     ///
     /// `f` must not block: with a non-blocking communicator NCCL calls
     /// return at once (`ncclInProgress` when not done); wait with
@@ -139,6 +149,9 @@ impl RawComm {
         &self,
         f: impl FnOnce(&'static NcclLibrary, NcclCommHandle) -> Result<R>,
     ) -> Result<R> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(aborted());
+        }
         let life = self.lock();
         if *life == Life::Closed {
             return Err(aborted());
@@ -203,15 +216,20 @@ impl RawComm {
         }
     }
 
-    /// True once aborted or shut down.
+    /// True once an abort or a shutdown has started (it may still be in
+    /// progress on another thread). Never waits.
     pub fn is_closed(&self) -> bool {
-        *self.lock() == Life::Closed
+        self.closing.load(Ordering::Acquire)
     }
 
     /// `ncclCommAbort`: frees everything and unblocks pending work (kernels
     /// waiting for peers exit). Idempotent and callable from any thread;
-    /// true when this call did the abort.
+    /// true when this call did the abort. It may block while the device is
+    /// busy (NCCL frees device memory); a second caller returns at once.
     pub fn abort(&self) -> bool {
+        if self.closing.swap(true, Ordering::AcqRel) {
+            return false;
+        }
         let mut life = self.lock();
         if *life == Life::Closed {
             return false;
@@ -235,6 +253,9 @@ impl RawComm {
             .and_then(|p| self.settle(p, deadline, &|| "ncclCommFinalize".into(), &Vec::new));
         match finalized {
             Ok(()) => {
+                if self.closing.swap(true, Ordering::AcqRel) {
+                    return Ok(());
+                }
                 let mut life = self.lock();
                 if *life == Life::Closed {
                     return Ok(());

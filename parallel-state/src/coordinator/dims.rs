@@ -156,7 +156,7 @@ impl GroupCoordinator {
         let d = layout::normalize_dim(dim, input.ndim())?;
         let w = self.world_size();
         let size = input.shape()[d];
-        if size % w != 0 {
+        if !size.is_multiple_of(w) {
             return Err(CommError::shape(
                 "reduce_scatter(dim)",
                 format!("dim {d} divisible by the group size {w}"),

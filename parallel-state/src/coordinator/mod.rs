@@ -274,6 +274,18 @@ impl GroupCoordinator {
 
     /// A one-member group that needs no store (every op returns its input).
     pub fn single(rank: usize, local_rank: usize, name: impl Into<String>) -> Self {
+        Self::single_on(rank, local_rank, name, Device::Cpu)
+    }
+
+    /// [`single`](Self::single) for a process computing on `device`: the
+    /// group reports it as its device and [`recv`](Self::recv) allocates
+    /// there (its ops move memory of any device without communicating).
+    pub fn single_on(
+        rank: usize,
+        local_rank: usize,
+        name: impl Into<String>,
+        device: Device,
+    ) -> Self {
         let name = name.into();
         let host = Communicator::new(
             Box::new(comm_core::SingleRank::new()),
@@ -285,7 +297,7 @@ impl GroupCoordinator {
             rank,
             rank_in_group: 0,
             local_rank,
-            device: Device::Cpu,
+            device,
             host_backend: "single".into(),
             device_backend: None,
             timeout: host.timeout(),

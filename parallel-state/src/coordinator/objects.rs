@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::GroupCoordinator;
-use crate::tensor_dict::{MetaValue, TensorDict, TensorMeta, Value};
+use crate::tensor_dict::{Metadata, TensorDict, TensorMeta};
 
 /// Objects larger than this are refused on receipt (a corrupt or hostile
 /// length must not allocate without bound).
@@ -110,14 +110,16 @@ impl GroupCoordinator {
         dist_utils::codec::decode(&buf)
     }
 
-    /// Broadcasts an ordered dict of tensors and plain values from group rank
-    /// `src`: the metadata (keys, plain values, tensor device kind, dtype and
-    /// shape) first over the host plane, then each non-empty tensor in order
-    /// over the plane matching its device. Receivers allocate on their own
-    /// device and fill.
+    /// Broadcasts an ordered dict of tensors and values from group rank
+    /// `src`: the metadata (keys, plain and nested values, each tensor's
+    /// device kind, dtype and shape) first over the host plane, then each
+    /// non-empty tensor, at any depth, in order over the plane matching its
+    /// device. Receivers allocate on their own device and fill.
     ///
     /// The source passes its dict by value and gets it back unchanged, so no
-    /// tensor is copied on the source.
+    /// tensor is copied on the source. A one-member group returns the dict
+    /// without communicating (after checking `src` and that the dict can
+    /// travel, as on any group).
     pub fn broadcast_tensor_dict(
         &self,
         dict: Option<TensorDict>,
@@ -128,33 +130,23 @@ impl GroupCoordinator {
             let mut dict = dict.ok_or_else(|| {
                 CommError::invalid("broadcast_tensor_dict: the source rank must pass a dict")
             })?;
+            let meta = dict.metadata()?;
             if self.world_size() > 1 {
-                self.broadcast_encoded("broadcast_tensor_dict", Some(&dict.metadata()), src)?;
-                for (_, v) in dict.entries_mut().iter_mut() {
-                    if let Value::Tensor(t) = v {
-                        if t.numel() > 0 {
-                            self.broadcast(t, src)?;
-                        }
+                self.broadcast_encoded("broadcast_tensor_dict", Some(&meta), src)?;
+                for t in dict.tensors_mut() {
+                    if t.numel() > 0 {
+                        self.broadcast(t, src)?;
                     }
                 }
             }
             return Ok(dict);
         }
-        let meta: Vec<(String, MetaValue)> =
-            dist_utils::codec::decode(&self.broadcast_bytes(None, src)?)?;
-        let mut out = TensorDict::new();
-        for (k, m) in meta {
-            let v = match m {
-                MetaValue::Tensor(tm) => {
-                    let mut t = self.alloc(&tm)?;
-                    if t.numel() > 0 {
-                        self.broadcast(&mut t, src)?;
-                    }
-                    Value::Tensor(t)
-                }
-                other => meta_plain(other),
-            };
-            out.insert(k, v);
+        let meta: Metadata = dist_utils::codec::decode(&self.broadcast_bytes(None, src)?)?;
+        let mut out = TensorDict::from_metadata(meta, |m| self.alloc(m))?;
+        for t in out.tensors_mut() {
+            if t.numel() > 0 {
+                self.broadcast(t, src)?;
+            }
         }
         Ok(out)
     }
@@ -164,6 +156,9 @@ impl GroupCoordinator {
     /// by G travels as slice `all_gather_group.rank_in_group()` of its
     /// flattened data, and the receiver all-gathers it over its own
     /// all-gather group (which must mirror the sender's).
+    ///
+    /// On a one-member group nothing is sent (FastVideo returns the dict; the
+    /// caller here still holds it), after the same checks as on any group.
     pub fn send_tensor_dict(
         &self,
         dict: &TensorDict,
@@ -171,9 +166,13 @@ impl GroupCoordinator {
         all_gather_group: Option<&GroupCoordinator>,
     ) -> Result<()> {
         let dst = dst.unwrap_or_else(|| self.default_dst());
-        self.send_object(&dict.metadata(), dst)?;
-        for (_, v) in dict.iter() {
-            let Value::Tensor(t) = v else { continue };
+        self.check_member("send_tensor_dict", dst)?;
+        let meta = dict.metadata()?;
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        self.send_object(&meta, dst)?;
+        for t in dict.tensors() {
             if t.numel() == 0 {
                 continue;
             }
@@ -197,40 +196,38 @@ impl GroupCoordinator {
     }
 
     /// Receives a dict sent by [`send_tensor_dict`](Self::send_tensor_dict)
-    /// from group rank `src` (default: previous rank).
+    /// from group rank `src` (default: previous rank). A one-member group
+    /// receives nothing and returns `None`, as FastVideo does; otherwise the
+    /// result is always `Some`.
     pub fn recv_tensor_dict(
         &self,
         src: Option<usize>,
         all_gather_group: Option<&GroupCoordinator>,
-    ) -> Result<TensorDict> {
+    ) -> Result<Option<TensorDict>> {
         let src = src.unwrap_or_else(|| self.default_src());
-        let meta: Vec<(String, MetaValue)> = self.recv_object(src)?;
-        let mut out = TensorDict::new();
-        for (k, m) in meta {
-            let v = match m {
-                MetaValue::Tensor(tm) => {
-                    let mut t = self.alloc(&tm)?;
-                    if t.numel() > 0 {
-                        match slice_plan(t.numel(), all_gather_group) {
-                            Some((g, _)) => {
-                                let mut part = t.zeros_with_shape([t.numel() / g])?;
-                                self.recv_into(&mut part, Some(src))?;
-                                let ag = all_gather_group.ok_or_else(|| {
-                                    CommError::State("all-gather group vanished".into())
-                                })?;
-                                let full = ag.all_gather(&part, 0)?;
-                                t = full.reshape(tm.shape.clone())?;
-                            }
-                            None => self.recv_into(&mut t, Some(src))?,
-                        }
-                    }
-                    Value::Tensor(t)
-                }
-                other => meta_plain(other),
-            };
-            out.insert(k, v);
+        self.check_member("recv_tensor_dict", src)?;
+        if self.world_size() == 1 {
+            return Ok(None);
         }
-        Ok(out)
+        let meta: Metadata = self.recv_object(src)?;
+        let mut out = TensorDict::from_metadata(meta, |m| self.alloc(m))?;
+        for t in out.tensors_mut() {
+            if t.numel() == 0 {
+                continue;
+            }
+            match slice_plan(t.numel(), all_gather_group) {
+                Some((g, _)) => {
+                    let mut part = t.zeros_with_shape([t.numel() / g])?;
+                    self.recv_into(&mut part, Some(src))?;
+                    let ag = all_gather_group
+                        .ok_or_else(|| CommError::State("all-gather group vanished".into()))?;
+                    let shape = t.shape().to_vec();
+                    *t = ag.all_gather(&part, 0)?.reshape(shape)?;
+                }
+                None => self.recv_into(t, Some(src))?,
+            }
+        }
+        Ok(Some(out))
     }
 
     /// Allocates a zeroed tensor for incoming metadata on THIS member's
@@ -257,21 +254,10 @@ impl GroupCoordinator {
     }
 }
 
-fn meta_plain(m: MetaValue) -> Value {
-    match m {
-        MetaValue::Int(i) => Value::Int(i),
-        MetaValue::Float(f) => Value::Float(f),
-        MetaValue::Bool(b) => Value::Bool(b),
-        MetaValue::Str(s) => Value::Str(s),
-        MetaValue::Bytes(b) => Value::Bytes(b),
-        MetaValue::None | MetaValue::Tensor(_) => Value::None,
-    }
-}
-
 /// `(G, rank in the all-gather group)` when a tensor of `numel` elements
 /// travels sliced, else `None`.
 fn slice_plan(numel: usize, ag: Option<&GroupCoordinator>) -> Option<(usize, usize)> {
     let ag = ag?;
     let g = ag.world_size();
-    (g > 1 && numel % g == 0).then_some((g, ag.rank_in_group()))
+    (g > 1 && numel.is_multiple_of(g)).then_some((g, ag.rank_in_group()))
 }

@@ -17,6 +17,11 @@ pub struct RingTimes {
     /// Time spent waiting for a block after `compute` returned: the part of
     /// the communication that compute did not hide.
     pub exposed: Duration,
+    /// Time spent starting the exchanges (queueing each batched
+    /// send/receive; on an oversubscribed host this includes waiting for a
+    /// core after waking the progress engine). Not part of `exposed` or
+    /// `compute`.
+    pub starting: Duration,
     /// Wall time of the whole pass.
     pub total: Duration,
 }
@@ -51,12 +56,14 @@ impl GroupCoordinator {
             }
             let cur: &B = block;
             let incoming: &mut B = spare;
+            let posting = Instant::now();
             comm.scope(|s| {
                 let work = s.batch_isend_irecv(vec![
                     P2pOp::send(cur, next)?,
                     P2pOp::recv(incoming, prev)?,
                 ])?;
                 let c = Instant::now();
+                t.starting += c - posting;
                 let r = compute(step, cur);
                 t.compute += c.elapsed();
                 let waited = Instant::now();
