@@ -36,7 +36,8 @@ pub struct ParallelConfig {
     pub sp: usize,
     /// Ring-attention degree inside each SP group (1: Ulysses only): the SP
     /// group splits into Ulysses groups of `sp / ring_degree` consecutive
-    /// members and strided ring groups (USP).
+    /// members and strided ring groups (USP; both always built, see
+    /// [`GpuContext::ulysses_group`]).
     pub ring_degree: usize,
     /// The device each worker binds: `auto` (the local rank's GPU when
     /// CUDA is visible, else the CPU), `cpu`, `cuda` (the local rank's GPU)
@@ -182,15 +183,11 @@ impl GpuContext {
             )));
         }
         let sp = config.sp_degree(world);
+        // The Ulysses and ring sub-groups always exist (ring degree 1: one
+        // Ulysses group per SP group and rings of one), as in the main job.
         parallel
             .initialize_model_parallel(config.tp, sp, None)
-            .and_then(|()| {
-                if config.ring_degree > 1 {
-                    parallel.initialize_ulysses_ring(sp / config.ring_degree)
-                } else {
-                    Ok(())
-                }
-            })
+            .and_then(|()| parallel.initialize_ulysses_ring(sp / config.ring_degree))
             .map_err(|e| CommError::State(format!("building the model-parallel groups: {e}")))?;
         Ok(GpuContext {
             config,
@@ -226,6 +223,16 @@ impl GpuContext {
     /// The tensor-parallel group of this worker.
     pub fn tp_group(&self) -> Result<Arc<GroupCoordinator>> {
         self.parallel.tp_group()
+    }
+    /// The Ulysses sub-group of this worker's SP group (`sp / ring_degree`
+    /// consecutive members).
+    pub fn ulysses_group(&self) -> Result<Arc<GroupCoordinator>> {
+        self.parallel.ulysses_group()
+    }
+    /// The ring sub-group of this worker's SP group (members strided by the
+    /// Ulysses degree; one member with ring degree 1).
+    pub fn ring_group(&self) -> Result<Arc<GroupCoordinator>> {
+        self.parallel.ring_group()
     }
 }
 

@@ -83,6 +83,8 @@ fn args(seq: &[usize]) -> Args {
         layers: 2,
         scale: 0.5,
         adapter_at: 2,
+        ring_degree: 1,
+        tolerance: 0.0,
         device: "cpu".into(),
         backend: None,
         timeout: 120,
@@ -145,6 +147,14 @@ fn the_example_serves_exact_results_and_applies_the_adapter() {
         reports.iter().map(|r| r.adapted).collect::<Vec<_>>(),
         [false, false, true, true]
     );
+    // The same through USP (Ulysses degree 2 x ring degree 2): ring
+    // attention rounds differently, within 1e-5.
+    let mut a = args(&[61, 130]);
+    a.ring_degree = 2;
+    a.tolerance = 1e-5;
+    a.adapter_at = 1;
+    let reports = video_generator::drive(&a, &launch(4)).unwrap();
+    assert!(reports.iter().all(|r| r.ok), "{reports:?}");
 }
 
 /// The README's two-host set-up on loopback: the driver is node 0 with 2
