@@ -7,10 +7,10 @@
 //! distributed forward pass with Ulysses all_to_all_4d inside the workers
 //! (and ring attention with `--ring-degree` above 1); rank 0's output comes
 //! back to the driver, which checks it against the single-process
-//! reference. Between
-//! requests an adapter-style change (scaling every output projection) is
-//! applied to every worker through `collective_rpc`, and the next results
-//! are checked against a reference with the same change.
+//! reference. Between requests an adapter-style change (scaling every
+//! output projection) is applied to every worker through `collective_rpc`,
+//! and the next results are checked against a reference with the same
+//! change.
 //!
 //! ```text
 //! cargo run --release -p executor --example video_generator
@@ -23,10 +23,11 @@
 //! scheduling). It exits non-zero when a result differs from the reference
 //! in any bit (or by more than `--tolerance`).
 //!
-//! Two hosts: on host A (the driver, node 0)
+//! Two hosts: on host A (the driver and node 0's 4 workers)
 //! `DIST_JOB_SECRET=$S video_generator --nnodes 2 --master-addr A --master-port P`,
 //! on host B `DIST_JOB_SECRET=$S distrun --nnodes 2 --node-rank 1
-//! --master-addr A --master-port P --nproc-per-node 4 -- video_generator --worker`.
+//! --master-addr A --master-port P --nproc-per-node 4 -- video_generator --worker`
+//! (the same `--workers` on both; the heads must divide by all 8 workers).
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
