@@ -466,15 +466,10 @@ impl<'scope> Scope<'scope, '_> {
         output: &'scope mut O,
     ) -> Result<Work<'scope>> {
         let (i, mut o) = (input.as_buf()?, output.as_buf_mut()?);
-        let inner = &self.comm.inner;
-        check::device("all_gather", i.device(), inner.device)?;
-        check::device("all_gather", o.device(), inner.device)?;
-        check::gathered("all_gather", &i, &o, inner.world)?;
-        if inner.world == 1 {
-            o.mem().copy_from(i.mem())?;
-        }
-        let parts = (Collective::AllGather, i.dtype(), i.numel(), None, None);
-        let run = inner.world > 1 && i.numel() > 0;
+        let (parts, run) =
+            self.comm
+                .inner
+                .prepare_copying(Collective::AllGather, None, &i, &mut o)?;
         self.start(parts, run.then_some(Op::AllGather(i, o)))
     }
 
@@ -485,15 +480,10 @@ impl<'scope> Scope<'scope, '_> {
         output: &'scope mut O,
     ) -> Result<Work<'scope>> {
         let (i, mut o) = (input.as_buf()?, output.as_buf_mut()?);
-        let inner = &self.comm.inner;
-        check::device("all_to_all", i.device(), inner.device)?;
-        check::device("all_to_all", o.device(), inner.device)?;
-        check::all_to_all(&i, &o, inner.world)?;
-        if inner.world == 1 {
-            o.mem().copy_from(i.mem())?;
-        }
-        let parts = (Collective::AllToAll, i.dtype(), i.numel(), None, None);
-        let run = inner.world > 1 && i.numel() > 0;
+        let (parts, run) =
+            self.comm
+                .inner
+                .prepare_copying(Collective::AllToAll, None, &i, &mut o)?;
         self.start(parts, run.then_some(Op::AllToAll(i, o)))
     }
 
@@ -549,7 +539,7 @@ impl<'scope> Scope<'scope, '_> {
     /// Numbers a checked call and launches it (`None`: nothing to move).
     fn start(
         &'scope self,
-        parts: (Collective, DType, usize, Option<usize>, Option<ReduceOp>),
+        parts: crate::front::DescParts,
         op: Option<Op<'scope>>,
     ) -> Result<Work<'scope>> {
         let inner = &self.comm.inner;

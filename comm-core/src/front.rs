@@ -347,14 +347,9 @@ impl Communicator {
         layout: Option<Layout<'_>>,
     ) -> Result<()> {
         let (i, mut o) = (input.as_buf()?, output.as_buf_mut()?);
-        self.inner.on_device("all_gather", i.device())?;
-        self.inner.on_device("all_gather", o.device())?;
-        check::gathered("all_gather", &i, &o, self.inner.world)?;
-        let desc = (Collective::AllGather, i.dtype(), i.numel(), None, None);
-        if self.inner.world == 1 {
-            o.mem().copy_from(i.mem())?;
-        }
-        let run = self.inner.world > 1 && i.numel() > 0;
+        let (desc, run) = self
+            .inner
+            .prepare_copying(Collective::AllGather, None, &i, &mut o)?;
         self.inner
             .run_blocking(desc, layout, run.then_some(Op::AllGather(i, o)))
     }
@@ -492,14 +487,9 @@ impl Communicator {
         layout: Option<Layout<'_>>,
     ) -> Result<()> {
         let (i, mut o) = (input.as_buf()?, output.as_buf_mut()?);
-        self.inner.on_device("all_to_all", i.device())?;
-        self.inner.on_device("all_to_all", o.device())?;
-        check::all_to_all(&i, &o, self.inner.world)?;
-        let desc = (Collective::AllToAll, i.dtype(), i.numel(), None, None);
-        if self.inner.world == 1 {
-            o.mem().copy_from(i.mem())?;
-        }
-        let run = self.inner.world > 1 && i.numel() > 0;
+        let (desc, run) = self
+            .inner
+            .prepare_copying(Collective::AllToAll, None, &i, &mut o)?;
         self.inner
             .run_blocking(desc, layout, run.then_some(Op::AllToAll(i, o)))
     }
@@ -612,7 +602,7 @@ impl Communicator {
     }
 }
 
-type DescParts = (Collective, DType, usize, Option<usize>, Option<ReduceOp>);
+pub(crate) type DescParts = (Collective, DType, usize, Option<usize>, Option<ReduceOp>);
 
 impl Inner {
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, State>> {
@@ -651,8 +641,34 @@ impl Inner {
         }
     }
 
-    fn on_device(&self, op: &str, have: Device) -> Result<()> {
+    pub(crate) fn on_device(&self, op: &str, have: Device) -> Result<()> {
         check::device(op, have, self.device)
+    }
+
+    /// The checks of a call with an input and an output whose one-member
+    /// result is a copy (all_gather, reduce_scatter, all_to_all): devices
+    /// and sizes, and at world 1 the copy itself. Returns the description's
+    /// parts and whether the backend has anything to do.
+    pub(crate) fn prepare_copying(
+        &self,
+        op: Collective,
+        reduce: Option<ReduceOp>,
+        i: &BufRef<'_>,
+        o: &mut BufMut<'_>,
+    ) -> Result<(DescParts, bool)> {
+        let name = op.name();
+        self.on_device(name, i.device())?;
+        self.on_device(name, o.device())?;
+        match op {
+            Collective::AllGather => check::gathered(name, i, o, self.world)?,
+            Collective::ReduceScatter => check::scattered(name, i, o, self.world)?,
+            _ => check::all_to_all(i, o, self.world)?,
+        }
+        if self.world == 1 {
+            o.mem().copy_from(i.mem())?;
+        }
+        let desc = (op, i.dtype(), i.numel(), None, reduce);
+        Ok((desc, self.world > 1 && i.numel() > 0))
     }
 
     /// The description of the next collective.
