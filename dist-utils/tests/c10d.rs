@@ -273,7 +273,10 @@ fn raw_protocol_matches_pytorch_semantics() {
 fn a_client_that_leaves_while_waiting_is_forgotten() {
     let srv = C10dServer::bind("127.0.0.1:0").unwrap();
     let c = C10dStore::connect(srv.local_addr(), T).unwrap();
-    let before = srv.num_connections();
+    // The server publishes its counts once per loop turn, possibly after the
+    // client already has its reply: wait for the client's one connection.
+    assert!(eventually(T, || srv.num_connections() == 1));
+    let before = 1;
     let mut s = raw(&srv);
     let mut q = vec![6u8];
     q.extend(1u64.to_le_bytes());
