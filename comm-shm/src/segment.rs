@@ -882,3 +882,57 @@ mod tests {
         assert!(t >= p + 100);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// A member attaching to a segment whose header is garbage (a peer
+        /// of another build, a corrupt or hostile creator) gets an error,
+        /// never a panic or a wait past its deadline.
+        #[test]
+        fn fuzz_attach_to_garbage(words in proptest::collection::vec(any::<u64>(), 16),
+                                  keep_magic in any::<bool>()) {
+            let store = dist_utils::HashStore::new();
+            let job = format!("fuzzseg{}", std::process::id());
+            let spec = SetupSpec {
+                store: &store,
+                key: "seg".into(),
+                member: 1,
+                members: 2,
+                ctrl_lines: 3,
+                payload_bytes: 4096,
+                job_id: &job,
+                kind: 7,
+                timeout: Duration::from_millis(200),
+                what: "fuzz".into(),
+                ranks: vec![0, 1],
+                policy: SpinPolicy::default(),
+            };
+            let (_, _, total) = Segment::sizes(&spec).unwrap();
+            let name = new_name(&job).unwrap();
+            let fd = shm::open(
+                name.as_str(),
+                shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
+                Mode::from_raw_mode(0o600),
+            )
+            .unwrap();
+            let _gone = UnlinkOnDrop(Some(name.clone()));
+            rustix::fs::ftruncate(&fd, total as u64).unwrap();
+            let mut head: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            if keep_magic {
+                head[..8].copy_from_slice(&MAGIC.to_le_bytes());
+            }
+            rustix::io::write(&fd, &head).unwrap();
+            store.set("seg", name.as_bytes()).unwrap();
+            let t0 = Instant::now();
+            let r = Segment::establish(&spec);
+            prop_assert!(r.is_err());
+            prop_assert!(t0.elapsed() < Duration::from_secs(30));
+        }
+    }
+}
