@@ -409,7 +409,12 @@ fn verify(
 fn mq_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
     let n = a.readers;
     let readers: Vec<usize> = (1..=n).collect();
-    let ring = (a.max + 64).clamp(1 << 20, 64 << 20);
+    let ring = a
+        .raw
+        .iter()
+        .position(|x| x == "--ring-kib")
+        .and_then(|i| a.raw.get(i + 1))
+        .map_or(4 << 20, |v| v.parse::<usize>().unwrap() << 10);
     let o = MqOptions::default()
         .timeout(Duration::from_secs(120))
         .max_message_bytes(a.max.max(8));

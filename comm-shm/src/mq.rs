@@ -25,6 +25,8 @@ use crate::segment::{Segment, SetupSpec, SpinPolicy, WaitFail, Watch, ABORTED, C
 use crate::wire::{record_len, AbortRecord};
 
 const KIND_MQ: u32 = 0x4d51_5545; // "MQUE"
+/// Most bytes between two cursor publications within one message.
+const STREAM_PUBLISH: u64 = 64 << 10;
 
 /// Options of a [`MessageQueue`]. Start from [`MqOptions::default`] and use
 /// the builder methods.
@@ -347,6 +349,15 @@ impl MessageQueue {
         }
     }
 
+    /// How many bytes of a long stream go between two publications of the
+    /// cursor: small enough that the other side starts copying while this
+    /// side still copies (pipelining within a message), large enough that
+    /// the publication costs nothing.
+    #[inline]
+    fn stream_publish(&self) -> u64 {
+        (self.ring / 4).clamp(1, STREAM_PUBLISH)
+    }
+
     #[inline]
     fn ring_ptr(&self) -> *mut u8 {
         self.seg.payload_at(0, self.ring as usize)
@@ -400,7 +411,7 @@ impl MessageQueue {
     }
 
     fn write_stream(&mut self, mut src: &[u8], dl: &Deadline) -> Result<()> {
-        let stream_pub = (self.ring / 4).max(1);
+        let stream_pub = self.stream_publish();
         while !src.is_empty() {
             let mut free = self.ring - (self.pos - self.cached);
             if free == 0 {
@@ -473,7 +484,7 @@ impl MessageQueue {
     }
 
     fn read_stream(&mut self, dst: &mut [u8], dl: &Deadline) -> Result<()> {
-        let stream_pub = (self.ring / 4).max(1);
+        let stream_pub = self.stream_publish();
         let mut got = 0;
         while got < dst.len() {
             let mut avail = self.cached - self.pos;
