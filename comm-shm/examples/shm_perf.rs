@@ -304,6 +304,8 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
             // BATCHES timed batches; per batch the slowest rank's mean per
             // call; the best batch is reported (as mpi_bench does).
             let per = (it / BATCHES).max(1);
+            let ctx0 = ctx_switches();
+            let cpu0 = cpu_seconds();
             let mut tm = [f64::MAX];
             for _ in 0..BATCHES {
                 c.barrier().unwrap();
@@ -315,6 +317,34 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
                 c.all_reduce(&mut el, ReduceOp::Max).unwrap();
                 tm[0] = tm[0].min(el[0]);
             }
+            if std::env::var_os("SHM_PERF_PCT").is_some() && rank == 0 {
+                // Per-call latency percentiles on rank 0 (diagnostics).
+                let mut v: Vec<f64> = (0..per.min(2000))
+                    .map(|i| {
+                        let t = Instant::now();
+                        call(i);
+                        t.elapsed().as_secs_f64() * 1e6
+                    })
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                let q = |f: f64| v[((v.len() - 1) as f64 * f) as usize];
+                eprintln!(
+                    "rank 0 {op} {}: p10 {:.2} p50 {:.2} p90 {:.2} p99 {:.2} max {:.0} us",
+                    n * 4,
+                    q(0.1),
+                    q(0.5),
+                    q(0.9),
+                    q(0.99),
+                    q(1.0)
+                );
+            } else if std::env::var_os("SHM_PERF_PCT").is_some() {
+                for i in 0..per.min(2000) {
+                    call(i);
+                }
+            }
+            // CPU time of all ranks per call (spinning and yielding included).
+            let mut cpu = [(cpu_seconds() - cpu0) / (per * BATCHES) as f64];
+            c.all_reduce(&mut cpu, ReduceOp::Sum).unwrap();
             if rank == 0 {
                 let alg = (n * 4) as f64 / tm[0] / 1e9;
                 let wf = w as f64;
@@ -323,6 +353,18 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
                     "broadcast" => 1.0,
                     _ => (wf - 1.0) / wf,
                 };
+                if std::env::var_os("SHM_PERF_CTX").is_some() {
+                    let (v, i) = ctx_switches();
+                    let calls = (per * BATCHES) as f64;
+                    eprintln!(
+                        "rank 0 {op} {}: {:.1} voluntary + {:.1} involuntary context switches, \
+                         {:.1} us of CPU (all ranks) per call",
+                        n * 4,
+                        (v - ctx0.0) as f64 / calls,
+                        (i - ctx0.1) as f64 / calls,
+                        cpu[0] * 1e6
+                    );
+                }
                 println!(
                     "{op} {} {:.2} {:.3} {:.3}",
                     n * 4,
@@ -336,6 +378,27 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
             }
         }
     }
+}
+
+/// CPU time (user + system) of this thread so far, in seconds.
+fn cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// (voluntary, involuntary) context switches of this thread so far.
+fn ctx_switches() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        get("voluntary_ctxt_switches:"),
+        get("nonvoluntary_ctxt_switches:"),
+    )
 }
 
 /// One checked call per size (values that are exact in f32).

@@ -21,7 +21,7 @@ use comm_core::{CommError, Deadline, Missing, Result, Store};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::names::default_job_id;
-use crate::segment::{Segment, SetupSpec, SpinPolicy, WaitFail, Watch, ABORTED, CLOSED};
+use crate::segment::{Segment, SetupSpec, SlowWait, SpinPolicy, WaitFail, Watch, ABORTED, CLOSED};
 use crate::wire::{record_len, AbortRecord};
 
 const KIND_MQ: u32 = 0x4d51_5545; // "MQUE"
@@ -442,12 +442,23 @@ impl MessageQueue {
         };
         let f = self.seg.flag(1 + i);
         let (pos, ring) = (self.pos, self.ring);
+        let slow = SlowWait::new();
+        let on_sleep = || {
+            slow.tick(|| {
+                tracing::warn!(
+                    "{}: still waiting for reader rank {} to free ring space ({:.0?} so far)",
+                    self.what("enqueue"),
+                    self.reader_ranks[i],
+                    dl.elapsed()
+                )
+            })
+        };
         if let Err(e) = self.seg.wait(
             f,
             || f.words[0].load(Acquire) + ring > pos,
             Watch::One(1 + i),
             dl,
-            &|| {},
+            &on_sleep,
         ) {
             let lagging = (0..self.reader_ranks.len())
                 .filter_map(|j| {
@@ -469,12 +480,25 @@ impl MessageQueue {
     fn wait_data(&mut self, dl: &Deadline) -> Result<()> {
         let f = self.seg.flag(0);
         let pos = self.pos;
+        // Readers of a request queue wait idle for long stretches by
+        // design: reported at debug level only.
+        let slow = SlowWait::new();
+        let on_sleep = || {
+            slow.tick(|| {
+                tracing::debug!(
+                    "{}: no message from writer rank {} for {:.0?}",
+                    self.what("dequeue"),
+                    self.writer_rank,
+                    dl.elapsed()
+                )
+            })
+        };
         if let Err(e) = self.seg.wait(
             f,
             || f.words[0].load(Acquire) > pos,
             Watch::One(0),
             dl,
-            &|| {},
+            &on_sleep,
         ) {
             let writer = vec![Missing::new(self.writer_rank, "writer")];
             return Err(self.fail(e, "dequeue", dl, writer));

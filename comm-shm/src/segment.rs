@@ -3,7 +3,7 @@
 //! # Segments
 //! A segment is a POSIX shared-memory object created by one member with
 //! `O_CREAT | O_EXCL`, mode `0600`, under a unique name
-//! (`/dshm.<job>.<pid>.<random>`, see [`crate::names`]), sized with
+//! (`/dshm.<job>.<pid>.<random>`, see [`crate::default_job_id`]), sized with
 //! `ftruncate` + `fallocate` (so a full `/dev/shm` is an error at set-up,
 //! never a `SIGBUS` later) and mapped `MAP_SHARED | MAP_POPULATE`. Its name
 //! travels through the [`Store`]. Every member maps it, writes its pid into
@@ -13,7 +13,7 @@
 //! `SIGKILL`. If set-up fails (a member never attaches before the deadline),
 //! the creator and every attached member unlink the name too, and while
 //! set-up is in progress a terminating signal unlinks it as well
-//! ([`crate::names`]).
+//! (see [`crate::segment_prefix`]).
 //!
 //! # Layout
 //! ```text
@@ -27,7 +27,7 @@
 //! ```
 //!
 //! # Waiting
-//! [`Segment::wait`] spins briefly (`spin_loop` hints), then yields the CPU,
+//! A wait spins briefly (`spin_loop` hints), then yields the CPU,
 //! then sleeps on a *shared* futex (no `FUTEX_PRIVATE_FLAG`, so it works across
 //! processes) in slices of [`SpinPolicy::sleep_slice`], checking the abort flag,
 //! the deadline and the liveness of the watched members between slices.
@@ -208,6 +208,29 @@ pub(crate) enum WaitFail {
     Timeout,
     Aborted(u32),
     Lost { member: usize, detail: String },
+}
+
+/// Throttles slow-wait reports of waits that have no [`comm_core::Call`]
+/// (set-up, message queues): the first after
+/// [`SLOW_WAIT_REPORT`](comm_core::SLOW_WAIT_REPORT), then one per interval.
+#[derive(Debug)]
+pub(crate) struct SlowWait(std::cell::Cell<Instant>);
+
+impl SlowWait {
+    pub(crate) fn new() -> Self {
+        SlowWait(std::cell::Cell::new(
+            Instant::now() + comm_core::SLOW_WAIT_REPORT,
+        ))
+    }
+
+    /// Runs `report` when the next report is due.
+    pub(crate) fn tick(&self, report: impl FnOnce()) {
+        let now = Instant::now();
+        if now >= self.0.get() {
+            self.0.set(now + comm_core::SLOW_WAIT_REPORT);
+            report();
+        }
+    }
 }
 
 /// What one member needs to create or attach a segment.
@@ -565,17 +588,16 @@ impl Segment {
                 .map(rank)
                 .collect()
         };
-        let report = std::cell::Cell::new(Instant::now() + comm_core::SLOW_WAIT_REPORT);
+        let slow = SlowWait::new();
         let on_sleep = || {
-            if Instant::now() >= report.get() {
-                report.set(Instant::now() + comm_core::SLOW_WAIT_REPORT);
+            slow.tick(|| {
                 tracing::warn!(
                     "{}: still waiting for ranks {:?} to attach ({:.0?} so far)",
                     spec.what,
                     missing(),
                     dl.elapsed()
-                );
-            }
+                )
+            })
         };
         let r = self.wait(
             att,
