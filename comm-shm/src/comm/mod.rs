@@ -201,6 +201,8 @@ pub struct ShmCommunicator {
     /// Scratch of the point-to-point progress loop (per message, per peer),
     /// reused from call to call.
     p2p_state: (Vec<p2p::Progress>, Vec<u8>),
+    /// Peers not yet read at the current step (reused).
+    pending: Vec<usize>,
     single: single_copy::SingleCopy,
 }
 
@@ -235,6 +237,7 @@ impl ShmCommunicator {
             tx: vec![0; world],
             rx: vec![0; world],
             p2p_state: (Vec::new(), Vec::new()),
+            pending: Vec::with_capacity(world),
             single: single_copy::SingleCopy::off(world),
         };
         if world == 1 {
@@ -454,14 +457,28 @@ impl ShmCommunicator {
         target: u32,
         detail: &dyn Fn() -> String,
     ) -> Result<()> {
+        self.wait_lines_among(call, ranks.clone(), ranks, line, target, detail)
+    }
+
+    /// [`wait_lines`](Self::wait_lines) for the ranks of `wait`, naming every
+    /// rank of `among` that has not reached `target` when it fails.
+    fn wait_lines_among(
+        &self,
+        call: &Call<'_>,
+        wait: impl Iterator<Item = usize>,
+        among: impl Iterator<Item = usize> + Clone,
+        line: impl Fn(usize) -> usize,
+        target: u32,
+        detail: &dyn Fn() -> String,
+    ) -> Result<()> {
         let seg = self.seg();
-        for p in ranks.clone() {
+        for p in wait {
             let f = seg.flag(line(p));
             if f.reached(target) {
                 continue;
             }
             let missing = || {
-                ranks
+                among
                     .clone()
                     .filter(|&q| !seg.flag(line(q)).reached(target))
                     .collect::<Vec<_>>()

@@ -38,8 +38,26 @@ pub(super) trait Exchange {
     }
     /// Before arriving at step `i`: this rank's part into its buffer.
     fn fill(&mut self, i: usize, mine: &mut [u8]) -> Result<()>;
+    /// After arriving at step `i`, before reading any peer: this rank's own
+    /// part (its own block), which so overlaps the wait for the others.
+    fn local(&mut self, i: usize) -> Result<()> {
+        let _ = i;
+        Ok(())
+    }
+    /// True when [`take_from`](Self::take_from) reads each peer as soon as
+    /// that peer arrives (no reduction across ranks), instead of
+    /// [`take`](Self::take) after every rank arrived.
+    fn per_peer(&self) -> bool {
+        false
+    }
     /// After every rank arrived at step `i`: what this rank reads.
     fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()>;
+    /// With [`per_peer`](Self::per_peer): what this rank reads from `p`
+    /// once `p` arrived at step `i`.
+    fn take_from(&mut self, i: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        let _ = (i, p, x);
+        Ok(())
+    }
 }
 
 /// What [`Exchange::take`] may do during a step.
@@ -165,21 +183,106 @@ impl ShmCommunicator {
             let line = self.seg().flag(self.lines.arrive(me, k as usize));
             line.store_words(&words);
             line.publish(k);
-            self.check_arrivals(call, k, &sd, &words)?;
-            ex.take(
-                i,
-                &StepCtx {
-                    comm: self,
-                    call,
-                    k,
-                },
-            )?;
+            ex.local(i)?;
+            if ex.per_peer() {
+                self.take_as_they_arrive(call, k, &sd, &words, i, ex)?;
+            } else {
+                self.check_arrivals(call, k, &sd, &words)?;
+                ex.take(
+                    i,
+                    &StepCtx {
+                        comm: self,
+                        call,
+                        k,
+                    },
+                )?;
+            }
             self.seg().flag(self.lines.done(me)).publish(k);
         }
         if ex.lends_source() {
             self.wait_lines(call, self.others(), |p| self.lines.done(p), k, &|| {
                 format!("still reading this rank's memory at step {k}")
             })?;
+        }
+        Ok(())
+    }
+
+    /// Reads every peer as soon as it arrived at step `k` (checking its
+    /// step description first), waiting only when none is ready.
+    fn take_as_they_arrive(
+        &mut self,
+        call: &Call<'_>,
+        k: u32,
+        mine: &StepDesc,
+        words: &[u64; STEP_WORDS],
+        i: usize,
+        ex: &mut impl Exchange,
+    ) -> Result<()> {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.clear();
+        pending.extend(self.others());
+        let r = (|| {
+            while let Some(&first) = pending.first() {
+                let before = pending.len();
+                let mut j = 0;
+                while j < pending.len() {
+                    let p = pending[j];
+                    let line = self.seg().flag(self.lines.arrive(p, k as usize));
+                    if !line.reached(k) {
+                        j += 1;
+                        continue;
+                    }
+                    self.check_words(call, p, mine, words, &line.load_words())?;
+                    ex.take_from(
+                        i,
+                        p,
+                        &StepCtx {
+                            comm: self,
+                            call,
+                            k,
+                        },
+                    )?;
+                    pending.swap_remove(j);
+                }
+                if pending.len() == before {
+                    // Nobody was ready: wait for one (the others are
+                    // checked again as soon as it arrives).
+                    let p = pending
+                        .iter()
+                        .copied()
+                        .min_by_key(|&q| (q + self.world - self.rank) % self.world)
+                        .unwrap_or(first);
+                    self.wait_lines_among(
+                        call,
+                        std::iter::once(p),
+                        pending.iter().copied(),
+                        |q| self.lines.arrive(q, k as usize),
+                        k,
+                        &|| format!("has not arrived at step {k} ({})", mine.how()),
+                    )?;
+                }
+            }
+            Ok(())
+        })();
+        self.pending = pending;
+        r
+    }
+
+    /// `Ok` when rank `p`'s step description `theirs` matches this rank's.
+    fn check_words(
+        &self,
+        call: &Call<'_>,
+        p: usize,
+        mine: &StepDesc,
+        words: &[u64; STEP_WORDS],
+        theirs: &[u64; STEP_WORDS],
+    ) -> Result<()> {
+        // Everything but the source address (each rank has its own) must
+        // be equal.
+        if theirs[..ADDR_WORD] != words[..ADDR_WORD]
+            || theirs[ADDR_WORD + 1..] != words[ADDR_WORD + 1..]
+        {
+            return Err(self.step_mismatch(call, p, mine, theirs));
         }
         Ok(())
     }
@@ -205,13 +308,7 @@ impl ShmCommunicator {
                 .seg()
                 .flag(self.lines.arrive(p, k as usize))
                 .load_words::<STEP_WORDS>();
-            // Everything but the source address (each rank has its own)
-            // must be equal.
-            if theirs[..ADDR_WORD] != words[..ADDR_WORD]
-                || theirs[ADDR_WORD + 1..] != words[ADDR_WORD + 1..]
-            {
-                return Err(self.step_mismatch(call, p, mine, &theirs));
-            }
+            self.check_words(call, p, mine, words, &theirs)?;
         }
         Ok(())
     }
@@ -289,10 +386,10 @@ impl ShmCommunicator {
         root: Option<usize>,
     ) -> Result<()> {
         let (n, me) = (inp.len(), self.rank);
-        if let Some(o) = out.as_deref_mut() {
-            o[me * n..(me + 1) * n].copy_from_slice(inp);
-        }
         if self.single.use_for(n) {
+            if let Some(o) = out.as_deref_mut() {
+                o[me * n..(me + 1) * n].copy_from_slice(inp);
+            }
             return self.gather_single(call, inp, out, root);
         }
         let mut ex = Gather {
@@ -301,7 +398,6 @@ impl ShmCommunicator {
             out,
             root,
             me,
-            world: self.world,
         };
         self.run(call, &mut ex)
     }
@@ -482,7 +578,6 @@ struct Gather<'d> {
     root: Option<usize>,
     chunk: usize,
     me: usize,
-    world: usize,
 }
 
 impl Exchange for Gather<'_> {
@@ -499,13 +594,26 @@ impl Exchange for Gather<'_> {
         }
         Ok(())
     }
-    fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+    fn local(&mut self, i: usize) -> Result<()> {
         let n = self.inp.len();
         let (off, c) = chunk_range(i, self.chunk, n);
         if let Some(out) = self.out.as_deref_mut() {
-            for p in (1..self.world).map(|d| (self.me + d) % self.world) {
-                out[p * n + off..p * n + off + c].copy_from_slice(x.peer(p, 0, c));
-            }
+            let at = self.me * n + off;
+            out[at..at + c].copy_from_slice(&self.inp[off..off + c]);
+        }
+        Ok(())
+    }
+    fn per_peer(&self) -> bool {
+        true
+    }
+    fn take(&mut self, _: usize, _: &StepCtx<'_, '_>) -> Result<()> {
+        Ok(())
+    }
+    fn take_from(&mut self, i: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        let n = self.inp.len();
+        let (off, c) = chunk_range(i, self.chunk, n);
+        if let Some(out) = self.out.as_deref_mut() {
+            out[p * n + off..p * n + off + c].copy_from_slice(x.peer(p, 0, c));
         }
         Ok(())
     }
@@ -532,8 +640,14 @@ impl Exchange for Broadcast<'_> {
         }
         Ok(())
     }
-    fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()> {
-        if self.me != self.root {
+    fn per_peer(&self) -> bool {
+        true
+    }
+    fn take(&mut self, _: usize, _: &StepCtx<'_, '_>) -> Result<()> {
+        Ok(())
+    }
+    fn take_from(&mut self, i: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        if p == self.root {
             let (off, c) = chunk_range(i, self.chunk, self.data.len());
             self.data[off..off + c].copy_from_slice(x.peer(self.root, 0, c));
         }
@@ -616,20 +730,22 @@ impl Exchange for Blocks<'_> {
         }
         Ok(())
     }
-    fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+    fn local(&mut self, i: usize) -> Result<()> {
         let (off, c) = chunk_range(i, self.chunk, self.block);
         let (me, es) = (self.me, self.es);
         copy_between(self.inp, self.send, me, self.out, self.recv, me, es, off, c);
-        for p in (1..self.world).map(|d| (me + d) % self.world) {
-            scatter_range(
-                x.peer(p, me * self.chunk, c),
-                self.recv,
-                p,
-                es,
-                off,
-                self.out,
-            );
-        }
+        Ok(())
+    }
+    fn per_peer(&self) -> bool {
+        true
+    }
+    fn take(&mut self, _: usize, _: &StepCtx<'_, '_>) -> Result<()> {
+        Ok(())
+    }
+    fn take_from(&mut self, i: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        let (off, c) = chunk_range(i, self.chunk, self.block);
+        let at = self.me * self.chunk;
+        scatter_range(x.peer(p, at, c), self.recv, p, self.es, off, self.out);
         Ok(())
     }
 }
