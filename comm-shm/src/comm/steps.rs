@@ -433,7 +433,7 @@ impl ShmCommunicator {
     ) -> Result<()> {
         let es = dt.size();
         let mut ex = ReduceScatter {
-            chunk: (self.payload.ws / self.world / es) * es,
+            chunk: (self.payload.ws / (self.world - 1) / es) * es,
             inp,
             out,
             dt,
@@ -461,7 +461,7 @@ impl ShmCommunicator {
             return self.exchange_single(call, inp, send, out, recv, es);
         }
         let mut ex = Blocks {
-            chunk: (self.payload.ws / self.world / es) * es,
+            chunk: (self.payload.ws / (self.world - 1) / es) * es,
             inp,
             send,
             out,
@@ -479,6 +479,13 @@ impl ShmCommunicator {
 fn chunk_range(i: usize, chunk: usize, n: usize) -> (usize, usize) {
     let off = i * chunk;
     (off, chunk.min(n - off))
+}
+
+/// Where sender `from` puts its part for rank `to` in its buffer: its
+/// `world - 1` parts for the others in order after itself (nothing of its
+/// own goes through the workspace, so a part may use `1/(world - 1)` of it).
+fn slot(from: usize, to: usize, world: usize) -> usize {
+    (to + world - from - 1) % world
 }
 
 fn chunk_count(n: usize, chunk: usize) -> usize {
@@ -676,7 +683,7 @@ impl Exchange for ReduceScatter<'_> {
         let m = self.out.len();
         let (off, c) = chunk_range(i, self.chunk, m);
         for q in (1..self.world).map(|d| (self.me + d) % self.world) {
-            let at = q * self.chunk;
+            let at = slot(self.me, q, self.world) * self.chunk;
             mine[at..at + c].copy_from_slice(&self.inp[q * m + off..q * m + off + c]);
         }
         Ok(())
@@ -684,12 +691,12 @@ impl Exchange for ReduceScatter<'_> {
     fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()> {
         let m = self.out.len();
         let (off, c) = chunk_range(i, self.chunk, m);
-        let (me, inp, at) = (self.me, self.inp, self.me * self.chunk);
+        let (me, inp, w, chunk) = (self.me, self.inp, self.world, self.chunk);
         let src = |p: usize| {
             if p == me {
                 &inp[me * m + off..me * m + off + c]
             } else {
-                x.peer(p, at, c)
+                x.peer(p, slot(p, me, w) * chunk, c)
             }
         };
         reduce_ranks(
@@ -725,7 +732,7 @@ impl Exchange for Blocks<'_> {
     fn fill(&mut self, i: usize, mine: &mut [u8]) -> Result<()> {
         let (off, c) = chunk_range(i, self.chunk, self.block);
         for q in (1..self.world).map(|d| (self.me + d) % self.world) {
-            let at = q * self.chunk;
+            let at = slot(self.me, q, self.world) * self.chunk;
             gather_range(self.inp, self.send, q, self.es, off, &mut mine[at..at + c]);
         }
         Ok(())
@@ -744,7 +751,7 @@ impl Exchange for Blocks<'_> {
     }
     fn take_from(&mut self, i: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
         let (off, c) = chunk_range(i, self.chunk, self.block);
-        let at = self.me * self.chunk;
+        let at = slot(p, self.me, self.world) * self.chunk;
         scatter_range(x.peer(p, at, c), self.recv, p, self.es, off, self.out);
         Ok(())
     }
