@@ -9,8 +9,9 @@
 //! prints `op bytes time_us algbw_GBps busbw_GBps` where time is the mean per
 //! call of the slowest rank in the best of 5 timed batches, like mpi_bench.
 //! `all_to_all_4d` is the Ulysses exchange `[1, S/P, H, D] -> [1, S, H/P, D]`
-//! (H = 24 heads, D = 128) as one strided all-to-all with no permute; its
-//! bytes are the largest such tensor not above the size.
+//! (H = 24 heads, D = 128) as one strided all-to-all with no permute, and
+//! `all_to_all_4d_inv` its inverse; their bytes are the largest such tensor
+//! not above the size.
 //!
 //! MessageQueue (`--mq`): one writer and N reader processes, per size:
 //! `pipelined` (the writer enqueues back to back; time per message until
@@ -37,11 +38,12 @@ use comm_core::{
 use comm_shm::{MessageQueue, MqOptions, ShmFactory, ShmOptions, SpinPolicy};
 use dist_utils::{FileStore, HashStore};
 
-const OPS: [&str; 6] = [
+const OPS: [&str; 7] = [
     "all_reduce",
     "all_gather",
     "all_to_all",
     "all_to_all_4d",
+    "all_to_all_4d_inv",
     "broadcast",
     "reduce_scatter",
 ];
@@ -208,9 +210,14 @@ fn comm_for(a: &Args, rank: usize, store: Arc<dyn Store>) -> Communicator {
     reg.create("shm", &ctx).unwrap()
 }
 
-/// The Ulysses mode-1 layouts of `[1, S/P, H, D]` f32 of at most `bytes`,
-/// with the element count: `(send, recv, elements)`.
-fn ulysses(bytes: usize, p: usize) -> Option<(BlockLayout, BlockLayout, usize, [usize; 4])> {
+/// The Ulysses layouts of `[1, S/P, H, D]` f32 of at most `bytes` (mode 1,
+/// to `[1, S, H/P, D]`), or of `[1, S, H/P, D]` back (`inverse`, mode 2),
+/// with the element count and shape: `(send, recv, elements, shape)`.
+fn ulysses(
+    bytes: usize,
+    p: usize,
+    inverse: bool,
+) -> Option<(BlockLayout, BlockLayout, usize, [usize; 4])> {
     let (h, d) = (HEADS, HEAD_DIM);
     if h % p != 0 {
         return None;
@@ -220,14 +227,18 @@ fn ulysses(bytes: usize, p: usize) -> Option<(BlockLayout, BlockLayout, usize, [
         return None;
     }
     let hp = h / p;
-    let send = BlockLayout {
+    let heads = BlockLayout {
         block_step: hp * d,
         runs: sp,
         run: hp * d,
         stride: h * d,
     };
-    let recv = BlockLayout::contiguous(sp * hp * d);
-    Some((send, recv, sp * h * d, [1, sp, h, d]))
+    let rows = BlockLayout::contiguous(sp * hp * d);
+    Some(if inverse {
+        (rows, heads, sp * h * d, [1, sp * p, hp, d])
+    } else {
+        (heads, rows, sp * h * d, [1, sp, h, d])
+    })
 }
 
 fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
@@ -262,13 +273,15 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
                         continue;
                     }
                 }
-                "all_to_all_4d" => match ulysses(bytes, w) {
-                    Some(u) => {
-                        n = u.2;
-                        shape4 = Some(u);
+                "all_to_all_4d" | "all_to_all_4d_inv" => {
+                    match ulysses(bytes, w, op.ends_with("inv")) {
+                        Some(u) => {
+                            n = u.2;
+                            shape4 = Some(u);
+                        }
+                        None => continue,
                     }
-                    None => continue,
-                },
+                }
                 _ => {}
             }
             let it = iters_for(bytes);
@@ -281,12 +294,16 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
                         .reduce_scatter(&x[..n], &mut y[..n / w], ReduceOp::Sum)
                         .unwrap(),
                     "all_to_all" => c.all_to_all(&x[..n], &mut y[..n]).unwrap(),
-                    "all_to_all_4d" => {
+                    "all_to_all_4d" | "all_to_all_4d_inv" => {
                         let (send, recv, _, shape) = shape4.as_ref().unwrap();
                         let l = Layout {
                             op: Collective::AllToAll4d,
                             shape,
-                            arg: 2 * 16 + 1,
+                            arg: if op.ends_with("inv") {
+                                16 + 2
+                            } else {
+                                2 * 16 + 1
+                            },
                         };
                         c.all_to_all_strided(&x[..n], *send, &mut y[..n], *recv, Some(l))
                             .unwrap()
@@ -437,6 +454,26 @@ fn verify(
             y.iter()
                 .enumerate()
                 .all(|(j, v)| *v == (0..w).map(|q| val(q, r * m + j)).sum::<f32>())
+        }
+        "all_to_all_4d_inv" => {
+            let (send, recv, _, shape) = u.unwrap();
+            let mut y = vec![0f32; n];
+            let l = Layout {
+                op: Collective::AllToAll4d,
+                shape,
+                arg: 16 + 2,
+            };
+            c.all_to_all_strided(&x, *send, &mut y, *recv, Some(l))
+                .unwrap();
+            // Output [1, S/P, H, D]: row s, head h of it = rank h / hp's
+            // input row r * sp + s, head h % hp.
+            let (hp, d) = (HEADS / w, HEAD_DIM);
+            let sp = shape[1] / w;
+            y.iter().enumerate().all(|(j, v)| {
+                let (row, hh, dd) = (j / (HEADS * d), (j / d) % HEADS, j % d);
+                let (q, hl) = (hh / hp, hh % hp);
+                *v == val(q, ((r * sp + row) * hp + hl) * d + dd)
+            })
         }
         "all_to_all_4d" => {
             let (send, recv, _, shape) = u.unwrap();

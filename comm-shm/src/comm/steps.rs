@@ -12,7 +12,7 @@
 use comm_core::reduce::{reduce_into, reduce_pair_into};
 use comm_core::{BlockLayout, Call, CommError, DType, ReduceOp, Result};
 
-use super::blocks::{copy_between, gather_range, scatter_range};
+use super::blocks::{copy_between, gather_range, scatter_range, Pieces};
 use super::{align_up, ShmCommunicator};
 use crate::wire::{Algo, StepDesc, ADDR_WORD, STEP_WORDS};
 
@@ -722,6 +722,22 @@ struct Blocks<'d> {
     world: usize,
 }
 
+impl Blocks<'_> {
+    /// Strided input (runs of a row interleave the blocks): `fill` walks
+    /// the rows once, copying every block's piece of a row (its own to the
+    /// output) while the row is in cache, instead of one pass per block
+    /// that reads each row again (and drags the skipped parts through the
+    /// prefetchers).
+    fn rows_in(&self) -> bool {
+        self.send.runs > 1
+    }
+    /// Strided output: `take` writes every block's piece of an output row
+    /// together, once every peer has arrived.
+    fn rows_out(&self) -> bool {
+        self.recv.runs > 1
+    }
+}
+
 impl Exchange for Blocks<'_> {
     fn algo(&self) -> Algo {
         Algo::Copy
@@ -731,22 +747,59 @@ impl Exchange for Blocks<'_> {
     }
     fn fill(&mut self, i: usize, mine: &mut [u8]) -> Result<()> {
         let (off, c) = chunk_range(i, self.chunk, self.block);
-        for q in (1..self.world).map(|d| (self.me + d) % self.world) {
-            let at = slot(self.me, q, self.world) * self.chunk;
-            gather_range(self.inp, self.send, q, self.es, off, &mut mine[at..at + c]);
+        let (me, w, es) = (self.me, self.world, self.es);
+        if !self.rows_in() {
+            for q in (1..w).map(|d| (me + d) % w) {
+                let at = slot(me, q, w) * self.chunk;
+                gather_range(self.inp, self.send, q, es, off, &mut mine[at..at + c]);
+            }
+            return Ok(());
+        }
+        let step = self.send.block_step * es;
+        let own = !self.rows_out();
+        let mut at = 0;
+        for (pos, n) in Pieces::new(self.send, 0, es, off, c) {
+            for q in 0..w {
+                let src = &self.inp[pos + q * step..pos + q * step + n];
+                if q != me {
+                    let d = slot(me, q, w) * self.chunk + at;
+                    mine[d..d + n].copy_from_slice(src);
+                } else if own {
+                    scatter_range(src, self.recv, me, es, off + at, self.out);
+                }
+            }
+            at += n;
         }
         Ok(())
     }
     fn local(&mut self, i: usize) -> Result<()> {
+        if self.rows_in() || self.rows_out() {
+            return Ok(()); // done with the rows in `fill` or `take`
+        }
         let (off, c) = chunk_range(i, self.chunk, self.block);
         let (me, es) = (self.me, self.es);
         copy_between(self.inp, self.send, me, self.out, self.recv, me, es, off, c);
         Ok(())
     }
     fn per_peer(&self) -> bool {
-        true
+        !self.rows_out()
     }
-    fn take(&mut self, _: usize, _: &StepCtx<'_, '_>) -> Result<()> {
+    fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        let (off, c) = chunk_range(i, self.chunk, self.block);
+        let (me, w, es) = (self.me, self.world, self.es);
+        let step = self.recv.block_step * es;
+        let mut at = 0;
+        for (pos, n) in Pieces::new(self.recv, 0, es, off, c) {
+            for p in 0..w {
+                let dst = &mut self.out[pos + p * step..pos + p * step + n];
+                if p != me {
+                    dst.copy_from_slice(x.peer(p, slot(p, me, w) * self.chunk + at, n));
+                } else {
+                    gather_range(self.inp, self.send, me, es, off + at, dst);
+                }
+            }
+            at += n;
+        }
         Ok(())
     }
     fn take_from(&mut self, i: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
