@@ -21,8 +21,10 @@ use comm_core::{CommError, Deadline, Missing, Result, Store};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::names::default_job_id;
-use crate::segment::{Segment, SetupSpec, SlowWait, SpinPolicy, WaitFail, Watch, ABORTED, CLOSED};
-use crate::wire::{record_len, AbortRecord};
+use crate::segment::{
+    Segment, SetupSpec, SlowWait, SpinPolicy, WaitFail, Watch, ABORTED, CLOSED, MAX_MEMBERS,
+};
+use crate::wire::{record_len, AbortRecord, QueueDesc, MAX_RING, MIN_RING};
 
 const KIND_MQ: u32 = 0x4d51_5545; // "MQUE"
 /// Most bytes between two cursor publications within one message.
@@ -142,21 +144,28 @@ impl MessageQueue {
         ring_bytes: usize,
         opts: MqOptions,
     ) -> Result<Self> {
-        if ring_bytes < 64 {
+        if !(MIN_RING..=MAX_RING).contains(&ring_bytes) {
             return Err(CommError::invalid(format!(
-                "message queue `{}`: ring of {ring_bytes} bytes is too small (min 64)",
+                "message queue `{}`: a ring of {ring_bytes} bytes is out of range \
+                 ({MIN_RING} bytes to 1 TiB)",
                 opts.name
             )));
         }
         let instance = store.add(&format!("{key}/instance/{writer_rank}"), 1)?;
-        let desc = format!(
-            "{ring_bytes};{writer_rank};{}",
-            reader_ranks
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        if reader_ranks.len() >= MAX_MEMBERS {
+            return Err(CommError::invalid(format!(
+                "message queue `{}`: {} readers, at most {}",
+                opts.name,
+                reader_ranks.len(),
+                MAX_MEMBERS - 1
+            )));
+        }
+        let desc = QueueDesc {
+            ring: ring_bytes,
+            writer: writer_rank,
+            readers: reader_ranks.to_vec(),
+        }
+        .encode();
         store.set(&format!("{key}/{instance}/desc"), desc.as_bytes())?;
         Self::establish(
             store,
@@ -180,23 +189,13 @@ impl MessageQueue {
     ) -> Result<Self> {
         let instance = store.add(&format!("{key}/instance/{reader_rank}"), 1)?;
         let raw = store.get(&format!("{key}/{instance}/desc"), opts.timeout)?;
-        let bad = || {
-            CommError::Protocol(format!(
-                "message queue `{}`: malformed descriptor at `{key}`",
-                opts.name
-            ))
-        };
-        let s = String::from_utf8(raw).map_err(|_| bad())?;
-        let mut it = s.split(';');
-        let ring: usize = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
-        let writer: usize = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
-        let readers: Vec<usize> = match it.next() {
-            Some("") | None => vec![],
-            Some(l) => l
-                .split(',')
-                .map(|v| v.parse().map_err(|_| bad()))
-                .collect::<Result<_>>()?,
-        };
+        let QueueDesc {
+            ring,
+            writer,
+            readers,
+        } = QueueDesc::decode(&raw, MAX_MEMBERS - 1).map_err(|e| {
+            CommError::Protocol(format!("message queue `{}` at `{key}`: {e}", opts.name))
+        })?;
         let idx = readers
             .iter()
             .position(|&r| r == reader_rank)
