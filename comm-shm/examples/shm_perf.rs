@@ -24,8 +24,9 @@
 //! cargo run --release -p comm-shm --example shm_perf -- --world 2 --op all_to_all_4d,all_to_all -b 1M -e 128M
 //! cargo run --release -p comm-shm --example shm_perf -- --mq --readers 3 [-b 4] [-e 64M]
 //! ```
-//! Tuning: `--ws-kib`, `--one-shot-kib`, `--spin`, `--single-copy MIN_BYTES`,
-//! `--pin` (rank r on core r % cores).
+//! Tuning: `--ws-kib`, `--one-shot-kib`, `--spin`, `--single-copy MIN_BYTES`
+//! (on for every collective), `--single-copy-mode off|auto|on`, `--pin`
+//! (rank r on core r % cores).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 use comm_core::{
     BlockLayout, Collective, Communicator, GroupContext, Layout, ReduceOp, Registry, Store,
 };
-use comm_shm::{MessageQueue, MqOptions, ShmFactory, ShmOptions, SpinPolicy};
+use comm_shm::{MessageQueue, MqOptions, ShmFactory, ShmOptions, SingleCopyMode, SpinPolicy};
 use dist_utils::{FileStore, HashStore};
 
 const OPS: [&str; 7] = [
@@ -99,7 +100,16 @@ fn parse() -> Args {
         });
     }
     if let Some(v) = get("--single-copy") {
-        opts = opts.single_copy(true, size(&v));
+        opts = opts.single_copy(SingleCopyMode::On, size(&v));
+    }
+    if let Some(v) = get("--single-copy-mode") {
+        let mode = match v.as_str() {
+            "off" => SingleCopyMode::Off,
+            "on" => SingleCopyMode::On,
+            _ => SingleCopyMode::Auto,
+        };
+        let min = opts.single_copy_min_bytes;
+        opts = opts.single_copy(mode, min);
     }
     let mq = has("--mq");
     Args {
@@ -255,11 +265,7 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
             } else {
                 "ranks are processes"
             },
-            if a.opts.single_copy {
-                "requested"
-            } else {
-                "off"
-            }
+            format!("{:?}", a.opts.single_copy).to_lowercase()
         );
     }
     for op in &a.ops {

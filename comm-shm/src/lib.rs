@@ -34,7 +34,7 @@ mod names;
 pub mod segment;
 mod wire;
 
-pub use comm::{ShmCommunicator, ShmOptions};
+pub use comm::{ShmCommunicator, ShmOptions, SingleCopyMode};
 pub use factory::ShmFactory;
 pub use mq::{MessageQueue, MqOptions, Role};
 pub use names::{

@@ -416,3 +416,47 @@ fn factory_serves_host_memory_on_one_host() {
         .iter()
         .all(|c| c.checks_calls && c.strided_all_to_all && !c.native_avg));
 }
+
+/// The default single-copy mode moves all_to_all blocks by single copy
+/// only when the group has more ranks than cores, and results are exact.
+#[test]
+fn auto_single_copy_is_for_oversubscribed_all_to_all() {
+    use comm_shm::{ShmCommunicator, SingleCopyMode};
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let modes = |r: &Rank| {
+        r.comm
+            .with_backend(|b| {
+                b.as_any_mut()
+                    .and_then(|a| a.downcast_mut::<ShmCommunicator>())
+                    .map(|s| (s.single_copy_active(), s.single_copy_all_to_all()))
+            })
+            .unwrap()
+            .unwrap()
+    };
+    for world in [2.min(cores), cores + 1] {
+        if world < 2 {
+            continue;
+        }
+        let j = job("auto");
+        let o = opts(&j).single_copy(SingleCopyMode::Auto, 1);
+        let res = on_threads(world, o, |r| {
+            let n = 1000 * r.world;
+            let inputs: Vec<Tensor> = (0..r.world).map(|q| input(DType::I32, q, n, 4)).collect();
+            let mut out = Tensor::zeros([n], DType::I32);
+            r.comm.all_to_all(&inputs[r.rank], &mut out).unwrap();
+            let bs = 4 * 1000;
+            let expect: Vec<u8> = (0..r.world)
+                .flat_map(|i| {
+                    inputs[i].as_bytes().unwrap()[r.rank * bs..(r.rank + 1) * bs].to_vec()
+                })
+                .collect();
+            assert_eq!(out.as_bytes().unwrap(), expect);
+            modes(r)
+        });
+        let over = world > cores;
+        assert!(
+            res.iter().all(|&m| m == (over, over)),
+            "world {world} on {cores} cores: {res:?}"
+        );
+    }
+}

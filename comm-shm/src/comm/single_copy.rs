@@ -23,10 +23,10 @@ use super::steps::{Exchange, StepCtx};
 use super::{align_up, ShmCommunicator};
 use crate::wire::Algo;
 
-/// Default [`ShmOptions::single_copy_min_bytes`](super::ShmOptions): blocks
-/// large enough that both paths stream from DRAM, where the kernel copy's
-/// per-page cost matters least.
-pub(super) const DEFAULT_MIN: usize = 4 << 20;
+/// Default [`ShmOptions::single_copy_min_bytes`](super::ShmOptions): from
+/// here single copy won for oversubscribed all_to_all (see
+/// [`SingleCopyMode`](super::SingleCopyMode)).
+pub(super) const DEFAULT_MIN: usize = 2 << 20;
 
 /// iovec pairs per `process_vm_readv` call (the kernel takes up to 1024).
 const BATCH: usize = 256;
@@ -34,7 +34,10 @@ const BATCH: usize = 256;
 /// The group's agreed single-copy settings and the peers' pids.
 #[derive(Debug)]
 pub(super) struct SingleCopy {
-    pub on: bool,
+    /// Every collective.
+    pub ops: bool,
+    /// all_to_all.
+    pub a2a: bool,
     /// Smallest block moved by single copy.
     pub min: usize,
     pub pids: Vec<libc::pid_t>,
@@ -61,7 +64,8 @@ fn layout_digest(l: &BlockLayout) -> u64 {
 impl SingleCopy {
     pub(super) fn off(world: usize) -> Self {
         SingleCopy {
-            on: false,
+            ops: false,
+            a2a: false,
             min: usize::MAX,
             pids: vec![0; world],
             scratch: Vec::new(),
@@ -72,7 +76,13 @@ impl SingleCopy {
     /// by single copy.
     #[inline]
     pub(super) fn use_for(&self, bytes: usize) -> bool {
-        self.on && bytes >= self.min
+        self.ops && bytes >= self.min
+    }
+
+    /// [`use_for`](Self::use_for) for an all_to_all block.
+    #[inline]
+    pub(super) fn use_for_all_to_all(&self, bytes: usize) -> bool {
+        self.a2a && bytes >= self.min
     }
 
     /// Reads `len` bytes at `remote` of member `p`'s process into `dst`,
