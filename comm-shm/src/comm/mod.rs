@@ -170,20 +170,21 @@ impl ShmOptions {
 /// When a group moves blocks by single copy (cross-memory attach) instead
 /// of through the shared workspace.
 ///
-/// Measured on a 2-core VM (see `benches/peers/README.md`): with a core per
-/// rank the pipelined two-copy path was as fast or faster for every
-/// collective and size, because `process_vm_readv` copies 4 KiB pages at
-/// about half of `memcpy`'s speed; with more ranks than cores, all_to_all
-/// by single copy (one step, each rank reading its blocks straight from
-/// its peers) beat the two-copy exchange (a step per chunk, each needing
-/// every rank on a core) from blocks of 2 MiB, while the other collectives
-/// still did better with two copies.
+/// Measured on a 2-core VM (see `benches/peers/README.md`): the pipelined
+/// two-copy path was as fast or faster for every collective except
+/// all_to_all, because `process_vm_readv` copies 4 KiB pages at about half
+/// of `memcpy`'s speed; all_to_all by single copy (one step, each rank
+/// reading its blocks straight from its peers) won for blocks of 32 to
+/// 256 KiB with a core per rank, and from 512 KiB with more ranks than
+/// cores (where the two-copy exchange needs every rank on a core at every
+/// chunk).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SingleCopyMode {
     /// Never (no probe at set-up).
     Off,
-    /// all_to_all blocks of at least the threshold when the group has more
-    /// ranks than some member has cores (the default).
+    /// all_to_all blocks where single copy measured faster (the default):
+    /// 32 to 256 KiB with a core per rank, 512 KiB and more when the group
+    /// has more ranks than some member has cores.
     Auto,
     /// Every collective's blocks of at least the threshold.
     On,
@@ -338,7 +339,7 @@ impl ShmCommunicator {
             c.one_shot_max,
             match (c.single.ops, c.single.a2a) {
                 (true, _) => format!("on from {} B", c.single.min),
-                (false, true) => format!("for all_to_all from {} B", c.single.min),
+                (false, (a, b)) if a < b => format!("for all_to_all blocks of {a} to {b} B"),
                 _ => "off".into(),
             }
         );
@@ -405,7 +406,11 @@ impl ShmCommunicator {
         }
         std::hint::black_box(&mine);
         self.single.ops = all && mode == SingleCopyMode::On;
-        self.single.a2a = self.single.ops || (all && mode == SingleCopyMode::Auto && over);
+        self.single.a2a = match (all, mode, over) {
+            (true, SingleCopyMode::Auto, true) => (single_copy::AUTO_OVERSUBSCRIBED, usize::MAX),
+            (true, SingleCopyMode::Auto, false) => single_copy::AUTO_CORE_PER_RANK,
+            _ => (usize::MAX, 0),
+        };
         self.single.min = usize::try_from(thr).unwrap_or(usize::MAX).max(1);
         self.one_shot_max = usize::try_from(os).unwrap_or(0);
         Ok(())
@@ -440,12 +445,12 @@ impl ShmCommunicator {
     /// Whether this group moves large blocks of some collective by single
     /// copy (cross-memory attach), as agreed by every member at set-up.
     pub fn single_copy_active(&self) -> bool {
-        self.single.ops || self.single.a2a
+        self.single.ops || self.single_copy_all_to_all()
     }
 
     /// Whether this group moves large all_to_all blocks by single copy.
     pub fn single_copy_all_to_all(&self) -> bool {
-        self.single.a2a
+        self.single.ops || self.single.a2a.0 < self.single.a2a.1
     }
 
     /// Bytes of the payload area for a group (workspace + p2p channels).

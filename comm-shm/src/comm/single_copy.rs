@@ -23,10 +23,24 @@ use super::steps::{Exchange, StepCtx};
 use super::{align_up, ShmCommunicator};
 use crate::wire::Algo;
 
-/// Default [`ShmOptions::single_copy_min_bytes`](super::ShmOptions): from
-/// here single copy won for oversubscribed all_to_all (see
-/// [`SingleCopyMode`](super::SingleCopyMode)).
-pub(super) const DEFAULT_MIN: usize = 2 << 20;
+/// Default [`ShmOptions::single_copy_min_bytes`](super::ShmOptions) (mode
+/// `On`).
+pub(super) const DEFAULT_MIN: usize = 64 << 10;
+
+/// Mode `Auto`, a core per rank: all_to_all blocks in this range go by
+/// single copy. Measured on a 2-core VM at world 2 (SCHED_FIFO, best of 5
+/// batches): blocks of 32 KiB 5.4 us vs 5.8 two-copy, 64 KiB 8.2 vs 11.3,
+/// 128 KiB 17.5 vs 18.1; from 256 KiB two copies win (21 vs 28 us), as
+/// `process_vm_readv` copies 4 KiB pages at about half of `memcpy`'s speed
+/// while the two-copy path streams through cache-sized chunks.
+pub(super) const AUTO_CORE_PER_RANK: (usize, usize) = (32 << 10, 256 << 10);
+
+/// Mode `Auto`, more ranks than cores: all_to_all blocks from this size go
+/// by single copy (one step, instead of one per chunk that needs every rank
+/// on a core). Measured at world 4 on 2 cores: blocks of 512 KiB 307 us vs
+/// 461 two-copy, 1 MiB 676 vs 1123, 16 MiB 23.8 ms vs 46.3; below 512 KiB
+/// two copies win (256 KiB: 170 vs 242 us).
+pub(super) const AUTO_OVERSUBSCRIBED: usize = 512 << 10;
 
 /// iovec pairs per `process_vm_readv` call (the kernel takes up to 1024).
 const BATCH: usize = 256;
@@ -36,8 +50,8 @@ const BATCH: usize = 256;
 pub(super) struct SingleCopy {
     /// Every collective.
     pub ops: bool,
-    /// all_to_all.
-    pub a2a: bool,
+    /// all_to_all blocks of `a2a.0 <= bytes < a2a.1` (empty: never).
+    pub a2a: (usize, usize),
     /// Smallest block moved by single copy.
     pub min: usize,
     pub pids: Vec<libc::pid_t>,
@@ -65,7 +79,7 @@ impl SingleCopy {
     pub(super) fn off(world: usize) -> Self {
         SingleCopy {
             ops: false,
-            a2a: false,
+            a2a: (usize::MAX, 0),
             min: usize::MAX,
             pids: vec![0; world],
             scratch: Vec::new(),
@@ -82,7 +96,7 @@ impl SingleCopy {
     /// [`use_for`](Self::use_for) for an all_to_all block.
     #[inline]
     pub(super) fn use_for_all_to_all(&self, bytes: usize) -> bool {
-        self.a2a && bytes >= self.min
+        self.use_for(bytes) || (self.a2a.0..self.a2a.1).contains(&bytes)
     }
 
     /// Reads `len` bytes at `remote` of member `p`'s process into `dst`,
@@ -317,48 +331,90 @@ impl ShmCommunicator {
         recv: &BlockLayout,
         es: usize,
     ) -> Result<()> {
-        let me = self.rank;
-        let m = send.block_len() * es;
-        let base = out.as_mut_ptr();
-        copy_between(inp, send, me, out, recv, me, es, 0, m);
-        // Every local piece must lie inside `out` (asserted as the slice
-        // bounds of the own-block copy above do for block `me`).
-        let out_len = out.len();
-        let mut ex = Sources {
-            source: inp.as_ptr() as u64,
-            lends: true,
-            take: |x: &StepCtx<'_, '_>| {
-                for p in x.comm.others() {
-                    let src = x.source_of(p);
-                    let mut local = Pieces::new(recv, p, es, 0, m);
-                    let mut remote = Pieces::new(send, me, es, 0, m);
-                    let (mut a, mut b) = (local.next(), remote.next());
-                    let pairs = std::iter::from_fn(|| {
-                        let ((la, na), (rb, nb)) = (a?, b?);
-                        let n = na.min(nb);
-                        assert!(la + n <= out_len, "strided output piece out of bounds");
-                        a = if n == na {
-                            local.next()
-                        } else {
-                            Some((la + n, na - n))
-                        };
-                        b = if n == nb {
-                            remote.next()
-                        } else {
-                            Some((rb + n, nb - n))
-                        };
-                        // SAFETY: `la + n <= out_len` (asserted).
-                        Some((unsafe { base.add(la) }, src + rb as u64, n))
-                    });
-                    // SAFETY: pieces of block p of the caller's output,
-                    // which only this call writes.
-                    unsafe { x.comm.single.read_pieces(p, pairs, &x.call.name())? };
-                }
-                Ok(())
-            },
-            layout: layout_digest(send),
+        let mut ex = BlocksSingle {
+            inp,
+            send,
+            out,
+            recv,
+            es,
+            block: send.block_len() * es,
+            me: self.rank,
         };
         self.run(call, &mut ex)
+    }
+}
+
+/// Strided all-to-all by single copy: the own block is copied once this
+/// rank has arrived (while the others arrive), then each peer's block is
+/// read straight from it as soon as it has arrived.
+struct BlocksSingle<'d> {
+    inp: &'d [u8],
+    send: &'d BlockLayout,
+    out: &'d mut [u8],
+    recv: &'d BlockLayout,
+    es: usize,
+    block: usize,
+    me: usize,
+}
+
+impl Exchange for BlocksSingle<'_> {
+    fn algo(&self) -> Algo {
+        Algo::SingleCopy
+    }
+    fn chunks(&self) -> usize {
+        1
+    }
+    fn source(&self) -> u64 {
+        self.inp.as_ptr() as u64
+    }
+    fn source_layout(&self) -> u64 {
+        layout_digest(self.send)
+    }
+    fn lends_source(&self) -> bool {
+        true
+    }
+    fn fill(&mut self, _: usize, _: &mut [u8]) -> Result<()> {
+        Ok(())
+    }
+    fn local(&mut self, _: usize) -> Result<()> {
+        let (me, es, m) = (self.me, self.es, self.block);
+        copy_between(self.inp, self.send, me, self.out, self.recv, me, es, 0, m);
+        Ok(())
+    }
+    fn per_peer(&self) -> bool {
+        true
+    }
+    fn take(&mut self, _: usize, _: &StepCtx<'_, '_>) -> Result<()> {
+        Ok(())
+    }
+    fn take_from(&mut self, _: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        let (me, es, m) = (self.me, self.es, self.block);
+        let src = x.source_of(p);
+        let out_len = self.out.len();
+        let base = self.out.as_mut_ptr();
+        let mut local = Pieces::new(self.recv, p, es, 0, m);
+        let mut remote = Pieces::new(self.send, me, es, 0, m);
+        let (mut a, mut b) = (local.next(), remote.next());
+        let pairs = std::iter::from_fn(|| {
+            let ((la, na), (rb, nb)) = (a?, b?);
+            let n = na.min(nb);
+            assert!(la + n <= out_len, "strided output piece out of bounds");
+            a = if n == na {
+                local.next()
+            } else {
+                Some((la + n, na - n))
+            };
+            b = if n == nb {
+                remote.next()
+            } else {
+                Some((rb + n, nb - n))
+            };
+            // SAFETY: `la + n <= out_len` (asserted).
+            Some((unsafe { base.add(la) }, src + rb as u64, n))
+        });
+        // SAFETY: pieces of block p of the caller's output, which only this
+        // call writes (bounds asserted above).
+        unsafe { x.comm.single.read_pieces(p, pairs, &x.call.name()) }
     }
 }
 
