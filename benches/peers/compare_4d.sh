@@ -5,6 +5,7 @@
 # (target <= 1.15).
 #
 #   WORLDS="2 4" ROUNDS=3 bash benches/peers/compare_4d.sh [min] [max]   # default 1M 128M
+#   CHRT="chrt -f 10" PAUSE=3 ...   # on a shared machine (see compare_mpi.sh)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -14,12 +15,17 @@ out="${OUT_DIR:-$here/out}"
 mkdir -p "$out"
 (cd "$root" && cargo build --release -q -p comm-shm --example shm_perf)
 shm="$root/target/release/examples/shm_perf"
+chrt_cmd=(${CHRT:-})
+size() { numfmt --from=iec "$1"; }
 for w in ${WORLDS:-2 4}; do
   : > "$out/a2a4d_w$w.txt"
-  for r in $(seq 1 "${ROUNDS:-3}"); do
-    # shellcheck disable=SC2086
-    "$shm" --world "$w" --op all_to_all,all_to_all_4d,all_to_all_4d_inv -b "$min" -e "$max" \
-      ${SHM_ARGS:-} >> "$out/a2a4d_w$w.txt"
+  for ((s = $(size "$min"); s <= $(size "$max"); s *= 2)); do
+    for r in $(seq 1 "${ROUNDS:-3}"); do
+      # shellcheck disable=SC2086
+      timeout 600 "${chrt_cmd[@]}" "$shm" --world "$w" --op all_to_all,all_to_all_4d,all_to_all_4d_inv \
+        -b "$s" -e "$s" ${SHM_ARGS:-} >> "$out/a2a4d_w$w.txt"
+      sleep "${PAUSE:-0}"
+    done
   done
 done
 python3 - "$out" ${WORLDS:-2 4} <<'PY'

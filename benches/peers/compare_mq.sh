@@ -6,6 +6,7 @@
 # per size; speed-up = vLLM time / our time.
 #
 #   PYTHON=/path/to/venv/bin/python READERS="1 3" ROUNDS=3 bash benches/peers/compare_mq.sh
+#   MIN=4 MAX=1048576 CHRT="chrt -f 10" PAUSE=3 ...   # sizes; shared machine (see compare_mpi.sh)
 #
 # Needs: pip install vllm (runs without a GPU).
 set -euo pipefail
@@ -18,13 +19,16 @@ out="${OUT_DIR:-$here/out}"
 mkdir -p "$out"
 (cd "$root" && cargo build --release -q -p comm-shm --example shm_perf)
 shm="$root/target/release/examples/shm_perf"
+chrt_cmd=(${CHRT:-})
 for n in ${READERS:-1 3}; do
   : > "$out/mq_shm_r$n.txt"
   : > "$out/mq_vllm_r$n.txt"
   for r in $(seq 1 "${ROUNDS:-3}"); do
-    "$shm" --mq --readers "$n" -b "$min" -e "$max" >> "$out/mq_shm_r$n.txt"
-    "$py" "$here/vllm_mq_bench.py" --readers "$n" --min "$min" --max "$max" 2>/dev/null \
-      | grep -E '^(pipelined|round_trip|#)' >> "$out/mq_vllm_r$n.txt"
+    timeout 1200 "${chrt_cmd[@]}" "$shm" --mq --readers "$n" -b "$min" -e "$max" >> "$out/mq_shm_r$n.txt"
+    sleep "${PAUSE:-0}"
+    timeout 1800 "${chrt_cmd[@]}" "$py" "$here/vllm_mq_bench.py" --readers "$n" --min "$min" --max "$max" \
+      2>/dev/null | grep -E '^(pipelined|round_trip|#)' >> "$out/mq_vllm_r$n.txt"
+    sleep "${PAUSE:-0}"
   done
 done
 "$py" - "$out" ${READERS:-1 3} <<'PY'

@@ -457,7 +457,7 @@ impl ShmCommunicator {
         es: usize,
     ) -> Result<()> {
         let m = send.block_len() * es;
-        if self.single.use_for_all_to_all(m) {
+        if self.single.use_for_all_to_all(m, send.runs > 1) {
             return self.exchange_single(call, inp, send, out, recv, es);
         }
         let mut ex = Blocks {
