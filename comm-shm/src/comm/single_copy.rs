@@ -394,9 +394,9 @@ impl ShmCommunicator {
     }
 }
 
-/// Strided all-to-all by single copy: the own block is copied once this
-/// rank has arrived (while the others arrive), then each peer's block is
-/// read straight from it as soon as it has arrived. With a strided input,
+/// Strided all-to-all by single copy: each peer's block is read straight
+/// from it as soon as it has arrived, then the own block is copied (after
+/// `done`, so peers waiting to reuse their memory are released first). With a strided input,
 /// the blocks for the peers are first packed into `stage` (and the own
 /// block copied in the same pass over the rows).
 struct BlocksSingle<'d> {
@@ -463,7 +463,9 @@ impl Exchange for BlocksSingle<'_> {
         }
         Ok(())
     }
-    fn local(&mut self, _: usize) -> Result<()> {
+    fn after_done(&mut self, _: usize) -> Result<()> {
+        // After the reads: the peers waiting for this rank's `done` (to
+        // reuse the memory it read) go on while it copies its own block.
         if self.stage.is_none() {
             let (me, es, m) = (self.me, self.es, self.block);
             copy_between(self.inp, self.send, me, self.out, self.recv, me, es, 0, m);

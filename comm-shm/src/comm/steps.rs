@@ -44,6 +44,13 @@ pub(super) trait Exchange {
         let _ = i;
         Ok(())
     }
+    /// After this rank published `done` for step `i` (its reads of the
+    /// peers are over, so peers lending their memory may go on): local work
+    /// that can wait, such as a single-copy exchange's own block.
+    fn after_done(&mut self, i: usize) -> Result<()> {
+        let _ = i;
+        Ok(())
+    }
     /// True when [`take_from`](Self::take_from) reads each peer as soon as
     /// that peer arrives (no reduction across ranks), instead of
     /// [`take`](Self::take) after every rank arrived.
@@ -198,6 +205,7 @@ impl ShmCommunicator {
                 )?;
             }
             self.seg().flag(self.lines.done(me)).publish(k);
+            ex.after_done(i)?;
         }
         if ex.lends_source() {
             self.wait_lines(call, self.others(), |p| self.lines.done(p), k, &|| {
