@@ -11,6 +11,6 @@ mpicc -O2 -o "$out/mpi_bench" "$here/mpi_bench.c"
 btl="self,vader"
 if ompi_info --parsable 2>/dev/null | grep -q 'btl:sm:'; then btl="self,sm"; fi
 for np in ${NPROCS:-2 4}; do
-  mpirun --allow-run-as-root --oversubscribe -np "$np" --mca pml ob1 --mca btl "$btl" \
+  mpirun --allow-run-as-root --oversubscribe --bind-to none -np "$np" --mca pml ob1 --mca btl "$btl" \
     "$out/mpi_bench" "$@" | tee "$out/mpi_w$np.txt"
 done

@@ -7,10 +7,11 @@
 //! and size (bytes of one rank's buffer: all_reduce / broadcast the tensor,
 //! all_gather the gathered output, all_to_all one rank's input), f32, it
 //! prints `op bytes time_us algbw_GBps busbw_GBps` where time is the mean per
-//! call of the slowest rank, like nccl-tests and mpi_bench.
+//! call of the slowest rank in the best of 5 timed batches, like mpi_bench.
 //! `all_to_all_4d` is the Ulysses exchange `[1, S/P, H, D] -> [1, S, H/P, D]`
-//! (H = 24 heads, D = 128) as one strided all-to-all with no permute; its
-//! bytes are the largest such tensor not above the size.
+//! (H = 24 heads, D = 128) as one strided all-to-all with no permute, and
+//! `all_to_all_4d_inv` its inverse; their bytes are the largest such tensor
+//! not above the size.
 //!
 //! MessageQueue (`--mq`): one writer and N reader processes, per size:
 //! `pipelined` (the writer enqueues back to back; time per message until
@@ -23,8 +24,9 @@
 //! cargo run --release -p comm-shm --example shm_perf -- --world 2 --op all_to_all_4d,all_to_all -b 1M -e 128M
 //! cargo run --release -p comm-shm --example shm_perf -- --mq --readers 3 [-b 4] [-e 64M]
 //! ```
-//! Tuning: `--ws-kib`, `--one-shot-kib`, `--spin`, `--single-copy MIN_BYTES`,
-//! `--pin` (rank r on core r % cores).
+//! Tuning: `--ws-kib`, `--one-shot-kib`, `--spin`, `--single-copy MIN_BYTES`
+//! (on for every collective), `--single-copy-mode off|auto|on`, `--pin`
+//! (rank r on core r % cores).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -34,18 +36,20 @@ use std::time::{Duration, Instant};
 use comm_core::{
     BlockLayout, Collective, Communicator, GroupContext, Layout, ReduceOp, Registry, Store,
 };
-use comm_shm::{MessageQueue, MqOptions, ShmFactory, ShmOptions, SpinPolicy};
+use comm_shm::{MessageQueue, MqOptions, ShmFactory, ShmOptions, SingleCopyMode, SpinPolicy};
 use dist_utils::{FileStore, HashStore};
 
-const OPS: [&str; 6] = [
+const OPS: [&str; 7] = [
     "all_reduce",
     "all_gather",
     "all_to_all",
     "all_to_all_4d",
+    "all_to_all_4d_inv",
     "broadcast",
     "reduce_scatter",
 ];
 const HEADS: usize = 24;
+const BATCHES: usize = 5;
 const HEAD_DIM: usize = 128;
 
 #[derive(Debug, Clone)]
@@ -96,7 +100,16 @@ fn parse() -> Args {
         });
     }
     if let Some(v) = get("--single-copy") {
-        opts = opts.single_copy(true, size(&v));
+        opts = opts.single_copy(SingleCopyMode::On, size(&v));
+    }
+    if let Some(v) = get("--single-copy-mode") {
+        let mode = match v.as_str() {
+            "off" => SingleCopyMode::Off,
+            "on" => SingleCopyMode::On,
+            _ => SingleCopyMode::Auto,
+        };
+        let min = opts.single_copy_min_bytes;
+        opts = opts.single_copy(mode, min);
     }
     let mq = has("--mq");
     Args {
@@ -207,9 +220,14 @@ fn comm_for(a: &Args, rank: usize, store: Arc<dyn Store>) -> Communicator {
     reg.create("shm", &ctx).unwrap()
 }
 
-/// The Ulysses mode-1 layouts of `[1, S/P, H, D]` f32 of at most `bytes`,
-/// with the element count: `(send, recv, elements)`.
-fn ulysses(bytes: usize, p: usize) -> Option<(BlockLayout, BlockLayout, usize, [usize; 4])> {
+/// The Ulysses layouts of `[1, S/P, H, D]` f32 of at most `bytes` (mode 1,
+/// to `[1, S, H/P, D]`), or of `[1, S, H/P, D]` back (`inverse`, mode 2),
+/// with the element count and shape: `(send, recv, elements, shape)`.
+fn ulysses(
+    bytes: usize,
+    p: usize,
+    inverse: bool,
+) -> Option<(BlockLayout, BlockLayout, usize, [usize; 4])> {
     let (h, d) = (HEADS, HEAD_DIM);
     if h % p != 0 {
         return None;
@@ -219,14 +237,18 @@ fn ulysses(bytes: usize, p: usize) -> Option<(BlockLayout, BlockLayout, usize, [
         return None;
     }
     let hp = h / p;
-    let send = BlockLayout {
+    let heads = BlockLayout {
         block_step: hp * d,
         runs: sp,
         run: hp * d,
         stride: h * d,
     };
-    let recv = BlockLayout::contiguous(sp * hp * d);
-    Some((send, recv, sp * h * d, [1, sp, h, d]))
+    let rows = BlockLayout::contiguous(sp * hp * d);
+    Some(if inverse {
+        (rows, heads, sp * h * d, [1, sp * p, hp, d])
+    } else {
+        (heads, rows, sp * h * d, [1, sp, h, d])
+    })
 }
 
 fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
@@ -243,11 +265,7 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
             } else {
                 "ranks are processes"
             },
-            if a.opts.single_copy {
-                "requested"
-            } else {
-                "off"
-            }
+            format!("{:?}", a.opts.single_copy).to_lowercase()
         );
     }
     for op in &a.ops {
@@ -261,23 +279,20 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
                         continue;
                     }
                 }
-                "all_to_all_4d" => match ulysses(bytes, w) {
-                    Some(u) => {
-                        n = u.2;
-                        shape4 = Some(u);
+                "all_to_all_4d" | "all_to_all_4d_inv" => {
+                    match ulysses(bytes, w, op.ends_with("inv")) {
+                        Some(u) => {
+                            n = u.2;
+                            shape4 = Some(u);
+                        }
+                        None => continue,
                     }
-                    None => continue,
-                },
+                }
                 _ => {}
             }
             let it = iters_for(bytes);
             let warm = it / 10 + 2;
-            let mut t0 = Instant::now();
-            for i in 0..warm + it {
-                if i == warm {
-                    c.barrier().unwrap();
-                    t0 = Instant::now();
-                }
+            let mut call = |i: usize| {
                 match op.as_str() {
                     "all_reduce" => c.all_reduce(&mut x[..n], ReduceOp::Sum).unwrap(),
                     "all_gather" => c.all_gather(&x[..n / w], &mut y[..n]).unwrap(),
@@ -285,12 +300,16 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
                         .reduce_scatter(&x[..n], &mut y[..n / w], ReduceOp::Sum)
                         .unwrap(),
                     "all_to_all" => c.all_to_all(&x[..n], &mut y[..n]).unwrap(),
-                    "all_to_all_4d" => {
+                    "all_to_all_4d" | "all_to_all_4d_inv" => {
                         let (send, recv, _, shape) = shape4.as_ref().unwrap();
                         let l = Layout {
                             op: Collective::AllToAll4d,
                             shape,
-                            arg: 2 * 16 + 1,
+                            arg: if op.ends_with("inv") {
+                                16 + 2
+                            } else {
+                                2 * 16 + 1
+                            },
                         };
                         c.all_to_all_strided(&x[..n], *send, &mut y[..n], *recv, Some(l))
                             .unwrap()
@@ -298,13 +317,57 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
                     "broadcast" => c.broadcast(&mut x[..n], 0).unwrap(),
                     other => panic!("unknown op {other}"),
                 }
-                if op == "all_reduce" && i % 4 == 0 {
+                if op == "all_reduce" && i.is_multiple_of(4) {
                     x[0] = 1.0;
                 }
+            };
+            for i in 0..warm {
+                call(i);
             }
-            let el = t0.elapsed().as_secs_f64() / it as f64;
-            let mut tm = [el];
-            c.all_reduce(&mut tm, ReduceOp::Max).unwrap();
+            // BATCHES timed batches; per batch the slowest rank's mean per
+            // call; the best batch is reported (as mpi_bench does).
+            let per = (it / BATCHES).max(1);
+            let ctx0 = ctx_switches();
+            let cpu0 = cpu_seconds();
+            let mut tm = [f64::MAX];
+            for _ in 0..BATCHES {
+                c.barrier().unwrap();
+                let t0 = Instant::now();
+                for i in 0..per {
+                    call(i);
+                }
+                let mut el = [t0.elapsed().as_secs_f64() / per as f64];
+                c.all_reduce(&mut el, ReduceOp::Max).unwrap();
+                tm[0] = tm[0].min(el[0]);
+            }
+            if std::env::var_os("SHM_PERF_PCT").is_some() && rank == 0 {
+                // Per-call latency percentiles on rank 0 (diagnostics).
+                let mut v: Vec<f64> = (0..per.min(2000))
+                    .map(|i| {
+                        let t = Instant::now();
+                        call(i);
+                        t.elapsed().as_secs_f64() * 1e6
+                    })
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                let q = |f: f64| v[((v.len() - 1) as f64 * f) as usize];
+                eprintln!(
+                    "rank 0 {op} {}: p10 {:.2} p50 {:.2} p90 {:.2} p99 {:.2} max {:.0} us",
+                    n * 4,
+                    q(0.1),
+                    q(0.5),
+                    q(0.9),
+                    q(0.99),
+                    q(1.0)
+                );
+            } else if std::env::var_os("SHM_PERF_PCT").is_some() {
+                for i in 0..per.min(2000) {
+                    call(i);
+                }
+            }
+            // CPU time of all ranks per call (spinning and yielding included).
+            let mut cpu = [(cpu_seconds() - cpu0) / (per * BATCHES) as f64];
+            c.all_reduce(&mut cpu, ReduceOp::Sum).unwrap();
             if rank == 0 {
                 let alg = (n * 4) as f64 / tm[0] / 1e9;
                 let wf = w as f64;
@@ -313,6 +376,18 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
                     "broadcast" => 1.0,
                     _ => (wf - 1.0) / wf,
                 };
+                if std::env::var_os("SHM_PERF_CTX").is_some() {
+                    let (v, i) = ctx_switches();
+                    let calls = (per * BATCHES) as f64;
+                    eprintln!(
+                        "rank 0 {op} {}: {:.1} voluntary + {:.1} involuntary context switches, \
+                         {:.1} us of CPU (all ranks) per call",
+                        n * 4,
+                        (v - ctx0.0) as f64 / calls,
+                        (i - ctx0.1) as f64 / calls,
+                        cpu[0] * 1e6
+                    );
+                }
                 println!(
                     "{op} {} {:.2} {:.3} {:.3}",
                     n * 4,
@@ -326,6 +401,27 @@ fn collectives_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
             }
         }
     }
+}
+
+/// CPU time (user + system) of this thread so far, in seconds.
+fn cpu_seconds() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// (voluntary, involuntary) context switches of this thread so far.
+fn ctx_switches() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    let get = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        get("voluntary_ctxt_switches:"),
+        get("nonvoluntary_ctxt_switches:"),
+    )
 }
 
 /// One checked call per size (values that are exact in f32).
@@ -365,6 +461,26 @@ fn verify(
                 .enumerate()
                 .all(|(j, v)| *v == (0..w).map(|q| val(q, r * m + j)).sum::<f32>())
         }
+        "all_to_all_4d_inv" => {
+            let (send, recv, _, shape) = u.unwrap();
+            let mut y = vec![0f32; n];
+            let l = Layout {
+                op: Collective::AllToAll4d,
+                shape,
+                arg: 16 + 2,
+            };
+            c.all_to_all_strided(&x, *send, &mut y, *recv, Some(l))
+                .unwrap();
+            // Output [1, S/P, H, D]: row s, head h of it = rank h / hp's
+            // input row r * sp + s, head h % hp.
+            let (hp, d) = (HEADS / w, HEAD_DIM);
+            let sp = shape[1] / w;
+            y.iter().enumerate().all(|(j, v)| {
+                let (row, hh, dd) = (j / (HEADS * d), (j / d) % HEADS, j % d);
+                let (q, hl) = (hh / hp, hh % hp);
+                *v == val(q, ((r * sp + row) * hp + hl) * d + dd)
+            })
+        }
         "all_to_all_4d" => {
             let (send, recv, _, shape) = u.unwrap();
             let mut y = vec![0f32; n];
@@ -399,7 +515,12 @@ fn verify(
 fn mq_rank(a: &Args, rank: usize, store: Arc<dyn Store>) {
     let n = a.readers;
     let readers: Vec<usize> = (1..=n).collect();
-    let ring = (a.max + 64).clamp(1 << 20, 64 << 20);
+    let ring = a
+        .raw
+        .iter()
+        .position(|x| x == "--ring-kib")
+        .and_then(|i| a.raw.get(i + 1))
+        .map_or(4 << 20, |v| v.parse::<usize>().unwrap() << 10);
     let o = MqOptions::default()
         .timeout(Duration::from_secs(120))
         .max_message_bytes(a.max.max(8));

@@ -21,10 +21,14 @@ use comm_core::{CommError, Deadline, Missing, Result, Store};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::names::default_job_id;
-use crate::segment::{Segment, SetupSpec, SpinPolicy, WaitFail, Watch, ABORTED, CLOSED};
-use crate::wire::{record_len, AbortRecord};
+use crate::segment::{
+    Segment, SetupSpec, SlowWait, SpinPolicy, WaitFail, Watch, ABORTED, CLOSED, MAX_MEMBERS,
+};
+use crate::wire::{record_len, AbortRecord, QueueDesc, MAX_RING, MIN_RING};
 
 const KIND_MQ: u32 = 0x4d51_5545; // "MQUE"
+/// Most bytes between two cursor publications within one message.
+const STREAM_PUBLISH: u64 = 64 << 10;
 
 /// Options of a [`MessageQueue`]. Start from [`MqOptions::default`] and use
 /// the builder methods.
@@ -140,21 +144,28 @@ impl MessageQueue {
         ring_bytes: usize,
         opts: MqOptions,
     ) -> Result<Self> {
-        if ring_bytes < 64 {
+        if !(MIN_RING..=MAX_RING).contains(&ring_bytes) {
             return Err(CommError::invalid(format!(
-                "message queue `{}`: ring of {ring_bytes} bytes is too small (min 64)",
+                "message queue `{}`: a ring of {ring_bytes} bytes is out of range \
+                 ({MIN_RING} bytes to 1 TiB)",
                 opts.name
             )));
         }
         let instance = store.add(&format!("{key}/instance/{writer_rank}"), 1)?;
-        let desc = format!(
-            "{ring_bytes};{writer_rank};{}",
-            reader_ranks
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        if reader_ranks.len() >= MAX_MEMBERS {
+            return Err(CommError::invalid(format!(
+                "message queue `{}`: {} readers, at most {}",
+                opts.name,
+                reader_ranks.len(),
+                MAX_MEMBERS - 1
+            )));
+        }
+        let desc = QueueDesc {
+            ring: ring_bytes,
+            writer: writer_rank,
+            readers: reader_ranks.to_vec(),
+        }
+        .encode();
         store.set(&format!("{key}/{instance}/desc"), desc.as_bytes())?;
         Self::establish(
             store,
@@ -178,23 +189,13 @@ impl MessageQueue {
     ) -> Result<Self> {
         let instance = store.add(&format!("{key}/instance/{reader_rank}"), 1)?;
         let raw = store.get(&format!("{key}/{instance}/desc"), opts.timeout)?;
-        let bad = || {
-            CommError::Protocol(format!(
-                "message queue `{}`: malformed descriptor at `{key}`",
-                opts.name
-            ))
-        };
-        let s = String::from_utf8(raw).map_err(|_| bad())?;
-        let mut it = s.split(';');
-        let ring: usize = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
-        let writer: usize = it.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
-        let readers: Vec<usize> = match it.next() {
-            Some("") | None => vec![],
-            Some(l) => l
-                .split(',')
-                .map(|v| v.parse().map_err(|_| bad()))
-                .collect::<Result<_>>()?,
-        };
+        let QueueDesc {
+            ring,
+            writer,
+            readers,
+        } = QueueDesc::decode(&raw, MAX_MEMBERS - 1).map_err(|e| {
+            CommError::Protocol(format!("message queue `{}` at `{key}`: {e}", opts.name))
+        })?;
         let idx = readers
             .iter()
             .position(|&r| r == reader_rank)
@@ -371,6 +372,15 @@ impl MessageQueue {
         }
     }
 
+    /// How many bytes of a long stream go between two publications of the
+    /// cursor: small enough that the other side starts copying while this
+    /// side still copies (pipelining within a message), large enough that
+    /// the publication costs nothing.
+    #[inline]
+    fn stream_publish(&self) -> u64 {
+        (self.ring / 4).clamp(1, STREAM_PUBLISH)
+    }
+
     #[inline]
     fn ring_ptr(&self) -> *mut u8 {
         self.seg.payload_at(0, self.ring as usize)
@@ -424,7 +434,7 @@ impl MessageQueue {
     }
 
     fn write_stream(&mut self, mut src: &[u8], dl: &Deadline, notify: &dyn Fn()) -> Result<()> {
-        let stream_pub = (self.ring / 4).max(1);
+        let stream_pub = self.stream_publish();
         while !src.is_empty() {
             let mut free = self.ring - (self.pos - self.cached);
             if free == 0 {
@@ -456,12 +466,23 @@ impl MessageQueue {
         };
         let f = self.seg.flag(1 + i);
         let (pos, ring) = (self.pos, self.ring);
+        let slow = SlowWait::new();
+        let on_sleep = || {
+            slow.tick(|| {
+                tracing::warn!(
+                    "{}: still waiting for reader rank {} to free ring space ({:.0?} so far)",
+                    self.what("enqueue"),
+                    self.reader_ranks[i],
+                    dl.elapsed()
+                )
+            })
+        };
         if let Err(e) = self.seg.wait(
             f,
             || f.words[0].load(Acquire) + ring > pos,
             Watch::One(1 + i),
             dl,
-            &|| {},
+            &on_sleep,
         ) {
             let lagging = (0..self.reader_ranks.len())
                 .filter_map(|j| {
@@ -483,12 +504,25 @@ impl MessageQueue {
     fn wait_data(&mut self, dl: &Deadline) -> Result<()> {
         let f = self.seg.flag(0);
         let pos = self.pos;
+        // Readers of a request queue wait idle for long stretches by
+        // design: reported at debug level only.
+        let slow = SlowWait::new();
+        let on_sleep = || {
+            slow.tick(|| {
+                tracing::debug!(
+                    "{}: no message from writer rank {} for {:.0?}",
+                    self.what("dequeue"),
+                    self.writer_rank,
+                    dl.elapsed()
+                )
+            })
+        };
         if let Err(e) = self.seg.wait(
             f,
             || f.words[0].load(Acquire) > pos,
             Watch::One(0),
             dl,
-            &|| {},
+            &on_sleep,
         ) {
             let writer = vec![Missing::new(self.writer_rank, "writer")];
             return Err(self.fail(e, "dequeue", dl, writer));
@@ -498,7 +532,7 @@ impl MessageQueue {
     }
 
     fn read_stream(&mut self, dst: &mut [u8], dl: &Deadline) -> Result<()> {
-        let stream_pub = (self.ring / 4).max(1);
+        let stream_pub = self.stream_publish();
         let mut got = 0;
         while got < dst.len() {
             let mut avail = self.cached - self.pos;
@@ -631,6 +665,62 @@ impl Drop for MessageQueue {
     fn drop(&mut self) {
         if self.role == Role::Writer {
             self.seg.set_abort(CLOSED, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    impl MessageQueue {
+        /// Writes `bytes` into the ring as they are (no length header), as a
+        /// corrupt or hostile writer would.
+        fn enqueue_raw(&mut self, bytes: &[u8]) -> Result<()> {
+            let dl = Deadline::after(self.timeout);
+            self.write_stream(bytes, &dl, &|| {})?;
+            self.publish();
+            Ok(())
+        }
+    }
+
+    fn pair(max: usize, job: &str) -> (MessageQueue, MessageQueue) {
+        let store = dist_utils::HashStore::new();
+        let o = MqOptions::default()
+            .timeout(Duration::from_secs(60))
+            .job_id(job)
+            .max_message_bytes(max);
+        std::thread::scope(|s| {
+            let r = s.spawn(|| MessageQueue::open_reader(&store, "f", 1, o.clone()).unwrap());
+            let w = MessageQueue::create_writer(&store, "f", 0, &[1], 4096, o.clone()).unwrap();
+            (w, r.join().unwrap())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+        /// Whatever bytes a writer puts in the ring, a reader returns a
+        /// message within the limit or an error within its deadline: no
+        /// panic, no allocation past the limit, no hang.
+        #[test]
+        fn fuzz_ring_records(raw in proptest::collection::vec(any::<u8>(), 0..3000),
+                             max in 0usize..2048) {
+            let job = format!("fuzzmq{}", std::process::id());
+            let (mut w, mut r) = pair(max, &job);
+            w.enqueue_raw(&raw).unwrap();
+            let mut out = Vec::new();
+            for _ in 0..4 {
+                let t0 = std::time::Instant::now();
+                match r.dequeue_into(&mut out, Duration::from_millis(20)) {
+                    Ok(()) => prop_assert!(out.len() <= max && out.capacity() <= max.max(8) * 2 + 64),
+                    Err(CommError::Protocol(_)) | Err(CommError::Timeout { .. }) => break,
+                    Err(e) => prop_assert!(false, "unexpected error {e}"),
+                }
+                prop_assert!(t0.elapsed() < Duration::from_secs(10));
+            }
+            prop_assert!(crate::list_segments(&job).is_empty());
         }
     }
 }

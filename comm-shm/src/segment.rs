@@ -3,7 +3,7 @@
 //! # Segments
 //! A segment is a POSIX shared-memory object created by one member with
 //! `O_CREAT | O_EXCL`, mode `0600`, under a unique name
-//! (`/dshm.<job>.<pid>.<random>`, see [`crate::names`]), sized with
+//! (`/dshm.<job>.<pid>.<random>`, see [`crate::default_job_id`]), sized with
 //! `ftruncate` + `fallocate` (so a full `/dev/shm` is an error at set-up,
 //! never a `SIGBUS` later) and mapped `MAP_SHARED | MAP_POPULATE`. Its name
 //! travels through the [`Store`]. Every member maps it, writes its pid into
@@ -13,7 +13,7 @@
 //! `SIGKILL`. If set-up fails (a member never attaches before the deadline),
 //! the creator and every attached member unlink the name too, and while
 //! set-up is in progress a terminating signal unlinks it as well
-//! ([`crate::names`]).
+//! (see [`crate::segment_prefix`]).
 //!
 //! # Layout
 //! ```text
@@ -27,7 +27,7 @@
 //! ```
 //!
 //! # Waiting
-//! [`Segment::wait`] spins briefly (`spin_loop` hints), then yields the CPU,
+//! A wait spins briefly (`spin_loop` hints), then yields the CPU,
 //! then sleeps on a *shared* futex (no `FUTEX_PRIVATE_FLAG`, so it works across
 //! processes) in slices of [`SpinPolicy::sleep_slice`], checking the abort flag,
 //! the deadline and the liveness of the watched members between slices.
@@ -208,6 +208,29 @@ pub(crate) enum WaitFail {
     Timeout,
     Aborted(u32),
     Lost { member: usize, detail: String },
+}
+
+/// Throttles slow-wait reports of waits that have no [`comm_core::Call`]
+/// (set-up, message queues): the first after
+/// [`SLOW_WAIT_REPORT`](comm_core::SLOW_WAIT_REPORT), then one per interval.
+#[derive(Debug)]
+pub(crate) struct SlowWait(std::cell::Cell<Instant>);
+
+impl SlowWait {
+    pub(crate) fn new() -> Self {
+        SlowWait(std::cell::Cell::new(
+            Instant::now() + comm_core::SLOW_WAIT_REPORT,
+        ))
+    }
+
+    /// Runs `report` when the next report is due.
+    pub(crate) fn tick(&self, report: impl FnOnce()) {
+        let now = Instant::now();
+        if now >= self.0.get() {
+            self.0.set(now + comm_core::SLOW_WAIT_REPORT);
+            report();
+        }
+    }
 }
 
 /// What one member needs to create or attach a segment.
@@ -565,17 +588,16 @@ impl Segment {
                 .map(rank)
                 .collect()
         };
-        let report = std::cell::Cell::new(Instant::now() + comm_core::SLOW_WAIT_REPORT);
+        let slow = SlowWait::new();
         let on_sleep = || {
-            if Instant::now() >= report.get() {
-                report.set(Instant::now() + comm_core::SLOW_WAIT_REPORT);
+            slow.tick(|| {
                 tracing::warn!(
                     "{}: still waiting for ranks {:?} to attach ({:.0?} so far)",
                     spec.what,
                     missing(),
                     dl.elapsed()
-                );
-            }
+                )
+            })
         };
         let r = self.wait(
             att,
@@ -880,5 +902,59 @@ mod tests {
         assert_eq!(c, (MEMBERS_AT + 2) * LINE);
         assert_eq!(p % PAGE, 0);
         assert!(t >= p + 100);
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// A member attaching to a segment whose header is garbage (a peer
+        /// of another build, a corrupt or hostile creator) gets an error,
+        /// never a panic or a wait past its deadline.
+        #[test]
+        fn fuzz_attach_to_garbage(words in proptest::collection::vec(any::<u64>(), 16),
+                                  keep_magic in any::<bool>()) {
+            let store = dist_utils::HashStore::new();
+            let job = format!("fuzzseg{}", std::process::id());
+            let spec = SetupSpec {
+                store: &store,
+                key: "seg".into(),
+                member: 1,
+                members: 2,
+                ctrl_lines: 3,
+                payload_bytes: 4096,
+                job_id: &job,
+                kind: 7,
+                timeout: Duration::from_millis(200),
+                what: "fuzz".into(),
+                ranks: vec![0, 1],
+                policy: SpinPolicy::default(),
+            };
+            let (_, _, total) = Segment::sizes(&spec).unwrap();
+            let name = new_name(&job).unwrap();
+            let fd = shm::open(
+                name.as_str(),
+                shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
+                Mode::from_raw_mode(0o600),
+            )
+            .unwrap();
+            let _gone = UnlinkOnDrop(Some(name.clone()));
+            rustix::fs::ftruncate(&fd, total as u64).unwrap();
+            let mut head: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            if keep_magic {
+                head[..8].copy_from_slice(&MAGIC.to_le_bytes());
+            }
+            rustix::io::write(&fd, &head).unwrap();
+            store.set("seg", name.as_bytes()).unwrap();
+            let t0 = Instant::now();
+            let r = Segment::establish(&spec);
+            prop_assert!(r.is_err());
+            prop_assert!(t0.elapsed() < Duration::from_secs(30));
+        }
     }
 }

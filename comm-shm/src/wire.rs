@@ -293,6 +293,71 @@ impl SegmentHeader {
     }
 }
 
+/// What a queue's writer publishes in the store for its readers: ring size,
+/// writer rank and reader ranks (`"<ring>;<writer>;<r0>,<r1>,..."`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct QueueDesc {
+    pub ring: usize,
+    pub writer: usize,
+    pub readers: Vec<usize>,
+}
+
+/// Smallest ring a queue accepts.
+pub(crate) const MIN_RING: usize = 64;
+/// Largest ring a queue accepts (1 TiB: far above any /dev/shm).
+pub(crate) const MAX_RING: usize = 1 << 40;
+
+impl QueueDesc {
+    pub(crate) fn encode(&self) -> String {
+        let readers: Vec<String> = self.readers.iter().map(ToString::to_string).collect();
+        format!("{};{};{}", self.ring, self.writer, readers.join(","))
+    }
+
+    /// Parses and checks a descriptor read from the store: a ring of
+    /// [`MIN_RING`]..=[`MAX_RING`] bytes, at most `max_readers` distinct
+    /// readers, none of them the writer.
+    pub(crate) fn decode(raw: &[u8], max_readers: usize) -> Result<QueueDesc> {
+        let bad = |why: &str| CommError::Protocol(format!("malformed queue descriptor: {why}"));
+        if raw.len() > 16 * (max_readers + 2) {
+            return Err(bad("too long"));
+        }
+        let s = std::str::from_utf8(raw).map_err(|_| bad("not UTF-8"))?;
+        let mut it = s.split(';');
+        let num = |v: Option<&str>, what: &str| -> Result<usize> {
+            v.and_then(|v| v.parse().ok()).ok_or_else(|| bad(what))
+        };
+        let ring = num(it.next(), "ring size")?;
+        let writer = num(it.next(), "writer rank")?;
+        let readers: Vec<usize> = match it.next() {
+            Some("") | None => vec![],
+            Some(l) => l
+                .split(',')
+                .map(|v| num(Some(v), "reader rank"))
+                .collect::<Result<_>>()?,
+        };
+        if it.next().is_some() {
+            return Err(bad("trailing fields"));
+        }
+        if !(MIN_RING..=MAX_RING).contains(&ring) {
+            return Err(bad("ring size out of range"));
+        }
+        if readers.len() > max_readers {
+            return Err(bad("too many readers"));
+        }
+        let mut sorted = readers.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != readers.len() || readers.contains(&writer) {
+            return Err(bad("repeated ranks"));
+        }
+        Ok(QueueDesc {
+            ring,
+            writer,
+            readers,
+        })
+    }
+}
+
 /// The length of a message-queue record from its 8-byte header, refused
 /// when it exceeds `max` (so a corrupt or hostile header cannot make a
 /// reader allocate without bound).
@@ -402,6 +467,22 @@ mod tests {
             b[8..12].copy_from_slice(&n.to_le_bytes());
             b[12..16].copy_from_slice(&len.to_le_bytes());
             let _ = AbortRecord::decode(&b, 4);
+        }
+
+        #[test]
+        fn fuzz_queue_desc(raw in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(d) = QueueDesc::decode(&raw, 8) {
+                prop_assert!(d.ring >= MIN_RING && d.readers.len() <= 8);
+                prop_assert_eq!(QueueDesc::decode(d.encode().as_bytes(), 8).unwrap(), d);
+            }
+        }
+
+        #[test]
+        fn fuzz_queue_desc_text(ring in any::<u64>(), writer in any::<u16>(),
+                                readers in proptest::collection::vec(any::<u16>(), 0..12)) {
+            let text = format!("{ring};{writer};{}",
+                readers.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","));
+            let _ = QueueDesc::decode(text.as_bytes(), 8);
         }
 
         #[test]

@@ -416,3 +416,63 @@ fn factory_serves_host_memory_on_one_host() {
         .iter()
         .all(|c| c.checks_calls && c.strided_all_to_all && !c.native_avg));
 }
+
+/// The default single-copy mode (auto) moves all_to_all blocks by single
+/// copy in the measured ranges (and nothing else), and results are exact on
+/// both sides of each range's edges.
+#[test]
+fn auto_single_copy_all_to_all_is_exact_around_its_thresholds() {
+    use comm_shm::{ShmCommunicator, SingleCopyMode};
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let modes = |r: &Rank| {
+        r.comm
+            .with_backend(|b| {
+                b.as_any_mut()
+                    .and_then(|a| a.downcast_mut::<ShmCommunicator>())
+                    .map(|s| (s.single_copy_active(), s.single_copy_all_to_all()))
+            })
+            .unwrap()
+            .unwrap()
+    };
+    // A core per rank, and (on small machines) more ranks than cores.
+    let mut worlds = vec![2];
+    if cores < 4 {
+        worlds.push(cores + 1);
+    }
+    for world in worlds {
+        let j = job("auto");
+        let o = opts(&j)
+            .workspace_bytes(64 << 10)
+            .single_copy(SingleCopyMode::Auto, 1);
+        let res = on_threads(world, o, |r| {
+            for block in [16 << 10, 32 << 10, 200 << 10, 256 << 10, 512 << 10] {
+                let n = block / 4 * r.world;
+                let inputs: Vec<Tensor> = (0..r.world)
+                    .map(|q| input(DType::I32, q, n, block))
+                    .collect();
+                let mut out = Tensor::zeros([n], DType::I32);
+                r.comm.all_to_all(&inputs[r.rank], &mut out).unwrap();
+                let expect: Vec<u8> = (0..r.world)
+                    .flat_map(|i| {
+                        inputs[i].as_bytes().unwrap()[r.rank * block..(r.rank + 1) * block].to_vec()
+                    })
+                    .collect();
+                assert_eq!(
+                    out.as_bytes().unwrap(),
+                    expect,
+                    "block {block} world {}",
+                    r.world
+                );
+            }
+            modes(r)
+        });
+        assert!(
+            res.iter().all(|&m| m == (true, true)),
+            "world {world}: {res:?}"
+        );
+    }
+    // Off means off.
+    let j = job("off");
+    let res = on_threads(2, opts(&j).single_copy(SingleCopyMode::Off, 1), modes);
+    assert_eq!(res, [(false, false); 2]);
+}

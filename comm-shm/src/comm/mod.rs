@@ -86,13 +86,14 @@ pub struct ShmOptions {
     /// Spin / yield / sleep policy of waits; `None`:
     /// [`SpinPolicy::for_members`]`(world)`.
     pub spin: Option<SpinPolicy>,
-    /// Move large blocks with one copy (Linux cross-memory attach,
-    /// `process_vm_readv` straight from the peer's buffer) instead of two.
-    /// Used only if every member asked for it and every member's set-up
-    /// probe read succeeded (it fails with `EPERM` under Yama
-    /// `ptrace_scope >= 1`, in containers without `CAP_SYS_PTRACE`, or
-    /// between users). `DIST_SHM_SINGLE_COPY=0` / `=1` overrides it.
-    pub single_copy: bool,
+    /// When to move large blocks with one copy (Linux cross-memory attach,
+    /// `process_vm_readv` straight from the peer's buffer) instead of two
+    /// (see [`SingleCopyMode`]). Used only if every member's set-up probe
+    /// read succeeded (it fails with `EPERM` under Yama `ptrace_scope >= 1`,
+    /// in containers without `CAP_SYS_PTRACE`, or between users); the group
+    /// uses the most restrictive mode any member has.
+    /// `DIST_SHM_SINGLE_COPY=off|auto|on` (or `0` / `1`) overrides it.
+    pub single_copy: SingleCopyMode,
     /// Single copy is used for blocks of at least this many bytes (what a
     /// receiver reads from one peer). The group uses the largest value any
     /// member has. `DIST_SHM_SINGLE_COPY_MIN=<bytes>` overrides it.
@@ -110,7 +111,7 @@ impl Default for ShmOptions {
             group_name: "shm".into(),
             job_id: default_job_id(),
             spin: None,
-            single_copy: false,
+            single_copy: SingleCopyMode::Auto,
             single_copy_min_bytes: single_copy::DEFAULT_MIN,
         }
     }
@@ -157,11 +158,73 @@ impl ShmOptions {
         self.spin = Some(s);
         self
     }
-    /// With single copy on or off, for blocks of at least `min_bytes`.
-    pub fn single_copy(mut self, on: bool, min_bytes: usize) -> Self {
-        self.single_copy = on;
+    /// With single copy in `mode` (`true`: [`SingleCopyMode::On`],
+    /// `false`: [`SingleCopyMode::Off`]) for blocks of at least `min_bytes`.
+    pub fn single_copy(mut self, mode: impl Into<SingleCopyMode>, min_bytes: usize) -> Self {
+        self.single_copy = mode.into();
         self.single_copy_min_bytes = min_bytes;
         self
+    }
+}
+
+/// When a group moves blocks by single copy (cross-memory attach) instead
+/// of through the shared workspace.
+///
+/// Measured on a 2-core VM (see `benches/peers/README.md`): the pipelined
+/// two-copy path was as fast or faster for every collective except
+/// all_to_all, because `process_vm_readv` copies 4 KiB pages at about half
+/// of `memcpy`'s speed; all_to_all by single copy (one step, each rank
+/// reading its blocks straight from its peers) won for blocks of 32 to
+/// 256 KiB with a core per rank, and from 512 KiB with more ranks than
+/// cores (where the two-copy exchange needs every rank on a core at every
+/// chunk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SingleCopyMode {
+    /// Never (no probe at set-up).
+    Off,
+    /// all_to_all blocks where single copy measured faster (the default):
+    /// 32 to 256 KiB with a core per rank, 512 KiB and more when the group
+    /// has more ranks than some member has cores.
+    Auto,
+    /// Every collective's blocks of at least the threshold.
+    On,
+}
+
+impl From<bool> for SingleCopyMode {
+    fn from(on: bool) -> Self {
+        if on {
+            SingleCopyMode::On
+        } else {
+            SingleCopyMode::Off
+        }
+    }
+}
+
+impl SingleCopyMode {
+    fn code(self) -> u64 {
+        match self {
+            SingleCopyMode::Off => 0,
+            SingleCopyMode::Auto => 1,
+            SingleCopyMode::On => 2,
+        }
+    }
+
+    fn from_code(c: u64) -> SingleCopyMode {
+        match c {
+            2 => SingleCopyMode::On,
+            1 => SingleCopyMode::Auto,
+            _ => SingleCopyMode::Off,
+        }
+    }
+
+    /// `DIST_SHM_SINGLE_COPY`, if set to a known value.
+    fn from_env() -> Option<SingleCopyMode> {
+        match std::env::var("DIST_SHM_SINGLE_COPY").ok()?.trim() {
+            "0" | "off" => Some(SingleCopyMode::Off),
+            "1" | "on" => Some(SingleCopyMode::On),
+            "auto" => Some(SingleCopyMode::Auto),
+            _ => None,
+        }
     }
 }
 
@@ -201,6 +264,8 @@ pub struct ShmCommunicator {
     /// Scratch of the point-to-point progress loop (per message, per peer),
     /// reused from call to call.
     p2p_state: (Vec<p2p::Progress>, Vec<u8>),
+    /// Peers not yet read at the current step (reused).
+    pending: Vec<usize>,
     single: single_copy::SingleCopy,
 }
 
@@ -235,6 +300,7 @@ impl ShmCommunicator {
             tx: vec![0; world],
             rx: vec![0; world],
             p2p_state: (Vec::new(), Vec::new()),
+            pending: Vec::with_capacity(world),
             single: single_copy::SingleCopy::off(world),
         };
         if world == 1 {
@@ -263,14 +329,7 @@ impl ShmCommunicator {
             policy: opts.spin.unwrap_or_else(|| SpinPolicy::for_members(world)),
         };
         c.seg = Some(Segment::establish(&spec)?);
-        let want = match std::env::var("DIST_SHM_SINGLE_COPY")
-            .as_deref()
-            .map(str::trim)
-        {
-            Ok("0") => false,
-            Ok("1") => true,
-            _ => opts.single_copy,
-        };
+        let want = SingleCopyMode::from_env().unwrap_or(opts.single_copy);
         let min = env_usize("DIST_SHM_SINGLE_COPY_MIN").unwrap_or(opts.single_copy_min_bytes);
         c.agree_settings(want, min, opts.timeout)?;
         tracing::debug!(
@@ -278,10 +337,10 @@ impl ShmCommunicator {
              one-shot all_reduce up to {} B, single copy {}",
             c.group,
             c.one_shot_max,
-            if c.single.on {
-                format!("on from {} B", c.single.min)
-            } else {
-                "off".into()
+            match (c.single.ops, c.single.a2a) {
+                (true, _) => format!("on from {} B", c.single.min),
+                (false, (a, b)) if a < b => format!("for all_to_all blocks of {a} to {b} B"),
+                _ => "off".into(),
             }
         );
         Ok(c)
@@ -289,11 +348,17 @@ impl ShmCommunicator {
 
     /// The set-up exchange on the probe lines: every member publishes its
     /// settings and a probe buffer, reads its successor's buffer with
-    /// `process_vm_readv` (when it wants single copy), publishes the
-    /// verdict, and takes the group's agreed values: single copy only if
-    /// every member succeeded, the largest single-copy threshold, the
-    /// smallest one-shot limit.
-    fn agree_settings(&mut self, want: bool, min: usize, timeout: Duration) -> Result<()> {
+    /// `process_vm_readv` (unless its single-copy mode is off), publishes
+    /// the verdict, and takes the group's agreed values: single copy only if
+    /// every member's probe succeeded, in the most restrictive mode, with
+    /// the largest threshold; "oversubscribed" if any member has fewer cores
+    /// than the group has ranks; the smallest one-shot limit.
+    fn agree_settings(
+        &mut self,
+        want: SingleCopyMode,
+        min: usize,
+        timeout: Duration,
+    ) -> Result<()> {
         let (w, me) = (self.world, self.rank);
         let dl = comm_core::Deadline::after(timeout);
         let what = format!("shm communicator `{}` set-up (settings)", self.group);
@@ -312,7 +377,7 @@ impl ShmCommunicator {
             &what,
             &dl,
         )?;
-        let ok = want && {
+        let ok = want != SingleCopyMode::Off && {
             let addr = self.seg().flag(self.lines.probe(peer)).load_words::<4>()[3];
             let mut got = [0u64; 8];
             // SAFETY: `got` is 64 writable bytes of this process.
@@ -323,19 +388,29 @@ impl ShmCommunicator {
             r.is_ok() && got == single_copy::probe_pattern(peer)
         };
         let one_shot = self.one_shot_max as u64;
-        line.store_words(&[u64::from(ok), min as u64, one_shot]);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let flags = u64::from(ok) | want.code() << 1 | u64::from(w > cores) << 3;
+        line.store_words(&[flags, min as u64, one_shot]);
         line.publish(2);
         // Also guarantees my predecessor finished reading `mine`.
         self.setup_wait(self.others(), |q| self.lines.probe(q), 2, &what, &dl)?;
-        let (mut all, mut thr, mut os) = (ok, min as u64, one_shot);
+        let (mut all, mut mode, mut over) = (ok, want, w > cores);
+        let (mut thr, mut os) = (min as u64, one_shot);
         for p in self.others() {
             let v = self.seg().flag(self.lines.probe(p)).load_words::<3>();
-            all &= v[0] == 1;
+            all &= v[0] & 1 == 1;
+            mode = mode.min(SingleCopyMode::from_code((v[0] >> 1) & 3));
+            over |= v[0] >> 3 & 1 == 1;
             thr = thr.max(v[1]);
             os = os.min(v[2]);
         }
         std::hint::black_box(&mine);
-        self.single.on = all;
+        self.single.ops = all && mode == SingleCopyMode::On;
+        self.single.a2a = match (all, mode, over) {
+            (true, SingleCopyMode::Auto, true) => (single_copy::AUTO_OVERSUBSCRIBED, usize::MAX),
+            (true, SingleCopyMode::Auto, false) => single_copy::AUTO_CORE_PER_RANK,
+            _ => (usize::MAX, 0),
+        };
         self.single.min = usize::try_from(thr).unwrap_or(usize::MAX).max(1);
         self.one_shot_max = usize::try_from(os).unwrap_or(0);
         Ok(())
@@ -367,10 +442,15 @@ impl ShmCommunicator {
         Ok(())
     }
 
-    /// Whether this group moves large blocks by single copy (cross-memory
-    /// attach), as agreed by every member at set-up.
+    /// Whether this group moves large blocks of some collective by single
+    /// copy (cross-memory attach), as agreed by every member at set-up.
     pub fn single_copy_active(&self) -> bool {
-        self.single.on
+        self.single.ops || self.single_copy_all_to_all()
+    }
+
+    /// Whether this group moves large all_to_all blocks by single copy.
+    pub fn single_copy_all_to_all(&self) -> bool {
+        self.single.ops || self.single.a2a.0 < self.single.a2a.1
     }
 
     /// Bytes of the payload area for a group (workspace + p2p channels).
@@ -454,14 +534,28 @@ impl ShmCommunicator {
         target: u32,
         detail: &dyn Fn() -> String,
     ) -> Result<()> {
+        self.wait_lines_among(call, ranks.clone(), ranks, line, target, detail)
+    }
+
+    /// [`wait_lines`](Self::wait_lines) for the ranks of `wait`, naming every
+    /// rank of `among` that has not reached `target` when it fails.
+    fn wait_lines_among(
+        &self,
+        call: &Call<'_>,
+        wait: impl Iterator<Item = usize>,
+        among: impl Iterator<Item = usize> + Clone,
+        line: impl Fn(usize) -> usize,
+        target: u32,
+        detail: &dyn Fn() -> String,
+    ) -> Result<()> {
         let seg = self.seg();
-        for p in ranks.clone() {
+        for p in wait {
             let f = seg.flag(line(p));
             if f.reached(target) {
                 continue;
             }
             let missing = || {
-                ranks
+                among
                     .clone()
                     .filter(|&q| !seg.flag(line(q)).reached(target))
                     .collect::<Vec<_>>()

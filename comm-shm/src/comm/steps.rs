@@ -12,7 +12,7 @@
 use comm_core::reduce::{reduce_into, reduce_pair_into};
 use comm_core::{BlockLayout, Call, CommError, DType, ReduceOp, Result};
 
-use super::blocks::{copy_between, gather_range, scatter_range};
+use super::blocks::{copy_between, gather_range, scatter_range, Pieces};
 use super::{align_up, ShmCommunicator};
 use crate::wire::{Algo, StepDesc, ADDR_WORD, STEP_WORDS};
 
@@ -38,8 +38,33 @@ pub(super) trait Exchange {
     }
     /// Before arriving at step `i`: this rank's part into its buffer.
     fn fill(&mut self, i: usize, mine: &mut [u8]) -> Result<()>;
+    /// After arriving at step `i`, before reading any peer: this rank's own
+    /// part (its own block), which so overlaps the wait for the others.
+    fn local(&mut self, i: usize) -> Result<()> {
+        let _ = i;
+        Ok(())
+    }
+    /// After this rank published `done` for step `i` (its reads of the
+    /// peers are over, so peers lending their memory may go on): local work
+    /// that can wait, such as a single-copy exchange's own block.
+    fn after_done(&mut self, i: usize) -> Result<()> {
+        let _ = i;
+        Ok(())
+    }
+    /// True when [`take_from`](Self::take_from) reads each peer as soon as
+    /// that peer arrives (no reduction across ranks), instead of
+    /// [`take`](Self::take) after every rank arrived.
+    fn per_peer(&self) -> bool {
+        false
+    }
     /// After every rank arrived at step `i`: what this rank reads.
     fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()>;
+    /// With [`per_peer`](Self::per_peer): what this rank reads from `p`
+    /// once `p` arrived at step `i`.
+    fn take_from(&mut self, i: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        let _ = (i, p, x);
+        Ok(())
+    }
 }
 
 /// What [`Exchange::take`] may do during a step.
@@ -165,21 +190,107 @@ impl ShmCommunicator {
             let line = self.seg().flag(self.lines.arrive(me, k as usize));
             line.store_words(&words);
             line.publish(k);
-            self.check_arrivals(call, k, &sd, &words)?;
-            ex.take(
-                i,
-                &StepCtx {
-                    comm: self,
-                    call,
-                    k,
-                },
-            )?;
+            ex.local(i)?;
+            if ex.per_peer() {
+                self.take_as_they_arrive(call, k, &sd, &words, i, ex)?;
+            } else {
+                self.check_arrivals(call, k, &sd, &words)?;
+                ex.take(
+                    i,
+                    &StepCtx {
+                        comm: self,
+                        call,
+                        k,
+                    },
+                )?;
+            }
             self.seg().flag(self.lines.done(me)).publish(k);
+            ex.after_done(i)?;
         }
         if ex.lends_source() {
             self.wait_lines(call, self.others(), |p| self.lines.done(p), k, &|| {
                 format!("still reading this rank's memory at step {k}")
             })?;
+        }
+        Ok(())
+    }
+
+    /// Reads every peer as soon as it arrived at step `k` (checking its
+    /// step description first), waiting only when none is ready.
+    fn take_as_they_arrive(
+        &mut self,
+        call: &Call<'_>,
+        k: u32,
+        mine: &StepDesc,
+        words: &[u64; STEP_WORDS],
+        i: usize,
+        ex: &mut impl Exchange,
+    ) -> Result<()> {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.clear();
+        pending.extend(self.others());
+        let r = (|| {
+            while let Some(&first) = pending.first() {
+                let before = pending.len();
+                let mut j = 0;
+                while j < pending.len() {
+                    let p = pending[j];
+                    let line = self.seg().flag(self.lines.arrive(p, k as usize));
+                    if !line.reached(k) {
+                        j += 1;
+                        continue;
+                    }
+                    self.check_words(call, p, mine, words, &line.load_words())?;
+                    ex.take_from(
+                        i,
+                        p,
+                        &StepCtx {
+                            comm: self,
+                            call,
+                            k,
+                        },
+                    )?;
+                    pending.swap_remove(j);
+                }
+                if pending.len() == before {
+                    // Nobody was ready: wait for one (the others are
+                    // checked again as soon as it arrives).
+                    let p = pending
+                        .iter()
+                        .copied()
+                        .min_by_key(|&q| (q + self.world - self.rank) % self.world)
+                        .unwrap_or(first);
+                    self.wait_lines_among(
+                        call,
+                        std::iter::once(p),
+                        pending.iter().copied(),
+                        |q| self.lines.arrive(q, k as usize),
+                        k,
+                        &|| format!("has not arrived at step {k} ({})", mine.how()),
+                    )?;
+                }
+            }
+            Ok(())
+        })();
+        self.pending = pending;
+        r
+    }
+
+    /// `Ok` when rank `p`'s step description `theirs` matches this rank's.
+    fn check_words(
+        &self,
+        call: &Call<'_>,
+        p: usize,
+        mine: &StepDesc,
+        words: &[u64; STEP_WORDS],
+        theirs: &[u64; STEP_WORDS],
+    ) -> Result<()> {
+        // Everything but the source address (each rank has its own) must
+        // be equal.
+        if theirs[..ADDR_WORD] != words[..ADDR_WORD]
+            || theirs[ADDR_WORD + 1..] != words[ADDR_WORD + 1..]
+        {
+            return Err(self.step_mismatch(call, p, mine, theirs));
         }
         Ok(())
     }
@@ -205,13 +316,7 @@ impl ShmCommunicator {
                 .seg()
                 .flag(self.lines.arrive(p, k as usize))
                 .load_words::<STEP_WORDS>();
-            // Everything but the source address (each rank has its own)
-            // must be equal.
-            if theirs[..ADDR_WORD] != words[..ADDR_WORD]
-                || theirs[ADDR_WORD + 1..] != words[ADDR_WORD + 1..]
-            {
-                return Err(self.step_mismatch(call, p, mine, &theirs));
-            }
+            self.check_words(call, p, mine, words, &theirs)?;
         }
         Ok(())
     }
@@ -289,10 +394,10 @@ impl ShmCommunicator {
         root: Option<usize>,
     ) -> Result<()> {
         let (n, me) = (inp.len(), self.rank);
-        if let Some(o) = out.as_deref_mut() {
-            o[me * n..(me + 1) * n].copy_from_slice(inp);
-        }
         if self.single.use_for(n) {
+            if let Some(o) = out.as_deref_mut() {
+                o[me * n..(me + 1) * n].copy_from_slice(inp);
+            }
             return self.gather_single(call, inp, out, root);
         }
         let mut ex = Gather {
@@ -301,7 +406,6 @@ impl ShmCommunicator {
             out,
             root,
             me,
-            world: self.world,
         };
         self.run(call, &mut ex)
     }
@@ -337,7 +441,7 @@ impl ShmCommunicator {
     ) -> Result<()> {
         let es = dt.size();
         let mut ex = ReduceScatter {
-            chunk: (self.payload.ws / self.world / es) * es,
+            chunk: (self.payload.ws / (self.world - 1) / es) * es,
             inp,
             out,
             dt,
@@ -361,11 +465,11 @@ impl ShmCommunicator {
         es: usize,
     ) -> Result<()> {
         let m = send.block_len() * es;
-        if self.single.use_for(m) {
+        if self.single.use_for_all_to_all(m, send.runs > 1) {
             return self.exchange_single(call, inp, send, out, recv, es);
         }
         let mut ex = Blocks {
-            chunk: (self.payload.ws / self.world / es) * es,
+            chunk: (self.payload.ws / (self.world - 1) / es) * es,
             inp,
             send,
             out,
@@ -383,6 +487,13 @@ impl ShmCommunicator {
 fn chunk_range(i: usize, chunk: usize, n: usize) -> (usize, usize) {
     let off = i * chunk;
     (off, chunk.min(n - off))
+}
+
+/// Where sender `from` puts its part for rank `to` in its buffer: its
+/// `world - 1` parts for the others in order after itself (nothing of its
+/// own goes through the workspace, so a part may use `1/(world - 1)` of it).
+fn slot(from: usize, to: usize, world: usize) -> usize {
+    (to + world - from - 1) % world
 }
 
 fn chunk_count(n: usize, chunk: usize) -> usize {
@@ -482,7 +593,6 @@ struct Gather<'d> {
     root: Option<usize>,
     chunk: usize,
     me: usize,
-    world: usize,
 }
 
 impl Exchange for Gather<'_> {
@@ -499,13 +609,26 @@ impl Exchange for Gather<'_> {
         }
         Ok(())
     }
-    fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+    fn local(&mut self, i: usize) -> Result<()> {
         let n = self.inp.len();
         let (off, c) = chunk_range(i, self.chunk, n);
         if let Some(out) = self.out.as_deref_mut() {
-            for p in (1..self.world).map(|d| (self.me + d) % self.world) {
-                out[p * n + off..p * n + off + c].copy_from_slice(x.peer(p, 0, c));
-            }
+            let at = self.me * n + off;
+            out[at..at + c].copy_from_slice(&self.inp[off..off + c]);
+        }
+        Ok(())
+    }
+    fn per_peer(&self) -> bool {
+        true
+    }
+    fn take(&mut self, _: usize, _: &StepCtx<'_, '_>) -> Result<()> {
+        Ok(())
+    }
+    fn take_from(&mut self, i: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        let n = self.inp.len();
+        let (off, c) = chunk_range(i, self.chunk, n);
+        if let Some(out) = self.out.as_deref_mut() {
+            out[p * n + off..p * n + off + c].copy_from_slice(x.peer(p, 0, c));
         }
         Ok(())
     }
@@ -532,8 +655,14 @@ impl Exchange for Broadcast<'_> {
         }
         Ok(())
     }
-    fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()> {
-        if self.me != self.root {
+    fn per_peer(&self) -> bool {
+        true
+    }
+    fn take(&mut self, _: usize, _: &StepCtx<'_, '_>) -> Result<()> {
+        Ok(())
+    }
+    fn take_from(&mut self, i: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        if p == self.root {
             let (off, c) = chunk_range(i, self.chunk, self.data.len());
             self.data[off..off + c].copy_from_slice(x.peer(self.root, 0, c));
         }
@@ -562,7 +691,7 @@ impl Exchange for ReduceScatter<'_> {
         let m = self.out.len();
         let (off, c) = chunk_range(i, self.chunk, m);
         for q in (1..self.world).map(|d| (self.me + d) % self.world) {
-            let at = q * self.chunk;
+            let at = slot(self.me, q, self.world) * self.chunk;
             mine[at..at + c].copy_from_slice(&self.inp[q * m + off..q * m + off + c]);
         }
         Ok(())
@@ -570,12 +699,12 @@ impl Exchange for ReduceScatter<'_> {
     fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()> {
         let m = self.out.len();
         let (off, c) = chunk_range(i, self.chunk, m);
-        let (me, inp, at) = (self.me, self.inp, self.me * self.chunk);
+        let (me, inp, w, chunk) = (self.me, self.inp, self.world, self.chunk);
         let src = |p: usize| {
             if p == me {
                 &inp[me * m + off..me * m + off + c]
             } else {
-                x.peer(p, at, c)
+                x.peer(p, slot(p, me, w) * chunk, c)
             }
         };
         reduce_ranks(
@@ -601,6 +730,22 @@ struct Blocks<'d> {
     world: usize,
 }
 
+impl Blocks<'_> {
+    /// Strided input (runs of a row interleave the blocks): `fill` walks
+    /// the rows once, copying every block's piece of a row (its own to the
+    /// output) while the row is in cache, instead of one pass per block
+    /// that reads each row again (and drags the skipped parts through the
+    /// prefetchers).
+    fn rows_in(&self) -> bool {
+        self.send.runs > 1
+    }
+    /// Strided output: `take` writes every block's piece of an output row
+    /// together, once every peer has arrived.
+    fn rows_out(&self) -> bool {
+        self.recv.runs > 1
+    }
+}
+
 impl Exchange for Blocks<'_> {
     fn algo(&self) -> Algo {
         Algo::Copy
@@ -610,26 +755,65 @@ impl Exchange for Blocks<'_> {
     }
     fn fill(&mut self, i: usize, mine: &mut [u8]) -> Result<()> {
         let (off, c) = chunk_range(i, self.chunk, self.block);
-        for q in (1..self.world).map(|d| (self.me + d) % self.world) {
-            let at = q * self.chunk;
-            gather_range(self.inp, self.send, q, self.es, off, &mut mine[at..at + c]);
+        let (me, w, es) = (self.me, self.world, self.es);
+        if !self.rows_in() {
+            for q in (1..w).map(|d| (me + d) % w) {
+                let at = slot(me, q, w) * self.chunk;
+                gather_range(self.inp, self.send, q, es, off, &mut mine[at..at + c]);
+            }
+            return Ok(());
+        }
+        let step = self.send.block_step * es;
+        let own = !self.rows_out();
+        let mut at = 0;
+        for (pos, n) in Pieces::new(self.send, 0, es, off, c) {
+            for q in 0..w {
+                let src = &self.inp[pos + q * step..pos + q * step + n];
+                if q != me {
+                    let d = slot(me, q, w) * self.chunk + at;
+                    mine[d..d + n].copy_from_slice(src);
+                } else if own {
+                    scatter_range(src, self.recv, me, es, off + at, self.out);
+                }
+            }
+            at += n;
         }
         Ok(())
     }
-    fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+    fn local(&mut self, i: usize) -> Result<()> {
+        if self.rows_in() || self.rows_out() {
+            return Ok(()); // done with the rows in `fill` or `take`
+        }
         let (off, c) = chunk_range(i, self.chunk, self.block);
         let (me, es) = (self.me, self.es);
         copy_between(self.inp, self.send, me, self.out, self.recv, me, es, off, c);
-        for p in (1..self.world).map(|d| (me + d) % self.world) {
-            scatter_range(
-                x.peer(p, me * self.chunk, c),
-                self.recv,
-                p,
-                es,
-                off,
-                self.out,
-            );
+        Ok(())
+    }
+    fn per_peer(&self) -> bool {
+        !self.rows_out()
+    }
+    fn take(&mut self, i: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        let (off, c) = chunk_range(i, self.chunk, self.block);
+        let (me, w, es) = (self.me, self.world, self.es);
+        let step = self.recv.block_step * es;
+        let mut at = 0;
+        for (pos, n) in Pieces::new(self.recv, 0, es, off, c) {
+            for p in 0..w {
+                let dst = &mut self.out[pos + p * step..pos + p * step + n];
+                if p != me {
+                    dst.copy_from_slice(x.peer(p, slot(p, me, w) * self.chunk + at, n));
+                } else {
+                    gather_range(self.inp, self.send, me, es, off + at, dst);
+                }
+            }
+            at += n;
         }
+        Ok(())
+    }
+    fn take_from(&mut self, i: usize, p: usize, x: &StepCtx<'_, '_>) -> Result<()> {
+        let (off, c) = chunk_range(i, self.chunk, self.block);
+        let at = slot(p, self.me, self.world) * self.chunk;
+        scatter_range(x.peer(p, at, c), self.recv, p, self.es, off, self.out);
         Ok(())
     }
 }
