@@ -308,6 +308,27 @@ mod tests {
 
     #[test]
     fn guard_installs_and_restores_the_handler() {
+        // Dispositions are per process and other tests of this binary create
+        // segments (and so guards) concurrently: check in a process of its own.
+        const CHILD: &str = "COMM_SHM_GUARD_TEST_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "names::tests::guard_installs_and_restores_the_handler",
+                    "--test-threads=1",
+                ])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
         let current = |sig| {
             // SAFETY: querying a disposition.
             unsafe {
