@@ -98,7 +98,7 @@ optional main-job add_example parallel-state ulysses_attention main-job --featur
 # The suite lives in the `tests` package on main today (a `comm-conformance`
 # package would replace it here: package, bin name).
 optional distrun add_bin executor distrun distrun
-optional conformance-worker add_bin tests conformance_worker conformance-worker --features nccl
+optional conformance-worker add_bin comm-conformance conformance_worker conformance-worker --features builtin,nccl
 # comm-perf (benches crate) with the nccl backend; also the torchrun check.
 optional comm-perf add_bin benches comm-perf comm-perf --features nccl
 # dist-utils' c10d probe: benches/peers/c10d_store_check.py drives it against

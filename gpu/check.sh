@@ -115,27 +115,6 @@ if needs main-job main-job-2-ranks main-job-1-rank; then
 fi
 step bench 120 "$BIN/gpu-bench" --torch-script "$ROOT/gpu/torch_permute.py"
 
-# The conformance suite's ranks on CUDA tensors, started by distrun.
-CONF=(conformance-shm-2 conformance-shm-4 conformance-tcp-3 conformance-shm-2-large conformance-nccl-1)
-if needs distrun "${CONF[@]}" && needs conformance-worker "${CONF[@]}"; then
-    conf() { # NAME NPROC LIMIT WORKER-ARGS...
-        local name=$1 n=$2 limit=$3
-        shift 3
-        step "$name" "$limit" "$BIN/distrun" --nproc-per-node "$n" --timeout $((limit - 5)) --grace 2 \
-            -- "$BIN/conformance-worker" --device cuda "$@"
-    }
-    conf conformance-shm-2 2 60 --backend shm
-    conf conformance-shm-4 4 75 --backend shm
-    conf conformance-tcp-3 3 75 --backend tcp
-    conf conformance-shm-2-large 2 90 --backend shm --mode large
-    conf conformance-nccl-1 1 45 --backend nccl
-fi
-
-if needs comm-perf comm-perf-nccl; then
-    step comm-perf-nccl 60 "$BIN/comm-perf" --backend nccl --device cuda --nproc 1 \
-        --op all_reduce,all_gather,reduce_scatter,broadcast,all_to_all -b 8 -e 64M -f 8 --check --timeout 50
-fi
-
 # torchrun starting our binaries (issue 10): they join torchrun's agent store.
 TORCHRUN=()
 if command -v torchrun >/dev/null 2>&1; then
@@ -147,9 +126,6 @@ TR=(torch-c10d torchrun-comm-perf-shm-2 torchrun-main-job-2 torchrun-main-job-4)
 if [ ${#TORCHRUN[@]} -eq 0 ]; then
     for s in "${TR[@]}"; do RESULTS+=("$s: SKIPPED (no torchrun / torch)"); done
 else
-    if needs c10d-probe torch-c10d; then
-        step torch-c10d 120 python3 "$ROOT/benches/peers/c10d_store_check.py" --probe "$BIN/c10d-probe"
-    fi
     if needs comm-perf torchrun-comm-perf-shm-2; then
         step torchrun-comm-perf-shm-2 90 "${TORCHRUN[@]}" --standalone --nproc-per-node 2 --no-python \
             "$BIN/comm-perf" --backend shm --op all_reduce --check
@@ -160,6 +136,30 @@ else
         step torchrun-main-job-4 90 "${TORCHRUN[@]}" --standalone --nproc-per-node 4 --no-python \
             "$BIN/main-job" --device cuda
     fi
+    if needs c10d-probe torch-c10d; then
+        step torch-c10d 120 python3 "$ROOT/benches/peers/c10d_store_check.py" --probe "$BIN/c10d-probe"
+    fi
+fi
+
+if needs comm-perf comm-perf-nccl; then
+    step comm-perf-nccl 60 "$BIN/comm-perf" --backend nccl --device cuda --nproc 1 \
+        --op all_reduce,all_gather,reduce_scatter,broadcast,all_to_all -b 8 -e 64M -f 8 --check --timeout 50
+fi
+
+# The conformance suite's ranks on CUDA tensors, started by distrun.
+CONF=(conformance-nccl-1 conformance-shm-2 conformance-tcp-3 conformance-shm-4 conformance-shm-2-large)
+if needs distrun "${CONF[@]}" && needs conformance-worker "${CONF[@]}"; then
+    conf() { # NAME NPROC LIMIT WORKER-ARGS...
+        local name=$1 n=$2 limit=$3
+        shift 3
+        step "$name" "$limit" "$BIN/distrun" --nproc-per-node "$n" --timeout $((limit - 5)) --grace 2 \
+            -- "$BIN/conformance-worker" --device cuda "$@"
+    }
+    conf conformance-nccl-1 1 45 --backend nccl
+    conf conformance-shm-2 2 60 --backend shm
+    conf conformance-tcp-3 3 75 --backend tcp
+    conf conformance-shm-4 4 75 --backend shm
+    conf conformance-shm-2-large 2 90 --backend shm --mode large
 fi
 
 echo

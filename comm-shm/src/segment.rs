@@ -195,9 +195,13 @@ impl SpinPolicy {
 
 /// Members a waiter checks for liveness while it sleeps.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Watch {
+pub(crate) enum Watch<'a> {
     /// One member.
     One(usize),
+    /// These members (a batch of point-to-point messages watches only the
+    /// peers it still exchanges with: a peer that finished its part and
+    /// left is no failure).
+    Members(&'a [usize]),
     /// Everyone but me.
     Others,
 }
@@ -789,13 +793,14 @@ impl Segment {
         process_gone(pid)
     }
 
-    fn check_watch(&self, watch: Watch) -> std::result::Result<(), WaitFail> {
+    fn check_watch(&self, watch: Watch<'_>) -> std::result::Result<(), WaitFail> {
         let lost = |i: usize| {
             self.member_lost(i)
                 .map(|detail| WaitFail::Lost { member: i, detail })
         };
         let r = match watch {
             Watch::One(i) => lost(i),
+            Watch::Members(m) => m.iter().copied().find_map(lost),
             Watch::Others => (0..self.n).find_map(lost),
         };
         r.map_or(Ok(()), Err)
@@ -808,7 +813,7 @@ impl Segment {
         &self,
         flag: &Flag,
         mut cond: impl FnMut() -> bool,
-        watch: Watch,
+        watch: Watch<'_>,
         dl: &Deadline,
         on_sleep: &dyn Fn(),
     ) -> std::result::Result<(), WaitFail> {

@@ -334,3 +334,49 @@ fn send_to_self_and_bad_roots_are_refused_by_the_front() {
         assert_eq!(w, v);
     });
 }
+
+/// A peer that finished its part of a batch and left is no failure for a
+/// rank still exchanging with others: rank 2 sends its message to rank 0
+/// and drops its communicator; only then does rank 1 start receiving the
+/// (many-chunk) message rank 0 sends it. Rank 0, blocked on rank 1 while
+/// rank 2 leaves, must finish the batch (it once watched every member and
+/// failed naming rank 2).
+#[test]
+fn a_peer_that_finished_its_messages_may_leave() {
+    let j = job("p2pleave");
+    let o = opts(&j);
+    let store: std::sync::Arc<dyn comm_core::Store> =
+        std::sync::Arc::new(dist_utils::HashStore::new());
+    let small: Vec<f32> = (0..4).map(|i| i as f32 + 0.5).collect();
+    let big: Vec<f32> = (0..16 * 1024).map(|i| i as f32).collect();
+    std::thread::scope(|s| {
+        let leaver = s.spawn(|| {
+            let c = join(store.clone(), 2, 3, &o).unwrap();
+            c.send(&small[..], 0).unwrap();
+            drop(c);
+            store.set("rank 2 gone", b"1").unwrap();
+        });
+        let late = s.spawn(|| {
+            let c = join(store.clone(), 1, 3, &o).unwrap();
+            store.wait(&["rank 2 gone"], SETUP).unwrap();
+            // Not synchronisation (the batch is correct whatever the
+            // timing): holding back past two liveness-check slices (50 ms)
+            // makes rank 0 look at its peers while rank 2 is gone.
+            std::thread::sleep(Duration::from_millis(150));
+            let mut got = vec![0f32; big.len()];
+            c.recv(&mut got[..], 0).unwrap();
+            assert_eq!(got, big);
+        });
+        let c = join(store.clone(), 0, 3, &o).unwrap();
+        let mut got = vec![0f32; small.len()];
+        c.batch_send_recv(vec![
+            P2pOp::send(&big[..], 1).unwrap(),
+            P2pOp::recv(&mut got[..], 2).unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(got, small);
+        leaver.join().unwrap();
+        late.join().unwrap();
+    });
+    assert_no_segments(&j);
+}

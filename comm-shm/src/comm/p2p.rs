@@ -96,13 +96,18 @@ impl ShmCommunicator {
                 m.dedup();
                 m
             };
+            // Only the peers this rank still exchanges with: one that
+            // finished its part of the batch may already have left.
+            let mut peers = missing();
+            peers.sort_unstable();
+            peers.dedup();
             let seg = self.seg();
             let bell = seg.flag(bell_line);
             let on_sleep = || call.waiting(missing);
             let r = seg.wait(
                 bell,
                 || bell.seq.load(Acquire) != snapshot,
-                Watch::Others,
+                Watch::Members(&peers),
                 &call.deadline,
                 &on_sleep,
             );
