@@ -12,6 +12,30 @@ use rustix::shm;
 
 /// Store key prefix used by [`same_host_ranks`].
 const KEY: &str = "same_host";
+/// Environment variable naming the job (set by `distrun`); its launcher
+/// removes `/dev/shm/dshm.<job>.*` once every rank has exited.
+const JOB_ID_ENV: &str = "DIST_JOB_ID";
+
+/// The name of rank `rank`'s probe segment. With a job id (`DIST_JOB_ID`,
+/// letters, digits, `-`, `_`, at most 64) the segment is one of the job's
+/// (`/dshm.<job>.<pid>.samehost-r<rank>-<random>`, the names distrun
+/// removes after the job), so a rank killed while it probes (SIGKILL, or
+/// the launcher's SIGTERM while it waits for a frozen peer) leaves nothing
+/// behind; without one, `/dist-samehost-<pid>-r<rank>-<random>`.
+fn probe_name(job: Option<&str>, rank: usize) -> Result<String> {
+    let pid = std::process::id();
+    let tag = random_hex::<8>()?;
+    let valid = |j: &&str| {
+        !j.is_empty()
+            && j.len() <= 64
+            && j.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    };
+    Ok(match job.filter(valid) {
+        Some(j) => format!("/dshm.{j}.{pid}.samehost-r{rank}-{tag}"),
+        None => format!("/dist-samehost-{pid}-r{rank}-{tag}"),
+    })
+}
 
 /// A POSIX shm segment owned by this rank, unlinked on drop.
 struct Segment {
@@ -20,11 +44,8 @@ struct Segment {
 
 impl Segment {
     fn create(rank: usize, token: &str) -> Result<Self> {
-        let name = format!(
-            "/dist-samehost-{}-r{rank}-{}",
-            std::process::id(),
-            random_hex::<8>()?
-        );
+        let job = std::env::var(JOB_ID_ENV).ok();
+        let name = probe_name(job.as_deref().map(str::trim), rank)?;
         let fd = shm::open(
             name.as_str(),
             shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
@@ -56,7 +77,9 @@ fn random_hex<const N: usize>() -> Result<String> {
 
 /// True when segment `name` exists, can be opened by this process and holds `token`.
 fn probe(name: &str, token: &str) -> bool {
-    if !name.starts_with("/dist-samehost-") || name[1..].contains('/') {
+    let ours = name.starts_with("/dist-samehost-")
+        || (name.starts_with("/dshm.") && name.contains(".samehost-r"));
+    if !ours || name[1..].contains('/') {
         return false;
     }
     let Ok(fd) = shm::open(name, shm::OFlags::RDONLY, Mode::empty()) else {
@@ -186,4 +209,27 @@ pub fn hostname() -> String {
         .nodename()
         .to_string_lossy()
         .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_names_fall_under_the_launchers_clean_up() {
+        let pid = std::process::id();
+        let n = probe_name(Some("0123abcd"), 3).unwrap();
+        assert!(
+            n.starts_with(&format!("/dshm.0123abcd.{pid}.samehost-r3-")),
+            "{n}"
+        );
+        // No id, or one that cannot be part of a name: the plain name.
+        for job in [None, Some(""), Some("a/b"), Some("*")] {
+            let n = probe_name(job, 1).unwrap();
+            assert!(n.starts_with(&format!("/dist-samehost-{pid}-r1-")), "{n}");
+        }
+        // Names from the store must be probe names.
+        assert!(!probe("/dshm.job.1.other", "t"));
+        assert!(!probe("/etc/passwd", "t"));
+    }
 }
