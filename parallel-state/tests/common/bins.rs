@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::SystemTime;
 
 /// A program of the workspace: its package, its target kind and name.
@@ -53,10 +54,12 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// The newest modification time of the workspace's sources (`*.rs`,
-/// `Cargo.toml`, `Cargo.lock`), skipping `target/` and hidden directories.
+/// The newest modification time of the sources that go into the
+/// workspace's programs (`*.rs`, `Cargo.toml`, `Cargo.lock`), skipping
+/// `target/`, hidden directories and the test and benchmark directories
+/// (`tests/`, `benches/`), which no program is built from.
 fn newest_source() -> SystemTime {
-    fn walk(dir: &Path, newest: &mut SystemTime) {
+    fn walk(dir: &Path, depth: usize, newest: &mut SystemTime) {
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
@@ -66,8 +69,13 @@ fn newest_source() -> SystemTime {
             let name = name.to_string_lossy();
             let Ok(meta) = e.metadata() else { continue };
             if meta.is_dir() {
-                if name != "target" && !name.starts_with('.') {
-                    walk(&p, newest);
+                // `benches/` at the top is the benches crate (comm-perf).
+                let skip = name == "target"
+                    || name == "tests"
+                    || (depth > 0 && name == "benches")
+                    || name.starts_with('.');
+                if !skip {
+                    walk(&p, depth + 1, newest);
                 }
             } else if name.ends_with(".rs") || name == "Cargo.toml" || name == "Cargo.lock" {
                 if let Ok(m) = meta.modified() {
@@ -77,13 +85,25 @@ fn newest_source() -> SystemTime {
         }
     }
     let mut newest = SystemTime::UNIX_EPOCH;
-    walk(&workspace(), &mut newest);
+    walk(&workspace(), 0, &mut newest);
     newest
 }
 
-/// The path of `p`, built first when missing or older than the sources.
-/// Panics (failing the test) when it cannot be built.
+/// The path of `p`, built first (once per test process) when missing or
+/// older than the sources. Panics (failing the test) when it cannot be
+/// built.
 pub fn path(p: Program) -> PathBuf {
+    static FOUND: Mutex<Vec<(&str, PathBuf)>> = Mutex::new(Vec::new());
+    let mut found = FOUND.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = found.iter().find(|(n, _)| *n == p.name) {
+        return path.clone();
+    }
+    let path = locate(p);
+    found.push((p.name, path.clone()));
+    path
+}
+
+fn locate(p: Program) -> PathBuf {
     let dir = profile_dir();
     let bin = if p.example {
         dir.join("examples").join(p.name)
