@@ -2,8 +2,8 @@
 //! all_to_all at 4 KiB, 1 MiB and 16 MiB for world 2 and 4, and the
 //! MessageQueue 1 KiB enqueue -> dequeue round trip (one reader).
 //!
-//! The ranks are threads of the bench process, each with its own
-//! `ShmCommunicator` and its own mapping of the shared segment (the data path
+//! The ranks are threads of the bench process, each with its own shm
+//! communicator from `ShmFactory` and its own mapping of the shared segment (the data path
 //! is the one processes use); criterion needs one process to drive the loop.
 //! For nccl-tests style tables over 8 B..64 MiB use `comm-perf --backend shm`.
 //! Throughput is the per-rank buffer size (algbw).
@@ -11,33 +11,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use benches::threads::MakeComm;
-use comm_core::{DeviceCommunicator, Store};
-use comm_shm::{MessageQueue, MqOptions, ShmCommunicator, ShmOptions};
+use comm_core::Store;
+use comm_shm::{MessageQueue, MqOptions, ShmFactory};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 mod common;
 
 fn collectives(c: &mut Criterion) {
-    let make: Arc<MakeComm> = Arc::new(|store, rank, world| {
-        let opts = ShmOptions {
-            timeout: Duration::from_secs(60),
-            ..Default::default()
-        };
-        Ok(Box::new(ShmCommunicator::new(&*store, rank, world, opts)?)
-            as Box<dyn DeviceCommunicator>)
-    });
-    common::collectives(c, "shm", make);
+    common::collectives(c, Arc::new(ShmFactory::default()));
 }
 
 /// 1 KiB enqueue -> dequeue -> 8-byte answer; criterion reports the round
 /// trip (one-way latency is half of it).
 fn message_queue(c: &mut Criterion) {
     let store: Arc<dyn Store> = Arc::new(dist_utils::HashStore::new());
-    let o = MqOptions {
-        timeout: Duration::from_secs(60),
-        ..Default::default()
-    };
+    let o = MqOptions::default().timeout(Duration::from_secs(60));
     let (s2, o2) = (store.clone(), o.clone());
     let echo = std::thread::spawn(move || {
         let mut q = MessageQueue::open_reader(&*s2, "fwd", 1, o2.clone()).unwrap();

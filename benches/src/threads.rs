@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use comm_core::{CommError, DType, DeviceCommunicator, ReduceOp, Result, Store, Tensor};
+use comm_core::{
+    BackendFactory, CommError, DType, GroupContext, ReduceOp, Registry, Result, Store, Tensor,
+};
 
 /// The operations the benches time.
 #[derive(Debug, Clone, Copy)]
@@ -34,13 +36,13 @@ pub struct ThreadGroup {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// Builds rank `rank` of `world`'s communicator over the shared store.
-pub type MakeComm =
-    dyn Fn(Arc<dyn Store>, usize, usize) -> Result<Box<dyn DeviceCommunicator>> + Send + Sync;
+/// Deadline of set-up and of each operation of the bench communicators.
+const TIMEOUT: Duration = Duration::from_secs(60);
 
 impl ThreadGroup {
-    /// Starts `world` ranks, each building its communicator with `make`.
-    pub fn new(world: usize, make: Arc<MakeComm>) -> Self {
+    /// Starts `world` ranks, each building its communicator with `factory`
+    /// through a registry and the checked front, as the group layer does.
+    pub fn new(world: usize, factory: Arc<dyn BackendFactory>) -> Self {
         let store: Arc<dyn Store> = Arc::new(dist_utils::HashStore::new());
         let (done_tx, done) = channel();
         let mut cmds = Vec::new();
@@ -48,9 +50,14 @@ impl ThreadGroup {
         for rank in 0..world {
             let (tx, rx) = channel::<Option<Cmd>>();
             cmds.push(tx);
-            let (store, done_tx, make) = (store.clone(), done_tx.clone(), make.clone());
+            let (store, done_tx, factory) = (store.clone(), done_tx.clone(), factory.clone());
             threads.push(std::thread::spawn(move || {
-                let mut comm = match make(store, rank, world) {
+                let mut registry = Registry::new();
+                registry.register_arc(factory.clone());
+                let ctx = GroupContext::new(store, rank, world)
+                    .timeout(TIMEOUT)
+                    .group_name("bench");
+                let comm = match registry.create(factory.name(), &ctx) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = done_tx.send(Err(e));

@@ -277,6 +277,16 @@ impl CallDesc {
         for (i, d) in dims.iter_mut().enumerate() {
             *d = u64_at(32 + 8 * i);
         }
+        // One encoding per description: the flag must match the dimension
+        // count and unused dimensions must be zero, so equal calls always
+        // have equal bytes and a corrupted byte cannot pass unnoticed.
+        let ndim = usize::from(b[6]);
+        let flag = if ndim > DESC_DIMS { FLAG_DIGEST } else { 0 };
+        if b[7] != flag || dims.iter().skip(ndim).any(|&d| d != 0) {
+            return Err(CommError::Protocol(
+                "a peer sent a malformed call description (flags or unused dimensions)".into(),
+            ));
+        }
         Ok(CallDesc {
             op: Collective::from_code(b[3])?,
             dtype: DType::from_code(b[4])?,
@@ -395,7 +405,7 @@ pub const SLOW_WAIT_REPORT: Duration = Duration::from_secs(10);
 
 /// What a backend receives with every call: the description to carry and
 /// check, and the deadline. [`Call::waiting`] lets a backend report long
-/// waits ("still waiting for ranks [...] in <op> on group <g>") without each
+/// waits (`still waiting for ranks [...] in <op> on group <g>`) without each
 /// one writing its own throttled logging.
 #[derive(Debug)]
 pub struct Call<'a> {

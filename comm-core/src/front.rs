@@ -938,26 +938,27 @@ impl Inner {
         let (Some(store), Some(pos)) = (&self.store, st.recorder.position()) else {
             return e;
         };
-        let key = |r: usize| format!("flight/{r}");
-        if store.set(&key(self.rank), &pos.desc.to_wire()).is_err() {
-            return e;
-        }
         let grace = (self.timeout() / 4).min(Duration::from_secs(2));
-        let start = Instant::now();
-        let mut positions: Vec<Option<CallDesc>> = vec![None; self.world];
-        positions[self.rank] = Some(pos.desc);
-        for (r, p) in positions.iter_mut().enumerate() {
-            if r == self.rank {
-                continue;
-            }
-            let left = grace
-                .saturating_sub(start.elapsed())
-                .max(Duration::from_millis(1));
-            if let Ok(b) = store.get(&key(r), left) {
-                *p = CallDesc::from_wire(&b).ok();
-            }
+        let (store, rank, world, desc) = (store.clone(), self.rank, self.world, pos.desc);
+        let (tx, rx) = std::sync::mpsc::channel();
+        // The store may be out of reach (a cut link: the very failure being
+        // diagnosed), and its calls can then block far past the grace; they
+        // run on a helper thread that is abandoned after it.
+        let spawned = std::thread::Builder::new()
+            .name("comm-diagnose".into())
+            .spawn(move || {
+                let _ = tx.send(exchange_positions(store.as_ref(), rank, world, desc, grace));
+            });
+        let answer = spawned
+            .ok()
+            .and_then(|_| rx.recv_timeout(grace + Duration::from_secs(1)).ok())
+            .flatten();
+        match answer {
+            Some(positions) => e.with_note(self.divergence(&positions, grace)),
+            None => e.with_note(format!(
+                "positions unknown: the group's store did not answer within {grace:?}"
+            )),
         }
-        e.with_note(self.divergence(&positions, grace))
     }
 
     fn who(&self, r: usize) -> String {
@@ -1023,6 +1024,34 @@ impl Inner {
             );
         }
     }
+}
+
+/// Publishes this member's position (`desc`) under `flight/{rank}` and
+/// reads the others' for up to `grace`; `None` when the store refuses.
+fn exchange_positions(
+    store: &dyn Store,
+    rank: usize,
+    world: usize,
+    desc: CallDesc,
+    grace: Duration,
+) -> Option<Vec<Option<CallDesc>>> {
+    let key = |r: usize| format!("flight/{r}");
+    store.set(&key(rank), &desc.to_wire()).ok()?;
+    let start = Instant::now();
+    let mut positions: Vec<Option<CallDesc>> = vec![None; world];
+    positions[rank] = Some(desc);
+    for (r, p) in positions.iter_mut().enumerate() {
+        if r == rank {
+            continue;
+        }
+        let left = grace
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(1));
+        if let Ok(b) = store.get(&key(r), left) {
+            *p = CallDesc::from_wire(&b).ok();
+        }
+    }
+    Some(positions)
 }
 
 /// Strided all-to-all on a backend without it: pack the blocks into one

@@ -40,6 +40,29 @@ impl HostBuffer {
         }
     }
 
+    /// A zero-filled buffer of `len` bytes, or an error when the memory
+    /// cannot be had (sizes that come from peers go through here: a refused
+    /// allocation must be an error, not an abort of the process).
+    pub fn try_zeroed(len: usize) -> Result<Self> {
+        let blocks = len.div_ceil(64);
+        if blocks == 0 {
+            return Ok(Self::zeroed(0));
+        }
+        let too_big =
+            || CommError::invalid(format!("cannot allocate a host buffer of {len} bytes"));
+        let layout = std::alloc::Layout::array::<Block>(blocks).map_err(|_| too_big())?;
+        // SAFETY: `layout` has a non-zero size (blocks > 0).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Block>();
+        if ptr.is_null() {
+            return Err(too_big());
+        }
+        // SAFETY: `ptr` comes from the global allocator with the layout of
+        // `blocks` Blocks, and zeroed bytes are valid Blocks, so a Vec may own
+        // it with length and capacity `blocks`.
+        let blocks = unsafe { Vec::from_raw_parts(ptr, blocks, blocks) };
+        Ok(HostBuffer { blocks, len })
+    }
+
     /// A buffer holding a copy of `bytes`.
     pub fn from_bytes(bytes: &[u8]) -> Self {
         let mut b = Self::zeroed(bytes.len());
@@ -168,7 +191,12 @@ impl Tensor {
                     "a {dtype} tensor of shape {shape:?} is too large to allocate"
                 ))
             })?;
-        Ok(Tensor::zeros(shape, dtype))
+        let bytes = n * dtype.size();
+        Ok(Tensor {
+            storage: Storage::Host(HostBuffer::try_zeroed(bytes)?),
+            shape,
+            dtype,
+        })
     }
 
     /// A host tensor from typed data; `data.len()` must equal the shape's product.

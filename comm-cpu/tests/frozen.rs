@@ -26,7 +26,7 @@ fn rank_process() {
     let until = Instant::now() + Duration::from_secs(150);
     let mut i = 0usize;
     let err = loop {
-        let n = if i % 2 == 0 { 16 } else { 300_000 };
+        let n = if i.is_multiple_of(2) { 16 } else { 300_000 };
         let mut v = vec![1.0f32; n];
         if let Err(e) = c.all_reduce(&mut v, ReduceOp::Sum) {
             break e;

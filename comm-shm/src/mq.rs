@@ -283,6 +283,30 @@ impl MessageQueue {
         self.timeout = t;
     }
 
+    /// Writer: how many bytes an [`MessageQueue::enqueue`] can write now
+    /// without waiting for a reader (a message takes its length plus 8).
+    /// Lets a caller that must not block (it also drains other channels)
+    /// decide whether to enqueue inline. Readers get 0.
+    pub fn free_bytes(&self) -> usize {
+        if self.role != Role::Writer {
+            return 0;
+        }
+        let slowest = self.min_reader().map_or(self.pos, |(_, p)| p);
+        (self.ring - (self.pos - slowest)) as usize
+    }
+
+    /// Reader: true when the writer has published bytes this reader has
+    /// not consumed yet, i.e. a message (or its first part) is waiting and
+    /// [`MessageQueue::dequeue_into`] will not wait for the writer to start
+    /// one. Lets a reader poll several queues without blocking. The writer
+    /// gets `false`.
+    pub fn has_pending(&self) -> bool {
+        match self.role {
+            Role::Writer => false,
+            Role::Reader(_) => self.seg.flag(0).words[0].load(Acquire) > self.pos,
+        }
+    }
+
     /// Writer: marks the queue closed. Readers drain what was written, then
     /// get [`CommError::Aborted`]; blocked readers wake at once.
     pub fn shutdown(&self) {
@@ -399,7 +423,7 @@ impl MessageQueue {
             .min_by_key(|&(_, p)| p)
     }
 
-    fn write_stream(&mut self, mut src: &[u8], dl: &Deadline) -> Result<()> {
+    fn write_stream(&mut self, mut src: &[u8], dl: &Deadline, notify: &dyn Fn()) -> Result<()> {
         let stream_pub = (self.ring / 4).max(1);
         while !src.is_empty() {
             let mut free = self.ring - (self.pos - self.cached);
@@ -411,6 +435,7 @@ impl MessageQueue {
                 if self.published != self.pos {
                     self.publish();
                 }
+                notify();
                 self.wait_space(dl)?;
                 continue;
             }
@@ -523,6 +548,21 @@ impl MessageQueue {
 
     /// [`MessageQueue::enqueue`] with an explicit deadline.
     pub fn enqueue_timeout(&mut self, data: &[u8], timeout: Duration) -> Result<()> {
+        self.enqueue_notify(data, timeout, &|| {})
+    }
+
+    /// [`MessageQueue::enqueue_timeout`] that calls `notify` whenever it has
+    /// published part of the message and is about to wait for room: a
+    /// reader that sleeps elsewhere than on this queue (an `epoll` set with
+    /// other sources) can be woken there, so a message larger than the
+    /// free space streams instead of waiting for a reader that does not
+    /// know it started.
+    pub fn enqueue_notify(
+        &mut self,
+        data: &[u8],
+        timeout: Duration,
+        notify: &dyn Fn(),
+    ) -> Result<()> {
         self.need(Role::Writer, "enqueue")?;
         let code = self.seg.abort_code();
         if code != 0 {
@@ -534,8 +574,8 @@ impl MessageQueue {
             ));
         }
         let dl = Deadline::after(timeout);
-        self.write_stream(&(data.len() as u64).to_le_bytes(), &dl)?;
-        self.write_stream(data, &dl)?;
+        self.write_stream(&(data.len() as u64).to_le_bytes(), &dl, notify)?;
+        self.write_stream(data, &dl, notify)?;
         self.publish();
         Ok(())
     }

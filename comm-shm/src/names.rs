@@ -47,8 +47,9 @@ pub const JOB_SECRET_ENV: &str = "DIST_JOB_SECRET";
 pub const MAX_JOB_LEN: usize = 32;
 
 /// The job id used in segment names: `DIST_JOB_ID` if set (made safe for a
-/// file name by [`sanitize_job`]), else `auth::derive_id(secret, "job")` for
-/// the secret in `DIST_JOB_SECRET`, else `p<pid>`.
+/// file name by [`sanitize_job`]), else [`dist_utils::job_id`] of the secret
+/// in `DIST_JOB_SECRET` (the id `distrun` and the executor give the job, so
+/// both name the same segments), else `p<pid>`.
 pub fn default_job_id() -> String {
     if let Ok(j) = std::env::var(JOB_ID_ENV) {
         if !j.trim().is_empty() {
@@ -59,7 +60,7 @@ pub fn default_job_id() -> String {
         let s = s.trim();
         if !s.is_empty() {
             let secret = auth::from_hex(JOB_SECRET_ENV, s).unwrap_or_else(|_| s.as_bytes().into());
-            return auth::derive_id(&secret, "job");
+            return dist_utils::job_id(&secret);
         }
     }
     format!("p{}", std::process::id())

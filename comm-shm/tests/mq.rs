@@ -113,6 +113,77 @@ fn small_messages_take_little_space() {
 }
 
 #[test]
+fn free_bytes_and_has_pending_poll_without_blocking() {
+    // The writer sees its free space shrink by 8 + len per message and grow
+    // back once the reader consumed them; the reader sees a message waiting
+    // exactly while one is.
+    let (tx, rx) = mpsc::channel::<()>();
+    let (back_tx, back_rx) = mpsc::channel::<()>();
+    let rx = std::sync::Mutex::new(rx);
+    let back_tx = std::sync::Mutex::new(back_tx);
+    run(
+        0,
+        &[1],
+        4096,
+        opts(&job("poll")),
+        move |w| {
+            assert_eq!(w.free_bytes(), 4096);
+            assert!(!w.has_pending());
+            for _ in 0..3 {
+                w.enqueue(&[5u8; 100]).unwrap();
+            }
+            assert_eq!(w.free_bytes(), 4096 - 3 * 108);
+            tx.send(()).unwrap();
+            back_rx.recv().unwrap();
+            assert_eq!(w.free_bytes(), 4096);
+        },
+        |_, r| {
+            assert_eq!(r.free_bytes(), 0);
+            rx.lock().unwrap().recv().unwrap();
+            for _ in 0..3 {
+                assert!(r.has_pending());
+                assert_eq!(r.dequeue().unwrap(), vec![5u8; 100]);
+            }
+            assert!(!r.has_pending());
+            back_tx.lock().unwrap().send(()).unwrap();
+        },
+    );
+}
+
+#[test]
+fn enqueue_notify_calls_back_before_waiting_for_room() {
+    // A reader that only looks when told (as one sleeping in epoll does):
+    // a 10 KiB message through a 1 KiB ring streams because the writer
+    // notifies each time it published a part and waits for room.
+    let (tx, rx) = mpsc::channel::<()>();
+    let rx = std::sync::Mutex::new(rx);
+    let data: Vec<u8> = (0..10_240).map(|i| (i % 253) as u8).collect();
+    let want = data.clone();
+    let (calls, _) = run(
+        0,
+        &[1],
+        1024,
+        opts(&job("notify")),
+        move |w| {
+            let calls = std::cell::Cell::new(0);
+            let notify = || {
+                calls.set(calls.get() + 1);
+                let _ = tx.send(());
+            };
+            w.enqueue_notify(&data, SETUP, &notify).unwrap();
+            let _ = tx.send(());
+            calls.get()
+        },
+        |_, r| {
+            rx.lock().unwrap().recv().unwrap();
+            assert!(r.has_pending());
+            assert_eq!(r.dequeue().unwrap(), want);
+        },
+    );
+    assert!(calls >= 9, "notified {calls} times");
+}
+
+#[test]
 fn message_larger_than_ring() {
     let big: Vec<u8> = (0..(1usize << 20) + 17)
         .map(|i| (i * 31 % 251) as u8)

@@ -7,6 +7,11 @@
 //! * a 16 MiB argument to 4 local workers, each replying with its length,
 //!   against one 16 MiB `memcpy` (target: <= 1.5x).
 //!
+//! Ours runs twice: local workers reading requests from the shared-memory
+//! queue and replying through their queues (the default), and on their
+//! sockets (`DIST_EXECUTOR_QUEUE=socket`). The last line (`RESULT ...`) is
+//! for scripts that repeat the run (`benches/peers/run_rpc.sh`).
+//!
 //! ```text
 //! cargo bench -p executor --bench rpc            # EXECUTOR_BENCH_QUICK=1 for a short run
 //! ```
@@ -23,7 +28,14 @@ use serde_bytes::ByteBuf;
 const ECHO: Method<ByteBuf, ByteBuf> = Method::new("echo");
 const SIZE: Method<ByteBuf, u64> = Method::new("size");
 const WORKER_ENV: &str = "EXECUTOR_BENCH_WORKER";
-const WORKERS: usize = 4;
+/// Local workers (`EXECUTOR_BENCH_WORKERS` overrides the issue's 4, to see
+/// how the round trip scales).
+fn workers() -> usize {
+    std::env::var("EXECUTOR_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
 const SMALL: usize = 1024;
 const BIG: usize = 16 << 20;
 const T: Duration = Duration::from_secs(120);
@@ -63,7 +75,7 @@ fn python_peer(iters: usize, big_iters: usize) -> Option<(f64, f64)> {
         .args([
             script.as_str(),
             "--workers",
-            &WORKERS.to_string(),
+            &workers().to_string(),
             "--size",
             &SMALL.to_string(),
             "--iters",
@@ -92,21 +104,20 @@ fn python_peer(iters: usize, big_iters: usize) -> Option<(f64, f64)> {
     Some((field("rt_us")?, field("bcast_ms")?))
 }
 
-fn main() {
-    if std::env::var_os(WORKER_ENV).is_some() {
-        worker();
-        return;
-    }
-    let quick = std::env::var_os("EXECUTOR_BENCH_QUICK").is_some();
-    let (iters, big_iters) = if quick { (2_000, 5) } else { (20_000, 20) };
+/// Round trip and 16 MiB broadcast of our executor with local workers
+/// getting requests through `queue` (`shm`: one shared-memory queue and
+/// reply queues; `socket`: their sockets).
+fn measure(queue: &str, iters: usize, big_iters: usize) -> (Duration, Duration) {
     let exe = std::env::current_exe().expect("own executable");
-    let cfg = LaunchConfig::new(exe, WORKERS).env(WORKER_ENV, "1");
+    let cfg = LaunchConfig::new(exe, workers())
+        .env(WORKER_ENV, "1")
+        .env(executor::QUEUE_ENV, queue);
     let ex = Executor::start(&cfg, T).expect("workers start");
 
     let small = ByteBuf::from((0..SMALL).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
     for _ in 0..500 {
         let r = ex.collective_rpc(&ECHO, &small, T).expect("echo");
-        assert!(r.len() == WORKERS && r.iter().all(|b| *b == small));
+        assert!(r.len() == workers() && r.iter().all(|b| *b == small));
     }
     let rt = median_per_call(iters, 10, || {
         black_box(ex.collective_rpc(&ECHO, &small, T).expect("echo"));
@@ -115,12 +126,24 @@ fn main() {
     let big = ByteBuf::from(vec![1u8; BIG]);
     assert_eq!(
         ex.collective_rpc(&SIZE, &big, T).expect("size"),
-        vec![BIG as u64; WORKERS]
+        vec![BIG as u64; workers()]
     );
     let bcast = median_per_call(big_iters, big_iters, || {
         black_box(ex.collective_rpc(&SIZE, &big, T).expect("size"));
     });
     ex.shutdown().expect("shutdown");
+    (rt, bcast)
+}
+
+fn main() {
+    if std::env::var_os(WORKER_ENV).is_some() {
+        worker();
+        return;
+    }
+    let quick = std::env::var_os("EXECUTOR_BENCH_QUICK").is_some();
+    let (iters, big_iters) = if quick { (2_000, 5) } else { (20_000, 20) };
+    let (rt, bcast) = measure("shm", iters, big_iters);
+    let (rt_sock, bcast_sock) = measure("socket", iters, big_iters);
 
     // One 16 MiB memcpy into a buffer that was touched before (as a reader's
     // reused buffer is).
@@ -133,36 +156,48 @@ fn main() {
 
     let py = python_peer(iters / 4, big_iters.min(10));
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    println!("executor collective_rpc, {WORKERS} local workers, {cores} cores");
-    println!("| case | ours | python multiprocessing+pickle | ours vs python | target |");
-    println!("|---|---|---|---|---|");
-    match py {
-        Some((py_rt, py_bcast)) => {
-            let rt_us = rt.as_secs_f64() * 1e6;
-            let bc_ms = bcast.as_secs_f64() * 1e3;
-            println!(
-                "| round trip, 1 KiB arg, 1 KiB replies | {rt_us:.1} us | {py_rt:.1} us | {:.1}x faster | >= 10x |",
-                py_rt / rt_us
-            );
-            println!(
-                "| 16 MiB broadcast, length replies | {bc_ms:.2} ms | {py_bcast:.2} ms | {:.1}x faster | |",
-                py_bcast / bc_ms
-            );
-        }
-        None => {
-            println!(
-                "| round trip, 1 KiB arg, 1 KiB replies | {:.1} us | (python3 not run) | | >= 10x |",
-                rt.as_secs_f64() * 1e6
-            );
-            println!(
-                "| 16 MiB broadcast, length replies | {:.2} ms | (python3 not run) | | |",
-                bcast.as_secs_f64() * 1e3
-            );
-        }
-    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load.split_whitespace().next().unwrap_or("?");
+    let n = workers();
+    println!("executor collective_rpc, {n} local workers, {cores} cores, load {load}");
+    println!("| case | ours (shm queues) | ours (sockets) | python multiprocessing+pickle | shm vs python | target |");
+    println!("|---|---|---|---|---|---|");
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (py_rt, py_bc) = match py {
+        Some((r, b)) => (format!("{r:.1} us"), format!("{b:.2} ms")),
+        None => ("(python3 not run)".into(), "(python3 not run)".into()),
+    };
+    let ratio = |py: Option<f64>, ours: f64| {
+        py.map(|p| format!("{:.1}x faster", p / ours))
+            .unwrap_or_default()
+    };
     println!(
-        "16 MiB broadcast / one 16 MiB memcpy ({:.2} ms): {:.2}x (target <= 1.5x)",
-        memcpy.as_secs_f64() * 1e3,
-        bcast.as_secs_f64() / memcpy.as_secs_f64()
+        "| round trip, 1 KiB arg, 1 KiB replies | {:.1} us | {:.1} us | {py_rt} | {} | >= 10x |",
+        us(rt),
+        us(rt_sock),
+        ratio(py.map(|p| p.0), us(rt))
+    );
+    println!(
+        "| 16 MiB broadcast, length replies | {:.2} ms | {:.2} ms | {py_bc} | {} | |",
+        ms(bcast),
+        ms(bcast_sock),
+        ratio(py.map(|p| p.1), ms(bcast))
+    );
+    println!(
+        "16 MiB broadcast (shm) / one 16 MiB memcpy ({:.2} ms): {:.2}x; per reader ({n} readers): {:.2}x (target <= 1.5x)",
+        ms(memcpy),
+        bcast.as_secs_f64() / memcpy.as_secs_f64(),
+        bcast.as_secs_f64() / memcpy.as_secs_f64() / n as f64
+    );
+    println!(
+        "RESULT rt_us={:.2} rt_sock_us={:.2} py_rt_us={} bcast_ms={:.3} bcast_sock_ms={:.3} py_bcast_ms={} memcpy_ms={:.3} load={load}",
+        us(rt),
+        us(rt_sock),
+        py.map_or("nan".into(), |p| format!("{:.2}", p.0)),
+        ms(bcast),
+        ms(bcast_sock),
+        py.map_or("nan".into(), |p| format!("{:.3}", p.1)),
+        ms(memcpy)
     );
 }

@@ -15,18 +15,13 @@
 
 use std::path::{Path, PathBuf};
 
-/// Where POSIX shared memory lives on Linux.
-const SHM_DIR: &str = "/dev/shm";
-/// The segment name prefix comm-shm uses.
-pub(crate) const SEGMENT_PREFIX: &str = "dshm.";
+use comm_shm::SHM_DIR;
 
-/// True for a job id that is safe inside a file name pattern.
+/// True for a job id that comm-shm puts into segment names unchanged (so
+/// the prefix removed here is the one its segments carry): letters, digits,
+/// `-` and `_`, at most 32.
 pub(crate) fn valid_job_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    !id.is_empty() && comm_shm::sanitize_job(id) == id
 }
 
 /// Removes this job's segments from `/dev/shm` (see the module docs);
@@ -45,7 +40,7 @@ fn remove_job_segments_in(dir: &Path, job_id: &str, ours: &[u32]) -> Vec<PathBuf
     if !valid_job_id(job_id) {
         return removed;
     }
-    let prefix = format!("{SEGMENT_PREFIX}{job_id}.");
+    let prefix = comm_shm::segment_prefix(job_id);
     let Ok(entries) = std::fs::read_dir(dir) else {
         return removed;
     };
@@ -120,5 +115,7 @@ mod tests {
         // A pattern character in the id is refused, not expanded.
         assert!(remove_job_segments_in(dir.path(), "*", &[]).is_empty());
         assert!(!valid_job_id("a/b") && !valid_job_id("") && valid_job_id("0123abcd"));
+        // Longer than comm-shm keeps in names: refused, not cut.
+        assert!(valid_job_id(&"a".repeat(32)) && !valid_job_id(&"a".repeat(33)));
     }
 }

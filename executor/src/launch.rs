@@ -91,9 +91,11 @@ pub struct LaunchConfig {
     /// `DIST_JOB_SECRET` from the environment on several (required there).
     pub job_secret: Option<String>,
     /// The job id (`DIST_JOB_ID`, part of every `/dev/shm` segment name);
-    /// `None`: derived from the secret
-    /// (`comm_core::auth::derive_id(secret, "job")`, 16 hex digits), the
-    /// same on every node and revealing nothing about the secret.
+    /// `None`: [`dist_utils::job_id`] of the secret (16 hex digits), the
+    /// same on every node and revealing nothing about the secret; comm-shm
+    /// derives the same id when `DIST_JOB_ID` is unset. An explicit id may
+    /// hold letters, digits, `-` and `_`, at most 32 of them (it is part of
+    /// `/dev/shm` names as it is).
     pub job_id: Option<String>,
 }
 
@@ -181,7 +183,7 @@ impl LaunchConfig {
         self.job_secret = Some(hex.into());
         self
     }
-    /// Sets the job id (letters, digits, `-`, `_`; at most 64).
+    /// Sets the job id (letters, digits, `-`, `_`; at most 32).
     pub fn job_id(mut self, id: impl Into<String>) -> Self {
         self.job_id = Some(id.into());
         self
@@ -380,19 +382,17 @@ fn resolve_secret(cfg: &LaunchConfig) -> Result<(String, Vec<u8>)> {
     Ok((hex, bytes))
 }
 
-/// The job id: the configured one, else derived from the secret, which every
-/// node of the job shares without revealing it.
-// TODO(stores helper): use `dist_utils::job_id(secret)` once it lands; it is
-// the same derivation (`derive_id(secret, "job")`).
+/// The job id: the configured one, else [`dist_utils::job_id`] of the
+/// secret, which every node of the job shares without revealing it.
 fn resolve_job_id(cfg: &LaunchConfig, secret: &[u8]) -> Result<String> {
     let id = cfg
         .job_id
         .clone()
-        .unwrap_or_else(|| auth::derive_id(secret, "job"));
+        .unwrap_or_else(|| dist_utils::job_id(secret));
     if !cleanup::valid_job_id(&id) {
         return Err(CommError::invalid(format!(
-            "job id `{id}` may only hold letters, digits, `-` and `_` (at most 64): it becomes \
-             part of /dev/shm names"
+            "job id `{id}` may only hold letters, digits, `-` and `_` (at most 32): it becomes \
+             part of /dev/shm names as it is"
         )));
     }
     Ok(id)

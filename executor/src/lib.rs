@@ -24,30 +24,46 @@
 //! forwarded one whole line per `write`.
 //!
 //! [`Executor`] keeps one long-lived worker process per rank, on this host
-//! and (through `distrun` on the others) on other hosts; the workers use
-//! [`Worker`]. Calls are typed: a [`Method`] names the call and fixes its
-//! argument and result types; workers register handlers in [`Methods`].
-//! The executor waits for a READY or ERROR from each worker, runs
+//! and (through `distrun`) on other hosts; the workers use [`Worker`].
+//! Calls are typed: a [`Method`] names the call and fixes its argument and
+//! result types; workers register handlers in [`Methods`]. The executor
+//! waits for a READY or ERROR from each worker, runs
 //! [`Executor::collective_rpc`] (or [`Executor::submit`] for several calls
 //! in flight) with results in rank order or from one rank, reports a
 //! handler's error or panic with its rank while every worker stays usable,
 //! names a worker that died (and stops the others) or hung, and shuts down
 //! with a message queued behind the calls in flight, a grace period,
 //! SIGTERM, then SIGKILL.
+//!
+//! On one host a request is written once, into a shared-memory queue
+//! (comm-shm's `MessageQueue`) that every local worker reads; each local
+//! worker replies through its own queue, and a doorbell wakes the executor
+//! only when it sleeps. Workers on other hosts get requests and send
+//! replies over authenticated TCP; one process drives them all.
+//!
+//! [`GpuWorker`] is FastVideo's gpu_worker: started with
+//! [`Executor::start_gpu`], it chooses and binds its device, initialises
+//! the distributed environment and the model-parallel groups from the
+//! executor's [`ParallelConfig`], builds the model once, and serves calls
+//! with a [`GpuState`] (its [`GpuContext`] and the model). The
+//! `video_generator` example runs the main job's attention stack this way.
 
 #![warn(missing_docs)]
 
 mod cleanup;
+mod gpu;
 mod launch;
 mod output;
 mod reap;
 mod rpc;
 
+pub use gpu::{GpuContext, GpuState, GpuWorker, ParallelConfig};
 pub use launch::{
     install_signal_handlers, launch, random_hex128, LaunchConfig, LaunchOutcome, RankExit,
     StopReason, JOB_ID_ENV, JOB_SECRET_ENV, STORE_HOSTED_ENV, TIMEOUT_EXIT_CODE,
 };
 pub use rpc::{
-    Executor, Method, Methods, Pending, ReplyFrom, Worker, DEFAULT_SPIN_US, EXECUTOR_FD_ENV,
-    SPIN_ENV,
+    Executor, Method, Methods, Pending, ReplyFrom, Worker, DEFAULT_REPLY_RING,
+    DEFAULT_REQUEST_RING, DEFAULT_SPIN_US, EXECUTOR_FD_ENV, QUEUE_ENV, REPLY_RING_ENV,
+    REQUEST_RING_ENV, SPIN_ENV,
 };

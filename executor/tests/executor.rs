@@ -224,6 +224,45 @@ fn typed_calls_reply_in_rank_order_and_failures_name_their_rank() {
     assert_eq!(shm_left(&job), Vec::<String>::new());
 }
 
+/// Requests and replies larger than their shared-memory rings stream
+/// through them, also with several in flight at once (a request that must
+/// wait for room is written while replies keep being read, so workers
+/// blocked on full reply rings move on); the socket path gives the same.
+#[test]
+fn large_requests_and_replies_stream_through_small_rings() {
+    for queue in ["shm", "socket"] {
+        let cfg = config(3, "")
+            .env(executor::QUEUE_ENV, queue)
+            .env(executor::REQUEST_RING_ENV, "16K")
+            .env(executor::REPLY_RING_ENV, "16K");
+        let ex = Executor::start(&cfg, T).unwrap();
+        let job = ex.job_id().to_string();
+        // 19 rings' worth each way.
+        let big: Vec<u8> = (0..300_003).map(|i| (i % 251) as u8).collect();
+        assert_eq!(
+            ex.collective_rpc(&ECHO, &big, T).unwrap(),
+            vec![big.clone(); 3]
+        );
+        let pending: Vec<_> = (0..6u8)
+            .map(|i| {
+                let mut b = big.clone();
+                b[0] = i;
+                ex.submit(&ECHO, &b, T).unwrap()
+            })
+            .collect();
+        for (i, p) in pending.into_iter().enumerate() {
+            let r = p.wait().unwrap();
+            assert_eq!(r.len(), 3);
+            assert!(r.iter().all(|v| v[0] == i as u8 && v[1..] == big[1..]));
+        }
+        assert_eq!(ex.collective_rpc(&ADD_RANK, &1, T).unwrap(), [1, 2, 3]);
+        let pids = ex.pids();
+        assert_eq!(ex.shutdown().unwrap(), [0, 0, 0], "{queue}");
+        assert!(pids.iter().all(|&p| !alive(p)));
+        assert_eq!(shm_left(&job), Vec::<String>::new());
+    }
+}
+
 #[test]
 fn a_dead_worker_is_named_and_the_others_are_stopped() {
     let ex = Executor::start(&config(3, ""), T).unwrap();

@@ -193,10 +193,11 @@ fn rendezvous_environment_is_set() {
         assert!(s.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(s, &envs[0]["DIST_JOB_SECRET"]);
         assert_eq!(e["DIST_JOB_ID"], envs[0]["DIST_JOB_ID"]);
-        // 16 hex digits derived from the secret (nothing about it revealed).
+        // 16 hex digits derived from the secret (nothing about it
+        // revealed), as comm-shm derives it when DIST_JOB_ID is unset.
         assert_eq!(
             e["DIST_JOB_ID"],
-            comm_core::auth::derive_id(&comm_core::auth::from_hex("s", s).unwrap(), "job")
+            dist_utils::job_id(&comm_core::auth::from_hex("s", s).unwrap())
         );
     }
     // The launcher hosted a store on that port while the job ran; it is gone now.

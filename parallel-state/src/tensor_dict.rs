@@ -559,4 +559,69 @@ mod tests {
             assert!(matches!(r, Err(CommError::Protocol(_))), "{nodes:?}: {r:?}");
         }
     }
+
+    /// A peer's metadata, fuzzed: arbitrary bytes, and arbitrary (mostly
+    /// malformed) node sequences, must decode to a dict or a protocol error:
+    /// never a panic, a deep recursion or an allocation the bytes did not pay
+    /// for (tensors are only described here; the allocator is a stub).
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn cases() -> u32 {
+            std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(2000)
+        }
+
+        fn node() -> impl Strategy<Value = Node> {
+            prop_oneof![
+                (0usize..8, proptest::collection::vec(0usize..1 << 40, 0..4)).prop_map(
+                    |(d, shape)| {
+                        Node::Tensor(TensorMeta {
+                            cuda: d % 2 == 0,
+                            dtype: DType::ALL[d],
+                            shape,
+                        })
+                    }
+                ),
+                any::<i64>().prop_map(Node::Int),
+                any::<f64>().prop_map(Node::Float),
+                any::<bool>().prop_map(Node::Bool),
+                ".{0,8}".prop_map(Node::Str),
+                proptest::collection::vec(any::<u8>(), 0..8).prop_map(Node::Bytes),
+                Just(Node::None),
+                (0usize..8).prop_map(|d| Node::DType(DType::ALL[d])),
+                any::<u32>().prop_map(Node::List),
+                (0u32..4).prop_map(Node::Tuple),
+                proptest::collection::vec(".{0,4}", 0..4).prop_map(Node::Dict),
+            ]
+        }
+
+        /// Describes tensors without allocating what a peer claims.
+        fn stub(m: &TensorMeta) -> Result<Tensor> {
+            let _ = m.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            Ok(Tensor::zeros([0], m.dtype))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+            #[test]
+            fn any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+                if let Ok(meta) = dist_utils::codec::decode::<Metadata>(&bytes) {
+                    let _ = TensorDict::from_metadata(meta, stub);
+                }
+            }
+
+            #[test]
+            fn any_nodes(mut nodes in proptest::collection::vec(node(), 0..64), root in proptest::collection::vec(".{0,4}", 0..4)) {
+                nodes.insert(0, Node::Dict(root));
+                let bytes = dist_utils::codec::encode(&nodes).unwrap();
+                let back: Metadata = dist_utils::codec::decode(&bytes).unwrap();
+                let _ = TensorDict::from_metadata(back, stub);
+            }
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! The executor's I/O: one epoll set over every worker connection (Unix
 //! socket pairs to local workers, authenticated TCP to remote ones), the
-//! local workers' exits ([`ExitWatch`], nested), and a kick eventfd that
-//! lets another thread take the engine over.
+//! local workers' exits ([`ExitWatch`], nested), a kick eventfd that
+//! lets another thread take the engine over, and the local workers' reply
+//! queues in shared memory with their [`Doorbell`] (see `local.rs`).
 //!
 //! Everything is non-blocking: requests are queued per connection and
 //! flushed as sockets accept them while replies keep being read, so a
@@ -17,15 +18,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use comm_core::{CommError, Result};
+use comm_shm::MessageQueue;
 use rustix::event::epoll;
 
 use rustix::net::RecvFlags;
 
+use super::local::Doorbell;
 use super::wire::{FrameReader, RecvError};
 use crate::reap::{ExitInfo, ExitWatch};
 
 const TOKEN_KICK: u64 = u64::MAX;
 const TOKEN_EXITS: u64 = u64::MAX - 1;
+const TOKEN_DOORBELL: u64 = u64::MAX - 2;
+/// While polling shared-memory replies, how often the epoll set (sockets,
+/// exits, kicks) is polled too.
+const EPOLL_EVERY: Duration = Duration::from_micros(5);
 
 /// A connection to one worker.
 #[derive(Debug)]
@@ -109,9 +116,18 @@ pub(crate) struct Engine {
     exit_token: Vec<Option<usize>>,
     /// How long [`Engine::poll`] polls before it sleeps.
     spin: Duration,
+    /// Without a polling budget: how long it yields the CPU, looking at
+    /// the reply queues between yields, before it sleeps.
+    yield_for: Duration,
     /// Exits reaped by [`Engine::await_exit`] on behalf of other workers,
     /// reported by the next [`Engine::poll`].
     deferred: Vec<usize>,
+    /// Rung by local workers that replied while the executor slept.
+    doorbell: Option<Arc<Doorbell>>,
+    /// The local workers' reply queues, by worker (`None` once failed).
+    replies: Vec<(usize, Option<MessageQueue>)>,
+    /// Deadline of reading one reply that streams through its ring.
+    reply_timeout: Duration,
 }
 
 impl std::fmt::Debug for Engine {
@@ -160,8 +176,71 @@ impl Engine {
             exit_owner: Vec::new(),
             exit_token: vec![None; workers],
             spin,
+            yield_for: std::env::var("DIST_EXECUTOR_YIELD_US")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .map_or(Duration::from_micros(200), Duration::from_micros),
             deferred: Vec::new(),
+            doorbell: None,
+            replies: Vec::new(),
+            reply_timeout: comm_core::default_timeout(),
         })
+    }
+
+    /// Watches `doorbell` (rung by local workers whose replies arrive in
+    /// shared memory while this engine sleeps).
+    pub(crate) fn set_doorbell(&mut self, doorbell: Arc<Doorbell>) -> Result<()> {
+        epoll::add(
+            &self.epoll,
+            doorbell.event(),
+            epoll::EventData::new_u64(TOKEN_DOORBELL),
+            epoll::EventFlags::IN,
+        )
+        .map_err(|e| io_err("watching the executor's doorbell", e))?;
+        self.doorbell = Some(doorbell);
+        Ok(())
+    }
+
+    /// From now on the replies of these local workers come from their
+    /// queues; reading one that streams through its ring may take up to
+    /// `timeout` (a dead writer is noticed sooner).
+    pub(crate) fn attach_replies(&mut self, queues: Vec<(usize, MessageQueue)>, timeout: Duration) {
+        self.replies = queues.into_iter().map(|(w, q)| (w, Some(q))).collect();
+        self.reply_timeout = timeout;
+    }
+
+    /// Closes the reply queues (shutdown).
+    pub(crate) fn detach_replies(&mut self) {
+        self.replies.clear();
+    }
+
+    /// Takes every complete reply waiting in the local reply queues; true
+    /// when something happened. A queue that fails (its writer died in the
+    /// middle of a reply) is dropped and reported as `Closed`.
+    fn take_replies(&mut self, events: &mut Vec<Event>) -> bool {
+        let mut got = false;
+        for (w, slot) in self.replies.iter_mut() {
+            let mut failed = None;
+            if let Some(q) = slot.as_mut() {
+                while q.has_pending() {
+                    let mut body = Vec::new();
+                    match q.dequeue_into(&mut body, self.reply_timeout) {
+                        Ok(()) => events.push(Event::Frame(*w, body)),
+                        Err(e) => {
+                            failed = Some(format!("its reply queue failed: {e}"));
+                            break;
+                        }
+                    }
+                    got = true;
+                }
+            }
+            if let Some(why) = failed {
+                *slot = None;
+                events.push(Event::Closed(*w, why));
+                got = true;
+            }
+        }
+        got
     }
 
     /// A handle that interrupts [`Engine::poll`].
@@ -387,28 +466,77 @@ impl Engine {
             events.extend(self.deferred.drain(..).map(Event::Exited));
             Duration::ZERO
         };
-        let mut ready: Vec<epoll::Event> = Vec::with_capacity(self.conns.len() + 2);
+        if self.take_replies(events) {
+            timeout = Duration::ZERO;
+        }
+        let mut ready: Vec<epoll::Event> = Vec::with_capacity(self.conns.len() + 3);
         // Poll without sleeping for a while first (when the host has cores
         // to spare): a reply that arrives within microseconds then costs no
         // wake-up.
         if !self.spin.is_zero() && !timeout.is_zero() {
             let start = Instant::now();
             let budget = self.spin.min(timeout);
+            let mut got = false;
+            let mut last_epoll: Option<Instant> = None;
             loop {
-                self.epoll_wait(Duration::ZERO, &mut ready)?;
-                if !ready.is_empty() || start.elapsed() >= budget {
+                got = got || self.take_replies(events);
+                // The reply queues are plain memory reads; the epoll set
+                // (a system call) is looked at every few microseconds.
+                if self.replies.is_empty() || last_epoll.is_none_or(|t| t.elapsed() >= EPOLL_EVERY)
+                {
+                    self.epoll_wait(Duration::ZERO, &mut ready)?;
+                    last_epoll = Some(Instant::now());
+                }
+                if got || !ready.is_empty() || start.elapsed() >= budget {
                     break;
                 }
                 std::hint::spin_loop();
             }
-            timeout = if ready.is_empty() {
+            timeout = if ready.is_empty() && !got {
+                timeout.saturating_sub(start.elapsed())
+            } else {
+                Duration::ZERO
+            };
+        }
+        // On a host without cores to spare, give the CPU to the workers for
+        // a moment instead of sleeping at once: replies from shared memory
+        // that arrive meanwhile cost neither a doorbell nor a wake-up.
+        if ready.is_empty() && self.spin.is_zero() && !timeout.is_zero() && !self.replies.is_empty()
+        {
+            let start = Instant::now();
+            let budget = self.yield_for.min(timeout);
+            let mut got = false;
+            while !budget.is_zero() {
+                rustix::thread::sched_yield();
+                got = self.take_replies(events);
+                self.epoll_wait(Duration::ZERO, &mut ready)?;
+                if got || !ready.is_empty() || start.elapsed() >= budget {
+                    break;
+                }
+            }
+            timeout = if ready.is_empty() && !got {
                 timeout.saturating_sub(start.elapsed())
             } else {
                 Duration::ZERO
             };
         }
         if ready.is_empty() {
-            self.epoll_wait(timeout, &mut ready)?;
+            // About to sleep: tell the local workers to ring, then look at
+            // their queues once more (a reply published before they could
+            // see the flag is found here; one after it rings).
+            let sleeping = !timeout.is_zero() && !self.replies.is_empty();
+            let bell = self.doorbell.clone().filter(|_| sleeping);
+            if let Some(b) = &bell {
+                b.sleep_begin();
+                if self.take_replies(events) {
+                    timeout = Duration::ZERO;
+                }
+            }
+            let res = self.epoll_wait(timeout, &mut ready);
+            if let Some(b) = &bell {
+                b.sleep_end();
+            }
+            res?;
         }
         for ev in ready {
             match ev.data.u64() {
@@ -417,7 +545,15 @@ impl Engine {
                     let _ = rustix::io::read(&*self.kick, &mut b);
                     events.push(Event::Kicked);
                 }
+                TOKEN_DOORBELL => {
+                    if let Some(b) = &self.doorbell {
+                        b.drain();
+                    }
+                    self.take_replies(events);
+                }
                 TOKEN_EXITS => {
+                    // A worker's last reply comes before its exit.
+                    self.take_replies(events);
                     for (token, _) in self.exits.wait(Some(Duration::ZERO))? {
                         events.push(Event::Exited(self.exit_owner[token]));
                     }

@@ -18,14 +18,16 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use comm_core::{CommError, Missing, Result, Store};
+use comm_shm::MessageQueue;
 use rustix::process::Signal;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::engine::{Engine, Event, Kicker, Stream};
+use super::local::{self, Doorbell, QueueConfig, DOORBELL_ENV, WORKER_DOORBELL_FDS};
 use super::method::{Method, ReplyFrom};
 use super::remote::{Acceptor, ADDR_KEY};
-use super::wire::{self, Down, Outcome, Up, MAX_FRAME};
+use super::wire::{self, Down, Outcome, Up, LEN_BYTES, MAX_FRAME};
 use super::worker::EXECUTOR_FD_ENV;
 use crate::cleanup;
 use crate::launch::{
@@ -115,9 +117,16 @@ struct Shared {
     local: usize,
     grace: Duration,
     job_id: String,
+    /// The queue every local worker reads requests from, once attached
+    /// (`None`: they read their sockets). Locked after `io`, never before.
+    requests: Mutex<Option<MessageQueue>>,
 }
 
 impl Shared {
+    fn lock_requests(&self) -> MutexGuard<'_, Option<MessageQueue>> {
+        self.requests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn lock_st(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -328,8 +337,19 @@ impl Shared {
         let mut events = Vec::new();
         if let Ok(f) = wire::frame(&Down::Shutdown) {
             let f = Arc::new(f);
-            for w in 0..self.world {
+            let mut rq = self.lock_requests();
+            let first_socket = if rq.is_some() { self.local } else { 0 };
+            for w in first_socket..self.world {
                 io.send(w, &f, &mut events);
+            }
+            if let Some(q) = rq.as_mut() {
+                // Queued behind the calls in flight when it fits; closing the
+                // queue ends the workers' reads once they drained it either way.
+                let body = &f[LEN_BYTES..];
+                if q.free_bytes() >= body.len() + 8 {
+                    let _ = q.enqueue_timeout(body, Duration::ZERO);
+                }
+                q.shutdown();
             }
         }
         {
@@ -388,6 +408,8 @@ impl Shared {
         for w in 0..self.world {
             io.close(w);
         }
+        io.detach_replies();
+        drop(self.lock_requests().take());
         let codes: Vec<i32> = (0..self.local)
             .map(|w| io.exit_of(w).map(|e| e.code).unwrap_or(-1))
             .collect();
@@ -472,6 +494,13 @@ fn stop_leftovers(groups: &[u32], grace: Duration) {
 pub struct Executor {
     shared: Arc<Shared>,
     _job: JobEnv,
+    /// The local workers' doorbell (shared-memory replies).
+    doorbell: Option<Arc<Doorbell>>,
+    /// How local workers get requests (`None`: their sockets).
+    queues: Option<QueueConfig>,
+    /// A store hosted for the queues' set-up when the job's store is not
+    /// hosted by this process.
+    queue_store: Option<dist_utils::TcpStoreServer>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -623,7 +652,27 @@ impl Executor {
     /// silent, every worker is stopped and the error lists each failed rank
     /// ([`CommError::RemoteFailed`], or [`CommError::Timeout`] when the
     /// only problem is silence).
+    ///
+    /// Once every worker is READY, the local ones switch to shared memory:
+    /// each request is written once into a queue they all read, and each
+    /// replies through its own queue (`DIST_EXECUTOR_QUEUE=socket` keeps
+    /// them on their sockets; ring sizes: `DIST_EXECUTOR_REQUEST_RING`,
+    /// `DIST_EXECUTOR_REPLY_RING`; these are read from `cfg.env`, then from
+    /// this process's environment). Remote workers keep their TCP
+    /// connection.
     pub fn start(cfg: &LaunchConfig, ready_timeout: Duration) -> Result<Executor> {
+        Self::start_with(cfg, ready_timeout, &())
+    }
+
+    /// [`Executor::start`], handing every worker `init` (what
+    /// [`Worker::init_value`](crate::Worker::init_value) returns there,
+    /// before it builds its state): the configuration the workers set
+    /// themselves up from, as the [`GpuWorker`](crate::GpuWorker) does.
+    pub fn start_with<I: Serialize + ?Sized>(
+        cfg: &LaunchConfig,
+        ready_timeout: Duration,
+        init: &I,
+    ) -> Result<Executor> {
         if cfg.nnodes > 1 && cfg.node_rank != 0 {
             return Err(CommError::invalid(format!(
                 "the executor drives the job from node 0 (it was given --node-rank {}); start the \
@@ -631,10 +680,28 @@ impl Executor {
                 cfg.node_rank, cfg.nnodes
             )));
         }
+        // The job's environment (as the workers get it), then this process's.
+        let queues = QueueConfig::from_vars(|k| {
+            cfg.env
+                .iter()
+                .rev()
+                .find(|(key, _)| key.as_os_str() == k)
+                .map(|(_, v)| v.to_string_lossy().into_owned())
+                .or_else(|| std::env::var(k).ok())
+        })?;
+        let init = Arc::new(wire::frame_with(&Down::Init, Some(init))?);
         let job = prepare_job(cfg)?;
         let world = cfg.world_size();
         let local = cfg.nproc_per_node;
-        let engine = Engine::new(world, super::spin_budget(local + 1))?;
+        let mut engine = Engine::new(world, super::spin_budget(local + 1))?;
+        let doorbell = match queues {
+            Some(_) if local > 0 => {
+                let d = Arc::new(Doorbell::new()?);
+                engine.set_doorbell(d.clone())?;
+                Some(d)
+            }
+            _ => None,
+        };
         let kick = engine.kicker();
         let shared = Arc::new(Shared {
             io: Mutex::new(engine),
@@ -653,9 +720,16 @@ impl Executor {
             local,
             grace: cfg.grace,
             job_id: job.job_id.clone(),
+            requests: Mutex::new(None),
         });
         // From here on, dropping `ex` stops whatever was started.
-        let ex = Executor { shared, _job: job };
+        let mut ex = Executor {
+            shared,
+            _job: job,
+            doorbell,
+            queues: queues.filter(|_| local > 0),
+            queue_store: None,
+        };
         let deadline = Instant::now() + ready_timeout;
 
         let acceptor = if world > local {
@@ -681,14 +755,15 @@ impl Executor {
         };
 
         for l in 0..local {
-            ex.spawn_local(cfg, l)?;
+            ex.spawn_local(cfg, l, &init)?;
         }
-        ex.await_ready(acceptor.as_ref(), deadline, ready_timeout)?;
+        ex.await_ready(acceptor.as_ref(), deadline, ready_timeout, &init)?;
+        ex.attach_local(deadline, ready_timeout)?;
         ex.shared.lock_st().phase = Phase::Running;
         Ok(ex)
     }
 
-    fn spawn_local(&self, cfg: &LaunchConfig, local: usize) -> Result<()> {
+    fn spawn_local(&self, cfg: &LaunchConfig, local: usize, init: &Arc<Vec<u8>>) -> Result<()> {
         let rank = cfg.node_rank * cfg.nproc_per_node + local;
         let (ours, theirs) =
             UnixStream::pair().map_err(|e| CommError::io("creating a worker control socket", e))?;
@@ -703,18 +778,40 @@ impl Executor {
         if forward {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
-        let fd = theirs.as_raw_fd();
-        // SAFETY: runs in the forked child before exec; dup2 and fcntl are
+        // (source, target) descriptors the worker inherits: its socket and,
+        // with shared-memory queues, the doorbell page and eventfd.
+        let mut place: [(i32, i32); 3] = [(theirs.as_raw_fd(), WORKER_FD), (-1, -1), (-1, -1)];
+        if let Some(d) = &self.doorbell {
+            let (page, event) = d.fds();
+            place[1] = (page.as_raw_fd(), WORKER_DOORBELL_FDS[0]);
+            place[2] = (event.as_raw_fd(), WORKER_DOORBELL_FDS[1]);
+            cmd.env(
+                DOORBELL_ENV,
+                format!("{},{}", WORKER_DOORBELL_FDS[0], WORKER_DOORBELL_FDS[1]),
+            );
+        } else {
+            cmd.env_remove(DOORBELL_ENV);
+        }
+        // SAFETY: runs in the forked child before exec; fcntl and dup2 are
         // async-signal-safe, allocate nothing and touch only descriptors.
+        // Every source is first copied above the targets, so placing one
+        // never overwrites another still to be placed.
         unsafe {
             cmd.pre_exec(move || {
-                if fd == WORKER_FD {
-                    // Already in place: only clear close-on-exec.
-                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                let mut high = [-1i32; 3];
+                for (i, &(src, _)) in place.iter().enumerate() {
+                    if src >= 0 {
+                        high[i] = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 16);
+                        if high[i] == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                }
+                for (i, &(_, dst)) in place.iter().enumerate() {
+                    // dup2 clears close-on-exec on the copy.
+                    if high[i] >= 0 && libc::dup2(high[i], dst) == -1 {
                         return Err(std::io::Error::last_os_error());
                     }
-                } else if libc::dup2(fd, WORKER_FD) == -1 {
-                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
@@ -735,6 +832,10 @@ impl Executor {
             let mut io = self.shared.lock_io();
             io.watch_exit(rank, pid)?;
             io.add_conn(rank, Stream::Unix(ours), MAX_FRAME)?;
+            let mut events = Vec::new();
+            io.send(rank, init, &mut events);
+            let mut st = self.shared.lock_st();
+            self.shared.apply(&mut st, &mut io, &mut events);
         }
         if forward {
             // Nobody waits for these readers: they end with the pipes.
@@ -750,13 +851,22 @@ impl Executor {
         Ok(())
     }
 
-    /// Waits for READY from everyone (admitting remote workers meanwhile);
-    /// on any failure stops everything and reports every failed rank.
+    /// True once a worker failed or left during start-up.
+    fn start_failed(st: &State) -> bool {
+        st.workers
+            .iter()
+            .any(|w| w.init_error.is_some() || w.gone.is_some())
+    }
+
+    /// Waits for READY from everyone (admitting remote workers meanwhile
+    /// and sending them `init`); on any failure stops everything and
+    /// reports every failed rank.
     fn await_ready(
         &self,
         acceptor: Option<&Acceptor>,
         deadline: Instant,
         ready_timeout: Duration,
+        init: &Arc<Vec<u8>>,
     ) -> Result<()> {
         let sh = &self.shared;
         let mut events = Vec::new();
@@ -766,11 +876,7 @@ impl Executor {
                 if st.workers.iter().all(|w| w.ready) {
                     return Ok(());
                 }
-                if st
-                    .workers
-                    .iter()
-                    .any(|w| w.init_error.is_some() || w.gone.is_some())
-                {
+                if Self::start_failed(&st) {
                     break false;
                 }
             }
@@ -787,9 +893,23 @@ impl Executor {
                     st.workers[j.rank].pid = Some(j.pid);
                     st.workers[j.rank].host = Some(j.host);
                     io.add_conn(j.rank, Stream::Tcp(j.stream), MAX_FRAME)?;
+                    io.send(j.rank, init, &mut events);
                 }
+                sh.apply(&mut st, &mut io, &mut events);
             }
         };
+        Err(self.start_error(timed_out, ready_timeout, None))
+    }
+
+    /// Stops everything after a failed start and names every failed rank
+    /// (`setup`: the error of the shared-memory set-up, when that failed).
+    fn start_error(
+        &self,
+        timed_out: bool,
+        ready_timeout: Duration,
+        setup: Option<CommError>,
+    ) -> CommError {
+        let sh = &self.shared;
         // Stopping lets late init errors of the others arrive too.
         let _ = sh.stop();
         let st = sh.lock_st();
@@ -819,20 +939,148 @@ impl Executor {
                 ));
             }
         }
+        if failures.is_empty() {
+            if let Some(e) = setup {
+                return e;
+            }
+        }
         if failures.is_empty() && timed_out {
-            return Err(CommError::timeout_ranks(
+            return CommError::timeout_ranks(
                 "executor start: waiting for READY (every worker was stopped)",
                 ready_timeout,
                 silent,
-            ));
+            );
         }
         if timed_out {
             failures.extend(silent);
         }
-        Err(CommError::RemoteFailed {
+        CommError::RemoteFailed {
             operation: "executor start (every worker was stopped)".into(),
             failures,
-        })
+        }
+    }
+
+    /// Moves the local workers (all READY) to the shared-memory queues: tells
+    /// each to attach, sets up the executor's ends on a helper thread while
+    /// this one keeps watching the workers, and installs the queues.
+    fn attach_local(&mut self, deadline: Instant, ready_timeout: Duration) -> Result<()> {
+        let Some(qc) = self.queues else {
+            return Ok(());
+        };
+        let sh = self.shared.clone();
+        let local = sh.local;
+        let store_addr = match &self._job.server {
+            Some(s) => s.connect_addr(),
+            None => {
+                let s = dist_utils::TcpStoreServer::bind("127.0.0.1:0", &self._job.secret_bytes)?;
+                let a = s.connect_addr();
+                self.queue_store = Some(s);
+                a
+            }
+        };
+        // Not earlier than the READY deadline, but never a rushed set-up.
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(10));
+        let prefix = format!(
+            "executor/{}",
+            comm_core::auth::to_hex(&comm_core::auth::random_bytes::<8>()?)
+        );
+        let attach = Arc::new(wire::frame(&Down::Attach {
+            store: store_addr.to_string().into(),
+            prefix: prefix.as_str().into(),
+            executor_rank: sh.world as u32,
+            reply_ring: qc.reply_ring as u64,
+            timeout_ms: timeout.as_millis() as u64,
+        })?);
+        {
+            let mut io = sh.lock_io();
+            let mut events = Vec::new();
+            for w in 0..local {
+                io.send(w, &attach, &mut events);
+            }
+            let mut st = sh.lock_st();
+            sh.apply(&mut st, &mut io, &mut events);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let secret = self._job.secret_bytes.clone();
+        let job_id = sh.job_id.clone();
+        let (world, kick) = (sh.world, sh.kick.clone());
+        let ranks: Vec<usize> = (0..local).collect();
+        // Not joined: if a worker fails before it opened its queue, the
+        // set-up waits out its deadline on its own while start() reports
+        // the failure at once.
+        std::thread::Builder::new()
+            .name("executor-queues".into())
+            .spawn(move || {
+                let res =
+                    dist_utils::TcpStore::connect(store_addr, &secret, timeout).and_then(|store| {
+                        local::executor_side(
+                            &store,
+                            &prefix,
+                            &ranks,
+                            world,
+                            qc.request_ring,
+                            &job_id,
+                            timeout,
+                        )
+                    });
+                let _ = tx.send(res);
+                kick.kick();
+            })
+            .map_err(|e| CommError::io("starting the queue set-up thread", e))?;
+        let until = Instant::now() + timeout;
+        let mut events = Vec::new();
+        let outcome = loop {
+            match rx.try_recv() {
+                Ok(r) => break Some(r),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    break Some(Err(CommError::State(
+                        "the queue set-up thread ended without a result".into(),
+                    )))
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {}
+            }
+            if Self::start_failed(&sh.lock_st()) {
+                break None;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break None;
+            }
+            let mut io = sh.lock_io();
+            io.poll(left.min(START_SLICE), &mut events)?;
+            let mut st = sh.lock_st();
+            sh.apply(&mut st, &mut io, &mut events);
+        };
+        match outcome {
+            Some(Ok((requests, replies))) => {
+                let mut io = sh.lock_io();
+                io.attach_replies(replies, comm_core::default_timeout());
+                *sh.lock_requests() = Some(requests);
+                Ok(())
+            }
+            Some(Err(e)) => {
+                let e = CommError::State(format!(
+                    "executor start: setting up the shared-memory queues of the local workers \
+                     failed (every worker was stopped; {}=socket avoids them): {e}",
+                    local::QUEUE_ENV
+                ));
+                Err(self.start_error(false, ready_timeout, Some(e)))
+            }
+            None => {
+                let timed_out = !Self::start_failed(&sh.lock_st());
+                let e = timed_out.then(|| {
+                    CommError::timeout(
+                        "executor start: setting up the shared-memory queues of the local workers \
+                         (every worker was stopped)",
+                        timeout,
+                        ["the request queue and the workers' reply queues"],
+                    )
+                });
+                Err(self.start_error(false, ready_timeout, e))
+            }
+        }
     }
 
     /// Number of workers (all hosts).
@@ -919,11 +1167,11 @@ impl Executor {
             let mut events = Vec::new();
             // Deaths already reported are taken in before sending.
             io.poll(Duration::ZERO, &mut events)?;
-            // TODO(phase 2): write the frame once into the host's
-            // comm_shm::MessageQueue that every local worker reads (comm-shm
-            // does not build against the new comm-core yet); remote workers
-            // keep getting it over their TCP connection.
-            for w in 0..sh.world {
+            let mut rq = sh.lock_requests();
+            // Remote workers (and local ones without a queue): their
+            // connections, written as they accept while replies are read.
+            let first_socket = if rq.is_some() { sh.local } else { 0 };
+            for w in first_socket..sh.world {
                 io.send(w, &frame, &mut events);
             }
             {
@@ -931,6 +1179,44 @@ impl Executor {
                 sh.apply(&mut st, &mut io, &mut events);
                 sh.cv.notify_all();
             }
+            // Local workers: the one copy into the queue they all read, in
+            // the same critical section as the sends, so every worker sees
+            // calls in the same order.
+            if let Some(q) = rq.as_mut() {
+                let body = &frame[LEN_BYTES..];
+                let left = deadline.saturating_duration_since(Instant::now());
+                let res = if q.free_bytes() >= body.len() + 8 {
+                    q.enqueue_timeout(body, left)
+                } else {
+                    // It has to wait for readers: written on a helper
+                    // thread while this one keeps reading replies (a worker
+                    // blocked on a full reply queue then moves on).
+                    let written = std::sync::atomic::AtomicBool::new(false);
+                    std::thread::scope(|s| {
+                        let (kick, written) = (sh.kick.clone(), &written);
+                        let h = s.spawn(move || {
+                            let r = q.enqueue_timeout(body, left);
+                            // Set before the kick, so the kicked drive
+                            // below sees it (the thread itself may still be
+                            // returning).
+                            written.store(true, std::sync::atomic::Ordering::Release);
+                            kick.kick();
+                            r
+                        });
+                        let _ = sh.drive(&mut io, deadline, false, |_, _| {
+                            written.load(std::sync::atomic::Ordering::Acquire)
+                        });
+                        h.join().unwrap_or_else(|_| {
+                            Err(CommError::State("the request writer panicked".into()))
+                        })
+                    })
+                };
+                if let Err(e) = res {
+                    drop(rq);
+                    return Err(self.request_queue_failed(io, &op, id, e));
+                }
+            }
+            drop(rq);
             sh.drive(&mut io, deadline, false, |_, io| !io.pending_out())?;
         }
         sh.notify();
@@ -949,6 +1235,56 @@ impl Executor {
             };
         }
         Ok(pending)
+    }
+
+    /// The request queue refused a request (a reader died, or stayed a whole
+    /// ring behind until the call's deadline). A partial request may be in
+    /// the queue, so no later request can be read correctly: the executor
+    /// stops every worker and the error names the workers at fault.
+    fn request_queue_failed(
+        &self,
+        mut io: MutexGuard<'_, Engine>,
+        op: &str,
+        id: u64,
+        e: CommError,
+    ) -> CommError {
+        let sh = &self.shared;
+        let culprits: Vec<usize> = e.culprits().iter().map(|r| r.best()).collect();
+        // A dead worker's exit is described better by the engine.
+        if let Some(&w) = culprits.first() {
+            let _ = sh.drive(
+                &mut io,
+                Instant::now() + EXIT_AFTER_CLOSE,
+                false,
+                |st, _| st.workers[w].gone.is_some(),
+            );
+        }
+        {
+            let mut st = sh.lock_st();
+            st.calls.remove(&id);
+            if st.fatal.is_none() {
+                let w = culprits.first().copied().unwrap_or(0);
+                st.fatal = Some((
+                    w,
+                    format!(
+                        "{op}: the request queue failed, so no later request could be read: {e}"
+                    ),
+                ));
+            }
+        }
+        drop(io);
+        let _ = sh.stop();
+        match e {
+            CommError::PeerLost { .. } => {
+                let st = sh.lock_st();
+                culprits
+                    .first()
+                    .and_then(|&w| st.workers[w].gone.as_ref().map(|(d, _)| (w, d.clone())))
+                    .map(|(w, d)| CommError::peer_lost(w, op, d))
+                    .unwrap_or(e)
+            }
+            other => other,
+        }
     }
 
     /// Calls `method(args)` on every worker and waits for the replies:

@@ -7,20 +7,27 @@
 //! * [`Worker`] (in each worker process) builds its state once, reports
 //!   READY, and serves the calls with a [`Methods`] table.
 //!
-//! Local workers talk to the executor over a Unix socket pair (fd 3 in the
-//! worker, named by `DIST_EXECUTOR_FD`); workers on other hosts over TCP,
-//! after a challenge–response with the job secret. Messages are the
-//! length-prefixed frames of [`dist_utils::codec`] with postcard headers
-//! (see `wire.rs`).
+//! Local workers start on a Unix socket pair (fd 3 in the worker, named by
+//! `DIST_EXECUTOR_FD`); once all are READY, requests reach them through one
+//! shared-memory queue written once per request, and their replies come
+//! back through one queue each (`local.rs`; `DIST_EXECUTOR_QUEUE=socket`
+//! keeps everything on the sockets). Workers on other hosts talk over TCP,
+//! after a challenge–response with the job secret. Messages are
+//! postcard headers followed by the argument or result (see `wire.rs`), in
+//! the length-prefixed frames of [`dist_utils::codec`] on sockets.
 
 mod engine;
 mod executor;
+mod local;
 mod method;
 mod remote;
 mod wire;
 mod worker;
 
 pub use executor::{Executor, Pending};
+pub use local::{
+    DEFAULT_REPLY_RING, DEFAULT_REQUEST_RING, QUEUE_ENV, REPLY_RING_ENV, REQUEST_RING_ENV,
+};
 pub use method::{Method, Methods, ReplyFrom};
 pub use worker::{Worker, EXECUTOR_FD_ENV};
 

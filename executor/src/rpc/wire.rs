@@ -40,6 +40,28 @@ pub(crate) enum Down<'a> {
     },
     /// Finish (every call before this one was answered) and exit.
     Shutdown,
+    /// The first message to every worker: the executor's initialisation
+    /// value (postcard bytes, possibly empty) follows the header (the gpu
+    /// worker's parallel configuration and model configuration).
+    Init,
+    /// Local workers, once every worker is READY: from now on read
+    /// requests from the host's request queue and send replies through an
+    /// own reply queue (both comm-shm `MessageQueue`s, set up through the
+    /// store at `store` under `prefix`).
+    Attach {
+        /// Address of the store the queues are set up through.
+        #[serde(borrow)]
+        store: Cow<'a, str>,
+        /// Key prefix of this executor's queues.
+        #[serde(borrow)]
+        prefix: Cow<'a, str>,
+        /// The rank the executor has in the queues' messages (the world size).
+        executor_rank: u32,
+        /// Bytes of the worker's reply ring.
+        reply_ring: u64,
+        /// Deadline of the set-up, milliseconds.
+        timeout_ms: u64,
+    },
     /// A remote worker was admitted.
     Welcome,
     /// A remote worker was refused, and why.
@@ -485,6 +507,15 @@ mod fuzz {
             .unwrap(),
             frame(&Down::Shutdown).unwrap(),
             frame(&Down::Refused("no".into())).unwrap(),
+            frame_with(&Down::Init, Some(&(1u32, "model".to_string()))).unwrap(),
+            frame(&Down::Attach {
+                store: "127.0.0.1:5".into(),
+                prefix: "executor/00ff".into(),
+                executor_rank: 4,
+                reply_ring: 1 << 20,
+                timeout_ms: 1000,
+            })
+            .unwrap(),
         ];
         v.push(
             frame_with(

@@ -1,5 +1,8 @@
-//! The worker side: [`Worker`] joins the executor, reports READY (or the
-//! initialisation error), then serves typed calls until shut down.
+//! The worker side: [`Worker`] joins the executor, gets its
+//! initialisation value, reports READY (or the initialisation error), then
+//! serves typed calls until shut down: from its socket, or (a local worker
+//! once attached) from the host's request queue, replying through its own
+//! queue.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -11,8 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use comm_core::{CommError, Result};
+use comm_shm::MessageQueue;
 use rustix::net::RecvFlags;
+use serde::de::DeserializeOwned;
 
+use super::local::{self, Doorbell};
 use super::method::Methods;
 use super::wire::{self, Down, FrameReader, Outcome, RecvError, Up, LEN_BYTES, MAX_FRAME};
 
@@ -25,6 +31,22 @@ static TAKEN: AtomicBool = AtomicBool::new(false);
 /// Frames up to this size are written with one `write` (header and value
 /// copied together); larger ones as header, then value, without a copy.
 const COALESCE: usize = 64 * 1024;
+/// Room left in front of an encoded result for its reply header (an `Up`
+/// tag, a varint call id and the outcome tag take at most 12 bytes), so a
+/// reply goes into its queue as one piece without copying the result.
+const HEAD_ROOM: usize = 16;
+/// How long one wait for the next request lasts before it is renewed (a
+/// dead executor is noticed sooner, by the queue's liveness checks).
+const IDLE_WAIT: Duration = Duration::from_secs(3600);
+
+/// A local worker's shared-memory queues, once attached.
+#[derive(Debug)]
+struct Queues {
+    requests: MessageQueue,
+    replies: MessageQueue,
+    /// How long a reply may wait for room in its ring.
+    reply_timeout: Duration,
+}
 
 #[derive(Debug)]
 enum Link {
@@ -86,6 +108,14 @@ pub struct Worker {
     frames: VecDeque<Vec<u8>>,
     /// How long to poll for the next request before sleeping.
     spin: Duration,
+    /// The executor's initialisation value (postcard bytes).
+    init: Vec<u8>,
+    /// The local executor's doorbell (shared-memory replies).
+    doorbell: Option<Doorbell>,
+    /// Requests and replies in shared memory, once attached.
+    queues: Option<Queues>,
+    /// A request buffer to reuse.
+    spare: Vec<u8>,
 }
 
 impl Worker {
@@ -106,10 +136,27 @@ impl Worker {
     }
 
     fn connect() -> Result<Worker> {
-        match std::env::var(EXECUTOR_FD_ENV) {
-            Ok(v) => Self::local(&v),
-            Err(_) => Self::remote(),
+        let mut w = match std::env::var(EXECUTOR_FD_ENV) {
+            Ok(v) => Self::local(&v)?,
+            Err(_) => Self::remote()?,
+        };
+        // The executor's first message: the initialisation value.
+        let body = w.next_socket_frame()?.ok_or_else(|| {
+            CommError::State(format!(
+                "rank {}: the executor went away before sending its initialisation",
+                w.rank
+            ))
+        })?;
+        match wire::decode_down(&body)? {
+            (Down::Init, value) => w.init = value.to_vec(),
+            (other, _) => {
+                return Err(CommError::Protocol(format!(
+                    "rank {}: expected the executor's initialisation, got {other:?}",
+                    w.rank
+                )))
+            }
         }
+        Ok(w)
     }
 
     fn local(fd_text: &str) -> Result<Worker> {
@@ -143,12 +190,9 @@ impl Worker {
         // (they would keep it open after the worker died).
         rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)
             .map_err(|e| CommError::io("setting close-on-exec", e.into()))?;
-        Ok(Self::with_link(
-            Link::Unix(UnixStream::from(owned)),
-            rank,
-            world_size,
-            false,
-        ))
+        let mut w = Self::with_link(Link::Unix(UnixStream::from(owned)), rank, world_size, false);
+        w.doorbell = Doorbell::from_env()?;
+        Ok(w)
     }
 
     fn remote() -> Result<Worker> {
@@ -192,17 +236,54 @@ impl Worker {
             reader: FrameReader::new(MAX_FRAME),
             frames: VecDeque::new(),
             spin: super::spin_budget(on_host + 1),
+            init: Vec::new(),
+            doorbell: None,
+            queues: None,
+            spare: Vec::new(),
         }
     }
 
-    /// The next request frame: polls the socket for up to the spin budget,
-    /// then sleeps in `recv`.
-    fn next_frame(&mut self) -> Result<Vec<u8>> {
+    /// The next request: from the request queue once attached, else from
+    /// the socket. `None`: the executor closed the queue (shut down).
+    fn next_frame(&mut self) -> Result<Option<Vec<u8>>> {
+        let Some(q) = self.queues.as_mut() else {
+            return self.next_socket_frame();
+        };
+        let mut body = std::mem::take(&mut self.spare);
+        loop {
+            match q.requests.dequeue_into(&mut body, IDLE_WAIT) {
+                Ok(()) => return Ok(Some(body)),
+                Err(CommError::Timeout { .. }) => continue,
+                // Closed by the executor's shutdown, after every request
+                // before it was read.
+                Err(CommError::Aborted(_)) => return Ok(None),
+                Err(e) => {
+                    return Err(CommError::State(format!(
+                        "rank {}: the executor went away: {e}",
+                        self.rank
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Hands a request buffer back for the next request.
+    fn recycle(&mut self, body: Vec<u8>) {
+        if self.queues.is_some() {
+            self.spare = body;
+        } else {
+            self.reader.recycle(body);
+        }
+    }
+
+    /// The next frame from the socket: polls for up to the spin budget,
+    /// then sleeps in `recv`. `None`: end of stream.
+    fn next_socket_frame(&mut self) -> Result<Option<Vec<u8>>> {
         let start = Instant::now();
         let mut got = Vec::new();
         loop {
             if let Some(f) = self.frames.pop_front() {
-                return Ok(f);
+                return Ok(Some(f));
             }
             let flags = if !self.spin.is_zero() && start.elapsed() < self.spin {
                 RecvFlags::DONTWAIT
@@ -210,12 +291,7 @@ impl Worker {
                 RecvFlags::empty()
             };
             match self.reader.recv(self.link.as_fd(), flags, &mut got) {
-                Ok(0) => {
-                    return Err(CommError::State(format!(
-                        "rank {}: the executor went away (its connection ended)",
-                        self.rank
-                    )))
-                }
+                Ok(0) => return Ok(None),
                 Ok(_) => self.frames.extend(got.drain(..)),
                 Err(RecvError::Os(rustix::io::Errno::AGAIN)) => std::hint::spin_loop(),
                 Err(RecvError::Os(rustix::io::Errno::INTR)) => {}
@@ -243,6 +319,111 @@ impl Worker {
     /// True when this worker reached the executor over TCP (another host).
     pub fn is_remote(&self) -> bool {
         self.remote
+    }
+
+    /// The value the executor was started with
+    /// ([`Executor::start_with`](crate::Executor::start_with); `()` for
+    /// [`Executor::start`](crate::Executor::start)), decoded as `T`: what
+    /// this worker sets itself up from.
+    pub fn init_value<T: DeserializeOwned>(&self) -> Result<T> {
+        dist_utils::codec::decode(&self.init).map_err(|e| {
+            CommError::Codec(format!(
+                "rank {}: the executor's initialisation value is not a `{}` ({e}); do the driver \
+                 and the worker agree on its type?",
+                self.rank,
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
+    /// Sets up the shared-memory queues the executor asked for.
+    fn attach(
+        &mut self,
+        store: &str,
+        prefix: &str,
+        executor_rank: usize,
+        reply_ring: usize,
+        timeout: Duration,
+    ) -> Result<()> {
+        if self.doorbell.is_none() {
+            return Err(CommError::Protocol(format!(
+                "rank {}: the executor asked for shared-memory queues but gave no doorbell",
+                self.rank
+            )));
+        }
+        let secret_hex = std::env::var(crate::JOB_SECRET_ENV).map_err(|_| {
+            CommError::invalid(format!(
+                "rank {}: {} is not set (a local worker gets it from the executor)",
+                self.rank,
+                crate::JOB_SECRET_ENV
+            ))
+        })?;
+        let secret = comm_core::auth::from_hex(crate::JOB_SECRET_ENV, secret_hex.trim())?;
+        let job_id = comm_shm::default_job_id();
+        let st = dist_utils::TcpStore::connect(store, &secret, timeout)?;
+        let (requests, replies) = local::worker_side(
+            &st,
+            prefix,
+            self.rank,
+            executor_rank,
+            reply_ring,
+            &job_id,
+            timeout,
+        )?;
+        self.queues = Some(Queues {
+            requests,
+            replies,
+            reply_timeout: comm_core::default_timeout(),
+        });
+        Ok(())
+    }
+
+    /// Sends a reply whose result (if any) was encoded into `out` after
+    /// [`HEAD_ROOM`] bytes: through the reply queue as one piece (ringing
+    /// the doorbell), or on the socket.
+    fn reply(&mut self, header: &Up<'_>, out: &mut [u8], with_value: bool) -> Result<()> {
+        let value_len = if with_value { out.len() - HEAD_ROOM } else { 0 };
+        let Some(q) = self.queues.as_mut() else {
+            let value = if with_value {
+                &out[HEAD_ROOM..]
+            } else {
+                &[][..]
+            };
+            return self.send(header, value);
+        };
+        // A reply larger than the free room streams: the executor is woken
+        // each time a part of it is ready.
+        let bell = self.doorbell.as_ref();
+        let ring = || {
+            if let Some(d) = bell {
+                d.ring();
+            }
+        };
+        let mut head = [0u8; HEAD_ROOM];
+        let res = match postcard::to_slice(header, &mut head) {
+            Ok(h) if with_value => {
+                let n = h.len();
+                let start = HEAD_ROOM - n;
+                out[start..HEAD_ROOM].copy_from_slice(&head[..n]);
+                q.replies
+                    .enqueue_notify(&out[start..HEAD_ROOM + value_len], q.reply_timeout, &ring)
+            }
+            Ok(h) => q.replies.enqueue_notify(h, q.reply_timeout, &ring),
+            // A header that does not fit the room (a failure's message).
+            Err(_) => {
+                let body = postcard::to_stdvec(header)
+                    .map_err(|e| CommError::Codec(format!("encoding a reply header: {e}")))?;
+                q.replies.enqueue_notify(&body, q.reply_timeout, &ring)
+            }
+        };
+        res.map_err(|e| {
+            CommError::State(format!(
+                "rank {}: the executor went away (its reply queue failed: {e})",
+                self.rank
+            ))
+        })?;
+        ring();
+        Ok(())
     }
 
     fn send(&mut self, header: &Up<'_>, value: &[u8]) -> Result<()> {
@@ -333,10 +514,17 @@ impl Worker {
         }
         self.ready()?;
         let mut out = Vec::new();
-        // TODO(phase 2): local workers read requests from the host's one
-        // comm_shm::MessageQueue instead of their socket; replies stay here.
         loop {
-            let body = self.next_frame()?;
+            let Some(body) = self.next_frame()? else {
+                if self.queues.is_some() {
+                    // The executor closed the request queue: shut down.
+                    return Ok(());
+                }
+                return Err(CommError::State(format!(
+                    "rank {}: the executor went away (its connection ended)",
+                    self.rank
+                )));
+            };
             let (header, args) = wire::decode_down(&body)?;
             match header {
                 Down::Shutdown => return Ok(()),
@@ -347,6 +535,7 @@ impl Worker {
                 } => {
                     let mine = reply_rank.is_none_or(|r| r as usize == self.rank);
                     out.clear();
+                    out.resize(HEAD_ROOM, 0);
                     let res = methods.call(state, &method, args, mine.then_some(&mut out));
                     let outcome = match &res {
                         Ok(()) if mine => Outcome::Value,
@@ -356,13 +545,31 @@ impl Worker {
                             message: f.message.as_str().into(),
                         },
                     };
-                    let value = if matches!(outcome, Outcome::Value) {
-                        &out[..]
-                    } else {
-                        &[]
-                    };
-                    self.send(&Up::Reply { id, outcome }, value)?;
-                    self.reader.recycle(body);
+                    let with_value = matches!(outcome, Outcome::Value);
+                    self.reply(&Up::Reply { id, outcome }, &mut out, with_value)?;
+                    self.recycle(body);
+                }
+                Down::Attach {
+                    store,
+                    prefix,
+                    executor_rank,
+                    reply_ring,
+                    timeout_ms,
+                } if self.queues.is_none() && !self.remote => {
+                    let (store, prefix) = (store.into_owned(), prefix.into_owned());
+                    let attached = self.attach(
+                        &store,
+                        &prefix,
+                        executor_rank as usize,
+                        reply_ring as usize,
+                        Duration::from_millis(timeout_ms),
+                    );
+                    if let Err(e) = attached {
+                        let msg = format!("setting up the shared-memory queues: {e}");
+                        let _ = self.send(&Up::InitError(msg.as_str().into()), &[]);
+                        return Err(CommError::State(format!("rank {}: {msg}", self.rank)));
+                    }
+                    self.recycle(body);
                 }
                 other => {
                     return Err(CommError::Protocol(format!(

@@ -15,7 +15,7 @@
 //! - data movement ([`Pattern::Unique`]): values spread over the largest range
 //!   each dtype holds exactly, so misplaced elements are caught.
 
-use comm_core::{DType, ReduceOp, Tensor};
+use comm_core::{DType, HostBuffer, ReduceOp, Tensor};
 
 /// Largest group for which [`Pattern::Reduce`] results stay exact in every
 /// dtype (the sum of 20 values of magnitude 5 fits i8 and bf16).
@@ -77,9 +77,9 @@ pub fn value(dtype: DType, pattern: Pattern, salt: u64, rank: usize, index: usiz
             }
         }
         Pattern::Reduce(ReduceOp::Prod) => {
-            if rank < 6 && h % 3 == 0 {
+            if rank < 6 && h.is_multiple_of(3) {
                 2
-            } else if signed && (h >> 8) % 5 == 0 {
+            } else if signed && (h >> 8).is_multiple_of(5) {
                 -1
             } else {
                 1
@@ -183,17 +183,73 @@ macro_rules! with_dtype {
     };
 }
 
-/// A 1-D host tensor of `n` elements with `t[i] = f(i)`.
-pub fn filled(dtype: DType, n: usize, f: impl Fn(usize) -> f64) -> Tensor {
+/// Where element `i` of member `rank`'s Ulysses all_to_all_4D output
+/// comes from, for `p` members whose inputs have the 4-D shape `input`:
+/// `(source member, flat index in the source's input)`.
+///
+/// - `forward` (scatter 2, gather 1): `[B, S/P, H, D]` -> `[B, S, H/P, D]`;
+///   member `r` gets every member's rows of heads `[r*H/P, (r+1)*H/P)`.
+/// - otherwise (scatter 1, gather 2): `[B, S, H/P, D]` -> `[B, S/P, H, D]`,
+///   the exact inverse.
+///
+/// ```
+/// use comm_conformance::data::ulysses_source;
+/// // 2 members, [1, 1, 2, 1] each: member 1 gets head 1 of both members.
+/// assert_eq!(ulysses_source(true, [1, 1, 2, 1], 2, 1, 0), (0, 1));
+/// assert_eq!(ulysses_source(true, [1, 1, 2, 1], 2, 1, 1), (1, 1));
+/// ```
+pub fn ulysses_source(
+    forward: bool,
+    input: [usize; 4],
+    p: usize,
+    rank: usize,
+    i: usize,
+) -> (usize, usize) {
+    let [b_in, s_in, h_in, d] = input;
+    let _ = b_in;
+    let (di, rest) = (i % d, i / d);
+    if forward {
+        // Output [B, S, H/P, D] with S = P * s_in, H/P = h_in / P.
+        let (hp, s) = (h_in / p, p * s_in);
+        let (hi, rest) = (rest % hp, rest / hp);
+        let (si, bi) = (rest % s, rest / s);
+        let (src, sli) = (si / s_in, si % s_in);
+        (src, ((bi * s_in + sli) * h_in + rank * hp + hi) * d + di)
+    } else {
+        // Output [B, S/P, H, D] with S/P = s_in / P, H = P * h_in.
+        let (sp, h) = (s_in / p, p * h_in);
+        let (hi, rest) = (rest % h, rest / h);
+        let (sli, bi) = (rest % sp, rest / sp);
+        let (src, hpi) = (hi / h_in, hi % h_in);
+        (src, ((bi * s_in + rank * sp + sli) * h_in + hpi) * d + di)
+    }
+}
+
+/// `n` elements of `dtype` with `x[i] = f(i)`, in a 64-byte-aligned host
+/// buffer.
+pub fn fill(dtype: DType, n: usize, f: impl Fn(usize) -> f64) -> HostBuffer {
     use comm_core::Element;
-    let mut t = Tensor::zeros([n], dtype);
+    let mut b = HostBuffer::zeroed(n * dtype.size());
     with_dtype!(dtype, T => {
-        let s = t.as_mut_slice::<T>().expect("dtype matches");
-        for (i, x) in s.iter_mut().enumerate() {
-            *x = <T as Element>::from_f64(f(i));
+        // A fresh HostBuffer is aligned for every dtype and holds exactly
+        // `n` elements, so the cast cannot fail.
+        if let Ok(s) = bytemuck::try_cast_slice_mut::<u8, T>(b.as_bytes_mut()) {
+            for (i, x) in s.iter_mut().enumerate() {
+                *x = <T as Element>::from_f64(f(i));
+            }
         }
     });
-    t
+    b
+}
+
+/// A 1-D host tensor of `n` elements with `t[i] = f(i)`.
+pub fn filled(dtype: DType, n: usize, f: impl Fn(usize) -> f64) -> Tensor {
+    let shape = [n];
+    match Tensor::from_host_buffer(fill(dtype, n, f), shape, dtype) {
+        Ok(t) => t,
+        // `fill` makes exactly `n` elements; keep the panic-free contract anyway.
+        Err(_) => Tensor::zeros(shape, dtype),
+    }
 }
 
 /// The first element that differs from what was expected.
@@ -219,37 +275,53 @@ impl std::fmt::Display for Mismatch {
     }
 }
 
-/// Compares every element of host tensor `t` with `expected(i)`, allowing an
-/// absolute error of `tol(expected)`. Returns the first mismatch (with the
-/// total count of wrong elements).
+/// Compares every element of the host bytes `bytes` (elements of `dtype`)
+/// with `expected(i)`, allowing an absolute error of `tol(expected)`.
+/// Returns the first mismatch (with the total count of wrong elements).
+/// A trailing partial element counts as one wrong element.
 pub fn compare(
-    t: &Tensor,
+    bytes: &[u8],
+    dtype: DType,
     expected: impl Fn(usize) -> f64,
     tol: impl Fn(f64) -> f64,
 ) -> Result<(), Mismatch> {
     use comm_core::Element;
+    let es = dtype.size();
     let mut first: Option<Mismatch> = None;
     let mut wrong = 0usize;
-    with_dtype!(t.dtype(), T => {
-        let host;
-        let t = if t.is_host() {
-            t
-        } else {
-            host = t.to_host().expect("device to host copy");
-            &host
-        };
-        let s = t.as_slice::<T>().expect("dtype matches");
-        for (i, x) in s.iter().enumerate() {
-            let a = <T as Element>::to_f64(*x);
-            let e = expected(i);
-            // `!(<=)` so that NaN counts as wrong.
-            let ok = a == e || (a - e).abs() <= tol(e);
-            if !ok {
-                wrong += 1;
-                if first.is_none() {
-                    first = Some(Mismatch { index: i, expected: e, actual: a, wrong: 0 });
+    let mut check = |i: usize, a: f64| {
+        let e = expected(i);
+        // `==` first so that infinities compare; NaN is always wrong.
+        let ok = a == e || (a - e).abs() <= tol(e);
+        if !ok {
+            wrong += 1;
+            if first.is_none() {
+                first = Some(Mismatch {
+                    index: i,
+                    expected: e,
+                    actual: a,
+                    wrong: 0,
+                });
+            }
+        }
+    };
+    with_dtype!(dtype, T => {
+        let whole = bytes.len() / es * es;
+        match bytemuck::try_cast_slice::<u8, T>(&bytes[..whole]) {
+            Ok(s) => {
+                for (i, x) in s.iter().enumerate() {
+                    check(i, <T as Element>::to_f64(*x));
                 }
             }
+            // Unaligned memory (a borrowed byte buffer): read element by element.
+            Err(_) => {
+                for (i, c) in bytes[..whole].chunks_exact(es).enumerate() {
+                    check(i, <T as Element>::to_f64(bytemuck::pod_read_unaligned::<T>(c)));
+                }
+            }
+        }
+        if whole != bytes.len() {
+            check(whole / es, f64::NAN);
         }
     });
     match first {
@@ -261,9 +333,14 @@ pub fn compare(
     }
 }
 
-/// Number of elements of `t` that differ from `expected` (see [`compare`]).
-pub fn count_wrong(t: &Tensor, expected: impl Fn(usize) -> f64, tol: impl Fn(f64) -> f64) -> usize {
-    match compare(t, expected, tol) {
+/// Number of elements of `bytes` that differ from `expected` (see [`compare`]).
+pub fn count_wrong(
+    bytes: &[u8],
+    dtype: DType,
+    expected: impl Fn(usize) -> f64,
+    tol: impl Fn(f64) -> f64,
+) -> usize {
+    match compare(bytes, dtype, expected, tol) {
         Ok(()) => 0,
         Err(m) => m.wrong,
     }
@@ -281,9 +358,9 @@ mod tests {
                     for i in 0..200 {
                         let e = reduced(dtype, op, 7, world, i);
                         // Every expected value must be representable in the dtype.
-                        let t = filled(dtype, 1, |_| e);
+                        let t = fill(dtype, 1, |_| e);
                         let back = with_dtype!(dtype, T => {
-                            comm_core::Element::to_f64(t.as_slice::<T>().unwrap()[0])
+                            comm_core::Element::to_f64(bytemuck::cast_slice::<u8, T>(t.as_bytes())[0])
                         });
                         assert!(
                             (back - e).abs() <= tolerance(dtype, op, e),
@@ -297,11 +374,24 @@ mod tests {
 
     #[test]
     fn compare_finds_first_mismatch() {
-        let t = filled(DType::I32, 5, |i| i as f64);
-        assert!(compare(&t, |i| i as f64, |_| 0.0).is_ok());
-        let m = compare(&t, |i| if i >= 3 { 9.0 } else { i as f64 }, |_| 0.0).unwrap_err();
+        let t = fill(DType::I32, 5, |i| i as f64);
+        let b = t.as_bytes();
+        assert!(compare(b, DType::I32, |i| i as f64, |_| 0.0).is_ok());
+        let m = compare(
+            b,
+            DType::I32,
+            |i| if i >= 3 { 9.0 } else { i as f64 },
+            |_| 0.0,
+        )
+        .unwrap_err();
         assert_eq!((m.index, m.expected, m.actual, m.wrong), (3, 9.0, 3.0, 2));
-        let nan = filled(DType::F32, 1, |_| f64::NAN);
-        assert_eq!(count_wrong(&nan, |_| 0.0, |_| 1.0), 1);
+        // Unaligned and truncated memory is still read, and the stub counts.
+        let mut shifted = vec![0u8; 1];
+        shifted.extend_from_slice(b);
+        assert!(compare(&shifted[1..], DType::I32, |i| i as f64, |_| 0.0).is_ok());
+        let m = compare(&b[..7], DType::I32, |i| i as f64, |_| 0.0).unwrap_err();
+        assert_eq!((m.index, m.wrong), (1, 1));
+        let nan = fill(DType::F32, 1, |_| f64::NAN);
+        assert_eq!(count_wrong(nan.as_bytes(), DType::F32, |_| 0.0, |_| 1.0), 1);
     }
 }
