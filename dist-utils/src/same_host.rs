@@ -129,9 +129,14 @@ pub fn same_host_ranks(
 
     let keys: Vec<String> = (0..world).map(|r| format!("{prefix}/{r}")).collect();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    store
-        .wait(&key_refs, deadline.remaining())
-        .map_err(|e| name_missing_ranks(e, &prefix))?;
+    store.wait(&key_refs, deadline.remaining()).map_err(|e| {
+        name_missing_ranks(
+            e,
+            &prefix,
+            "same_host_ranks: waiting for every rank's shared-memory probe",
+            "no shared-memory probe",
+        )
+    })?;
 
     let mut local = Vec::new();
     for (r, key) in keys.iter().enumerate() {
@@ -151,31 +156,27 @@ pub fn same_host_ranks(
         }
     }
 
-    // Barrier: nobody unlinks before everyone has probed.
+    // Barrier: nobody unlinks before everyone has probed. One key per
+    // rank, so a rank that never finishes (frozen, killed) is named.
     let done = format!("{prefix}/done");
-    let release = format!("{prefix}/release");
-    if store.add(&done, 1)? == world as i64 {
-        store.set(&release, b"1")?;
-    }
-    store
-        .wait(&[release.as_str()], deadline.remaining())
-        .map_err(|e| match e {
-            CommError::Timeout {
-                operation, waited, ..
-            } => CommError::timeout(
-                format!("same_host_ranks barrier ({operation})"),
-                waited,
-                [format!(
-                    "ranks that did not finish probing (counter `{done}` below {world})"
-                )],
-            ),
-            other => other,
-        })?;
+    store.set(&format!("{done}/{rank}"), b"1")?;
+    let keys: Vec<String> = (0..world).map(|r| format!("{done}/{r}")).collect();
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    store.wait(&key_refs, deadline.remaining()).map_err(|e| {
+        name_missing_ranks(
+            e,
+            &done,
+            "same_host_ranks: waiting for every rank to finish probing",
+            "did not finish probing",
+        )
+    })?;
     drop(seg);
     Ok(local)
 }
 
-fn name_missing_ranks(e: CommError, prefix: &str) -> CommError {
+/// A store wait's timeout on the keys `<prefix>/<rank>` as a timeout of
+/// `operation` naming those ranks (each with `detail`).
+fn name_missing_ranks(e: CommError, prefix: &str, operation: &str, detail: &str) -> CommError {
     match e {
         CommError::Timeout { waited, keys, .. } => {
             let mut ranks = Vec::new();
@@ -185,15 +186,11 @@ fn name_missing_ranks(e: CommError, prefix: &str) -> CommError {
                     .strip_prefix(&format!("{prefix}/"))
                     .and_then(|r| r.parse::<usize>().ok())
                 {
-                    Some(r) => ranks.push(comm_core::Missing::new(r, "no shared-memory probe")),
+                    Some(r) => ranks.push(comm_core::Missing::new(r, detail)),
                     None => other.push(k),
                 }
             }
-            let mut e = CommError::timeout_ranks(
-                "same_host_ranks: waiting for every rank's shared-memory probe",
-                waited,
-                ranks,
-            );
+            let mut e = CommError::timeout_ranks(operation, waited, ranks);
             if let CommError::Timeout { keys, .. } = &mut e {
                 *keys = other;
             }
