@@ -8,7 +8,8 @@
 # any trial hung or leaked, or the rank was named in under 99%.
 #
 #   bash benches/peers/crash_trials.sh              # 120 trials, release
-#   CRASH_TRIALS=200 CRASH_TIMEOUT_S=5 CRASH_SEED=42 CRASH_VERBOSE=1 bash benches/peers/crash_trials.sh
+#   CRASH_TRIALS=200 CRASH_TIMEOUT_S=5 CRASH_SETUP_PERCENT=100 CRASH_SEED=42 CRASH_VERBOSE=1 \
+#     bash benches/peers/crash_trials.sh
 #
 # The same harness runs 20 trials on the debug build in CI
 # (parallel-state/tests/crash_trials.rs).

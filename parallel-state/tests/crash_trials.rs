@@ -17,7 +17,9 @@
 //! `common/exact.rs` over the world group, on shm and on tcp).
 //!
 //! `CRASH_TRIALS` (default 20), `CRASH_TIMEOUT_S` (the ranks'
-//! `DIST_TIMEOUT_S`, default 5), `CRASH_SEED` (replays a run; the seed is
+//! `DIST_TIMEOUT_S`, default 5), `CRASH_SETUP_PERCENT` (the share of
+//! moments drawn inside the calibrated set-up, default 33; the others are
+//! drawn over the whole run), `CRASH_SEED` (replays a run; the seed is
 //! printed), `CRASH_VERBOSE=1` (a line per trial). The figures are printed
 //! (`--nocapture`); `benches/peers/crash_trials.sh` runs 120 trials on the
 //! release build.
@@ -642,6 +644,7 @@ fn env_num(name: &str, default: u64) -> u64 {
 fn crash_trials_end_clean_and_name_the_rank() {
     let trials = env_num("CRASH_TRIALS", 20) as usize;
     let timeout_s = env_num("CRASH_TIMEOUT_S", 5);
+    let setup_pct = env_num("CRASH_SETUP_PERCENT", 33).min(100);
     let verbose = std::env::var("CRASH_VERBOSE").as_deref() == Ok("1");
     let seed = std::env::var("CRASH_SEED")
         .ok()
@@ -697,11 +700,11 @@ fn crash_trials_end_clean_and_name_the_rank() {
             Sig::Stop
         };
         let victim = rng.below(NPROC as u64) as usize;
-        // A third of the moments fall in the calibrated set-up (with some
-        // margin), the others anywhere in the run but its last tenth (mostly
-        // process exits, where a signal often comes too late).
+        // `setup_pct`% of the moments fall in the calibrated set-up (with
+        // some margin), the others anywhere in the run but its last tenth
+        // (mostly process exits, where a signal often comes too late).
         let (total, setup) = spans[wi];
-        let span = if rng.below(3) == 0 {
+        let span = if rng.below(100) < setup_pct {
             (setup * 6 / 5).min(total)
         } else {
             total * 9 / 10
@@ -745,7 +748,8 @@ fn crash_trials_end_clean_and_name_the_rank() {
         .fold(0.0, f64::max);
     eprintln!(
         "crash trials: {trials} (seed {seed}), {NPROC} ranks, DIST_TIMEOUT_S={timeout_s}, \
-         distrun --grace {GRACE_S} --timeout {overall_s}"
+         distrun --grace {GRACE_S} --timeout {overall_s}, {setup_pct}% of the moments drawn \
+         inside the set-up"
     );
     eprintln!(
         "{:18} {:5} {:>6} {:>6} {:>6} {:>6} {:>5} {:>8} {:>8} {:>9}",
