@@ -445,6 +445,9 @@ struct Trial {
     /// Seconds from the signal to distrun's exit.
     ended_after: f64,
     named: bool,
+    /// SIGSTOP: the first failing survivor blamed the victim, maybe with
+    /// others (ranks stuck behind it); SIGKILL: as `named`.
+    among: bool,
     /// Survivors whose errors blamed another rank than the victim.
     misblamed: Vec<usize>,
     leaked_shm: Vec<String>,
@@ -583,20 +586,23 @@ fn run_trial(
             rank_blames(&lines, r, w.structured).is_some_and(|b| b != BTreeSet::from([victim]))
         })
         .collect();
-    let named = match sig {
-        Sig::Kill => code == Some(137) && named_line == Some((victim, 137)),
-        Sig::Stop => match named_line {
-            Some((first, _)) if first != victim => {
-                rank_blames(&lines, first, w.structured) == Some(BTreeSet::from([victim]))
-            }
-            _ => {
-                code == Some(124)
-                    && lines.iter().any(|(_, l)| {
-                        l.contains("overall timeout")
-                            && l.contains(&format!("ranks still running: [{victim}]"))
-                    })
-            }
-        },
+    let timed_out = code == Some(124)
+        && lines.iter().any(|(_, l)| {
+            l.contains("overall timeout") && l.contains(&format!("ranks still running: [{victim}]"))
+        });
+    let first_blames = match named_line {
+        Some((first, _)) if first != victim => rank_blames(&lines, first, w.structured),
+        _ => None,
+    };
+    let (named, among) = match sig {
+        Sig::Kill => {
+            let n = code == Some(137) && named_line == Some((victim, 137));
+            (n, n)
+        }
+        Sig::Stop => (
+            timed_out || first_blames.as_ref() == Some(&BTreeSet::from([victim])),
+            timed_out || first_blames.is_some_and(|b| b.contains(&victim)),
+        ),
     };
     let verdict = lines
         .iter()
@@ -614,6 +620,7 @@ fn run_trial(
         code,
         ended_after,
         named,
+        among,
         misblamed,
         leaked_shm,
         leaked_procs,
@@ -740,6 +747,7 @@ fn crash_trials_end_clean_and_name_the_rank() {
     let procs: usize = done.iter().map(|t| t.leaked_procs.len()).sum();
     let counted = count(&|t| !t.late);
     let named = count(&|t| !t.late && t.named);
+    let among = count(&|t| !t.late && t.among);
     let misblamed = count(&|t| !t.misblamed.is_empty());
     let max_end = done
         .iter()
@@ -791,7 +799,8 @@ fn crash_trials_end_clean_and_name_the_rank() {
     };
     eprintln!(
         "total: {hangs} hangs, {shm} leaked /dev/shm segments, {procs} leaked processes; the rank \
-         hit named in {named}/{counted} ({pct:.1}%) (+{} late: the job ended before the signal); \
+         hit named in {named}/{counted} ({pct:.1}%), alone or with ranks stuck behind it in \
+         {among}/{counted} (+{} late: the job ended before the signal); \
          {} signals during set-up; survivors blaming another rank in {misblamed} trials; every \
          trial ended within {max_end:.2} s of its signal",
         trials - counted,
