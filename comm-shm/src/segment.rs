@@ -494,23 +494,16 @@ impl Segment {
         // The name comes from member 0, the creator: a creator that never
         // publishes it (frozen, killed, or elsewhere in its program) is the
         // rank the timeout names, not the store key.
-        let raw = spec
-            .store
-            .get(&spec.key, dl.remaining())
-            .map_err(|e| match e {
-                CommError::Timeout { waited, .. } => CommError::timeout_ranks(
-                    format!("{} set-up", spec.what),
-                    waited,
-                    vec![comm_core::Missing::new(
-                        spec.ranks.first().copied().unwrap_or(0),
-                        format!(
-                            "did not create the segment (store key `{}` never set)",
-                            spec.key
-                        ),
-                    )],
+        let raw = spec.store.get(&spec.key, dl.remaining()).map_err(|e| {
+            e.blaming(
+                spec.ranks.first().copied().unwrap_or(0),
+                format!(
+                    "did not create the segment (store key `{}` never set)",
+                    spec.key
                 ),
-                other => other,
-            })?;
+                format!("{} set-up", spec.what),
+            )
+        })?;
         let name = String::from_utf8(raw)
             .ok()
             .filter(|n| n.starts_with('/') && n.len() < 256 && !n[1..].contains('/'))
