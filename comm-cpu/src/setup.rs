@@ -89,7 +89,13 @@ pub(crate) fn connect_mesh(
         host: addr::host_identity(),
     };
     store.set(&format!("{g}/addr/{rank}"), &me.encode())?;
-    let secret = store.get(&secret_key, deadline.remaining())?;
+    let secret = store.get(&secret_key, deadline.remaining()).map_err(|e| {
+        e.blaming(
+            0,
+            "did not publish the group secret (it has not reached this set-up)",
+            format!("tcp set-up of group `{g}`"),
+        )
+    })?;
     if secret.len() != SECRET_LEN {
         return Err(CommError::Protocol(format!(
             "store key `{secret_key}` holds {} bytes, not a {SECRET_LEN}-byte group secret",

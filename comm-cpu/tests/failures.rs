@@ -242,6 +242,23 @@ impl Redirect {
     }
 }
 
+/// Crash trials (issue 15): members waiting for the group secret, which
+/// rank 0 publishes, name rank 0 when it never comes (frozen or killed
+/// before its set-up), not the store key they waited for.
+#[test]
+fn members_waiting_for_the_group_secret_name_rank_0() {
+    let store: Arc<dyn Store> = Arc::new(HashStore::new());
+    let mut o = common::opts();
+    o.connect_timeout = Duration::from_secs(2);
+    let ctx = comm_core::GroupContext::new(store, 1, 2)
+        .timeout(o.connect_timeout)
+        .group_name("tcp");
+    let e = common::registry(o).create("tcp", &ctx).unwrap_err();
+    assert!(matches!(e, CommError::Timeout { .. }), "{e}");
+    assert_eq!(common::blamed(&e), [0], "{e}");
+    assert!(e.to_string().contains("group secret"), "{e}");
+}
+
 /// Crash trials (issue 15): a member that cannot get through to one peer
 /// (here rank 3 sees rank 1's address as a listener that never answers,
 /// as a frozen rank's would be) still connects to every other one, so
