@@ -403,20 +403,52 @@ fn still_alive(r: &RankProc) -> bool {
     own || group
 }
 
-/// The `/dev/shm` entries a trial's job could have created: its job id, or
-/// a rank's pid in the name.
-fn shm_of(ranks: &[RankProc]) -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/dev/shm") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+/// The names in `/dev/shm`.
+fn shm_names() -> BTreeSet<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The `/dev/shm` entries that appeared during a trial (not in `before`)
+/// and are its job's: the job id in the name (every segment of a job
+/// distrun started: comm-shm's and the same-host probe's), or a rank's pid.
+/// Other programs on the machine may create segments meanwhile; those are
+/// not counted.
+fn shm_of(ranks: &[RankProc], before: &BTreeSet<String>) -> Vec<String> {
+    shm_names()
+        .into_iter()
+        .filter(|n| !before.contains(n))
         .filter(|n| {
             ranks.iter().any(|r| {
                 n.contains(&format!(".{}.", r.job_id))
                     || n.contains(&format!("-{}-", r.pid))
                     || n.contains(&format!(".{}.", r.pid))
             })
+        })
+        .collect()
+}
+
+/// Live processes (not zombies) whose environment carries the job id
+/// `job`: every rank of the trial and anything they started, whether or
+/// not the harness saw it.
+fn job_processes(job: &str) -> Vec<u32> {
+    let needle = format!("DIST_JOB_ID={job}");
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()))
+                && stat_fields(pid).is_some_and(|f| f.first().map(String::as_str) != Some("Z"))
         })
         .collect()
 }
@@ -507,6 +539,7 @@ fn run_trial(
     timeout_s: u64,
     overall_s: u64,
 ) -> Trial {
+    let before = shm_names();
     let mut job = start_job(w, timeout_s, overall_s);
     let distrun_pid = job.child.id();
     let mut ranks: Vec<RankProc> = Vec::new();
@@ -549,23 +582,33 @@ fn run_trial(
     let code = job.wait(bound, &ranks);
     let ended_after = (job.start.elapsed() - signalled_at).as_secs_f64();
     let lines = job.output();
-    // The process table and /dev/shm once distrun is gone.
-    let mut leaked_procs: Vec<u32> = ranks
-        .iter()
-        .filter(|r| still_alive(r))
-        .map(|r| r.pid)
-        .collect();
+    // The process table and /dev/shm once distrun is gone: the ranks seen
+    // (and their process groups), and any process of the job's id.
+    let job_id = ranks.first().map(|r| r.job_id.clone()).unwrap_or_default();
+    let leftovers = || {
+        let mut v: BTreeSet<u32> = ranks
+            .iter()
+            .filter(|r| still_alive(r))
+            .map(|r| r.pid)
+            .collect();
+        if !job_id.is_empty() {
+            v.extend(job_processes(&job_id));
+        }
+        v
+    };
+    let mut leaked_procs: Vec<u32> = leftovers().into_iter().collect();
     if !leaked_procs.is_empty() {
         // Give the kernel a moment to finish exits already under way.
         std::thread::sleep(Duration::from_secs(2));
-        leaked_procs.retain(|&p| ranks.iter().any(|r| r.pid == p && still_alive(r)));
+        leaked_procs = leftovers().into_iter().collect();
         for &p in &leaked_procs {
             if let Some(p) = Pid::from_raw(p as i32) {
                 let _ = rustix::process::kill_process_group(p, Signal::KILL);
+                let _ = rustix::process::kill_process(p, Signal::KILL);
             }
         }
     }
-    let leaked_shm = shm_of(&ranks);
+    let leaked_shm = shm_of(&ranks, &before);
     for n in &leaked_shm {
         let _ = std::fs::remove_file(format!("/dev/shm/{n}"));
     }
