@@ -7,7 +7,7 @@
 # long the slowest trial took to end after its signal. Exits non-zero if
 # any trial hung or leaked, or the rank was named in under 99%.
 #
-#   bash benches/peers/crash_trials.sh              # 120 trials, release
+#   bash benches/peers/crash_trials.sh    # 120 signals that hit a running job, release build
 #   CRASH_TRIALS=200 CRASH_TIMEOUT_S=5 CRASH_SETUP_PERCENT=100 CRASH_SEED=42 CRASH_VERBOSE=1 \
 #     bash benches/peers/crash_trials.sh
 #
