@@ -545,6 +545,33 @@ impl CommError {
         }
     }
 
+    /// A store wait that timed out on a key only `rank` sets (a group
+    /// secret, a segment name, an NCCL id, which member 0 publishes),
+    /// restated as a timeout of `operation` naming that rank, so the
+    /// waiters blame the member that never got there rather than a key.
+    /// Other errors are returned unchanged.
+    ///
+    /// ```
+    /// use comm_core::CommError;
+    /// use std::time::Duration;
+    /// let e = CommError::timeout("store get `g/secret`", Duration::from_secs(5), ["g/secret"])
+    ///     .blaming(0, "did not publish the group secret", "tcp set-up of group `g`");
+    /// assert_eq!(e.culprits().iter().map(|r| r.group).collect::<Vec<_>>(), [0]);
+    /// ```
+    pub fn blaming(
+        self,
+        rank: usize,
+        detail: impl Into<String>,
+        operation: impl Into<String>,
+    ) -> Self {
+        match self {
+            CommError::Timeout { waited, .. } => {
+                CommError::timeout_ranks(operation, waited, vec![Missing::new(rank, detail)])
+            }
+            other => other,
+        }
+    }
+
     /// Attaches a diagnosis (e.g. the flight recorder's divergence report)
     /// to a timeout; other errors are returned unchanged.
     pub fn with_note(self, text: impl Into<String>) -> Self {

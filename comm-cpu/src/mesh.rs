@@ -605,6 +605,15 @@ impl Mesh {
         Ok(())
     }
 
+    /// Whether a peer's abort, sent while it was in `theirs`, is compared
+    /// with this member's collective `mine` as the same call: only a
+    /// collective at the same position of the group's sequence.
+    fn abort_is_mismatch(mine: &CallDesc, theirs: &CallDesc) -> bool {
+        !theirs.op.is_p2p()
+            && theirs.op != comm_core::Collective::SendRecv
+            && theirs.seq == mine.seq
+    }
+
     /// The first abort any peer has sent, as the error to report: a
     /// `CallMismatch` when that peer was in a different collective than
     /// `call` (the abort carries its description), else `PeerAborted`.
@@ -615,8 +624,16 @@ impl Mesh {
                 a.desc,
                 call.desc.op.is_p2p() || call.desc.op == comm_core::Collective::SendRecv,
             ) {
-                if let Err(e) = call.desc.check_peer(&theirs, r, &call.name()) {
-                    return Some(e);
+                // A different call is a mismatch only at the same point of
+                // the sequence: a peer that aborted in a later collective
+                // finished this one and moved on (or, in an earlier one,
+                // has not got here yet), and the ranks its abort blames are
+                // the ones to report (crash trials: a survivor blamed the
+                // messenger for a "mismatch" with its next call).
+                if Self::abort_is_mismatch(&call.desc, &theirs) {
+                    if let Err(e) = call.desc.check_peer(&theirs, r, &call.name()) {
+                        return Some(e);
+                    }
                 }
             }
             Some(CommError::peer_aborted(
@@ -1422,5 +1439,28 @@ fn write_bounded(sock: &TcpStream, frame: &[u8], until: Instant) {
             }
             Err(_) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use comm_core::{Collective, DType};
+
+    #[test]
+    fn only_an_abort_at_the_same_position_is_a_mismatch() {
+        let mine = CallDesc::new(Collective::AllReduce, 172, DType::F32, 1024);
+        // The peer finished #172 and aborted in #173 (another rank was
+        // lost): not a mismatch, its culprits are what to report.
+        let later = CallDesc::new(Collective::AllReduce, 173, DType::I64, 1024);
+        assert!(!Mesh::abort_is_mismatch(&mine, &later));
+        let earlier = CallDesc::new(Collective::Broadcast, 171, DType::F32, 8);
+        assert!(!Mesh::abort_is_mismatch(&mine, &earlier));
+        // A different call at the same position is one.
+        let other = CallDesc::new(Collective::Broadcast, 172, DType::F32, 1024);
+        assert!(Mesh::abort_is_mismatch(&mine, &other));
+        // Point-to-point numbers are another sequence.
+        let p2p = CallDesc::new(Collective::Send, 172, DType::F32, 1024);
+        assert!(!Mesh::abort_is_mismatch(&mine, &p2p));
     }
 }

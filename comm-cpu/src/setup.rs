@@ -4,11 +4,15 @@
 //! lower, two connections per pair (data and control). Every connection is
 //! authenticated by [`crate::handshake`] with a random secret rank 0
 //! publishes in the store. Incoming handshakes run concurrently with the
-//! outgoing connections, each bounded on its own.
+//! outgoing connections, each bounded on its own, and the outgoing ones run
+//! concurrently with each other: a peer that never answers (frozen, killed
+//! mid-set-up) holds up only the connection to itself, so every other
+//! member completes its part and nobody blames a member that was merely
+//! stuck behind the culprit.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use comm_core::{CommError, Deadline, Missing, Result, Store};
@@ -23,6 +27,8 @@ use crate::wire::{AddrRecord, ClientHeader, CHANNEL_CONTROL, CHANNEL_DATA};
 use crate::TcpOptions;
 
 const SECRET_LEN: usize = 32;
+/// Most outgoing connections made at once (each a thread while it lasts).
+const CONNECT_WORKERS: usize = 16;
 
 fn tune(sock: &Socket, opts: &TcpOptions) {
     if opts.socket_buffer > 0 {
@@ -83,7 +89,13 @@ pub(crate) fn connect_mesh(
         host: addr::host_identity(),
     };
     store.set(&format!("{g}/addr/{rank}"), &me.encode())?;
-    let secret = store.get(&secret_key, deadline.remaining())?;
+    let secret = store.get(&secret_key, deadline.remaining()).map_err(|e| {
+        e.blaming(
+            0,
+            "did not publish the group secret (it has not reached this set-up)",
+            format!("tcp set-up of group `{g}`"),
+        )
+    })?;
     if secret.len() != SECRET_LEN {
         return Err(CommError::Protocol(format!(
             "store key `{secret_key}` holds {} bytes, not a {SECRET_LEN}-byte group secret",
@@ -107,20 +119,7 @@ pub(crate) fn connect_mesh(
         // (so a member on loopback in a group spanning hosts fails at once).
         let out = read_records(store, g, rank + 1, &deadline).and_then(|lower| {
             check_reachable(g, rank, &lower)?;
-            let pairs = (0..rank)
-                .map(|to| {
-                    connect_pair(
-                        &lower[to].addr,
-                        rank,
-                        to,
-                        world,
-                        &secret,
-                        g,
-                        opts,
-                        &deadline,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let pairs = connect_lower(&lower[..rank], rank, world, &secret, g, opts, &deadline)?;
             check_reachable(g, rank, &read_records(store, g, world, &deadline)?)?;
             tracing::debug!(group = %g, rank, "tcp set-up: every member published its address");
             Ok(pairs)
@@ -228,6 +227,83 @@ fn check_reachable(g: &str, rank: usize, records: &[AddrRecord]) -> Result<()> {
         describe(on_loopback[0]),
         describe(other),
     )))
+}
+
+/// Connects to every lower rank (`lower[to]` is rank `to`'s record), up to
+/// [`CONNECT_WORKERS`] at once, this thread being one of the workers. Every
+/// connection is attempted whatever happens to the others; a refusal is
+/// returned as is, and timeouts are merged into one naming every rank not
+/// reached.
+#[allow(clippy::too_many_arguments)]
+fn connect_lower(
+    lower: &[AddrRecord],
+    rank: usize,
+    world: usize,
+    secret: &[u8],
+    g: &str,
+    opts: &TcpOptions,
+    deadline: &Deadline,
+) -> Result<Vec<(TcpStream, TcpStream)>> {
+    type Slot = Mutex<Option<Result<(TcpStream, TcpStream)>>>;
+    let n = lower.len();
+    let next = AtomicUsize::new(0);
+    let slots: Vec<Slot> = (0..n).map(|_| Mutex::new(None)).collect();
+    let work = || loop {
+        let to = next.fetch_add(1, Ordering::Relaxed);
+        if to >= n {
+            break;
+        }
+        let r = connect_pair(&lower[to].addr, rank, to, world, secret, g, opts, deadline);
+        *slots[to].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    };
+    std::thread::scope(|s| {
+        for w in 1..n.min(CONNECT_WORKERS) {
+            // A worker that cannot be started leaves its share to the others.
+            let _ = std::thread::Builder::new()
+                .name(format!("tcp-connect-{rank}-{w}"))
+                .spawn_scoped(s, work);
+        }
+        work();
+    });
+    let mut pairs = Vec::with_capacity(n);
+    let mut failed: Option<CommError> = None;
+    let mut timeouts: Vec<CommError> = Vec::new();
+    for slot in slots {
+        match slot.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(Ok(p)) => pairs.push(p),
+            Some(Err(e @ CommError::Timeout { .. })) => timeouts.push(e),
+            Some(Err(e)) => {
+                failed.get_or_insert(e);
+            }
+            None => {
+                failed.get_or_insert(CommError::State(
+                    "tcp set-up: a connection was never attempted".into(),
+                ));
+            }
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if timeouts.len() > 1 {
+        let waited = deadline.elapsed();
+        let missing = timeouts
+            .into_iter()
+            .flat_map(|e| match e {
+                CommError::Timeout { missing, .. } => missing,
+                _ => Vec::new(),
+            })
+            .collect();
+        return Err(CommError::timeout_ranks(
+            format!("tcp set-up of group `{g}`: rank {rank} connecting to the lower ranks"),
+            waited,
+            missing,
+        ));
+    }
+    match timeouts.pop() {
+        Some(e) => Err(e),
+        None => Ok(pairs),
+    }
 }
 
 /// Makes a pair's connections ready for the data plane.

@@ -242,6 +242,67 @@ impl Redirect {
     }
 }
 
+/// Crash trials (issue 15): members waiting for the group secret, which
+/// rank 0 publishes, name rank 0 when it never comes (frozen or killed
+/// before its set-up), not the store key they waited for.
+#[test]
+fn members_waiting_for_the_group_secret_name_rank_0() {
+    let store: Arc<dyn Store> = Arc::new(HashStore::new());
+    let mut o = common::opts();
+    o.connect_timeout = Duration::from_secs(2);
+    let ctx = comm_core::GroupContext::new(store, 1, 2)
+        .timeout(o.connect_timeout)
+        .group_name("tcp");
+    let e = common::registry(o).create("tcp", &ctx).unwrap_err();
+    assert!(matches!(e, CommError::Timeout { .. }), "{e}");
+    assert_eq!(common::blamed(&e), [0], "{e}");
+    assert!(e.to_string().contains("group secret"), "{e}");
+}
+
+/// Crash trials (issue 15): a member that cannot get through to one peer
+/// (here rank 3 sees rank 1's address as a listener that never answers,
+/// as a frozen rank's would be) still connects to every other one, so
+/// ranks 0 and 2 complete their set-up, and only the pair that cannot
+/// connect blames each other. Connecting to the lower ranks one after
+/// another made rank 3 wait out its deadline on rank 1 before even trying
+/// rank 2, which then blamed rank 3.
+#[test]
+fn one_unanswering_peer_holds_up_only_its_own_connection() {
+    let store: Arc<dyn Store> = Arc::new(HashStore::new());
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let redirected: Arc<dyn Store> = Arc::new(Redirect {
+        inner: store.clone(),
+        key: "tcp/addr/1".into(),
+        to: silent.local_addr().unwrap(),
+    });
+    let mut o = common::opts();
+    o.connect_timeout = Duration::from_secs(5);
+    let members: Vec<_> = (0..4)
+        .map(|r| {
+            let s = if r == 3 {
+                redirected.clone()
+            } else {
+                store.clone()
+            };
+            let o = o.clone();
+            std::thread::spawn(move || {
+                let ctx = comm_core::GroupContext::new(s, r, 4)
+                    .timeout(o.connect_timeout)
+                    .group_name("tcp");
+                common::registry(o).create("tcp", &ctx).map(|_| ())
+            })
+        })
+        .collect();
+    let res: Vec<Result<()>> = members.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(res[0].is_ok(), "rank 0: {:?}", res[0]);
+    assert!(res[2].is_ok(), "rank 2: {:?}", res[2]);
+    let e1 = res[1].as_ref().unwrap_err();
+    assert_eq!(common::blamed(e1), [3], "rank 1: {e1}");
+    let e3 = res[3].as_ref().unwrap_err();
+    assert_eq!(common::blamed(e3), [1], "rank 3: {e3}");
+    drop(silent);
+}
+
 /// Records rank 1's real handshake with rank 0 through a proxy, checks the
 /// secret is nowhere in it, then replays the recorded bytes to rank 0's
 /// listener: refused, and the group still forms.

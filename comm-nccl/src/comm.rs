@@ -501,7 +501,13 @@ fn exchange_id(
         store.set(key, id.as_bytes())?;
         return Ok(id);
     }
-    let bytes = store.get(key, deadline.remaining())?;
+    let bytes = store.get(key, deadline.remaining()).map_err(|e| {
+        e.blaming(
+            0,
+            "did not publish the NCCL unique id (it has not reached this set-up)",
+            format!("nccl set-up: waiting for `{key}`"),
+        )
+    })?;
     let id = NcclUniqueId::from_bytes(&bytes)?;
     let readers = format!("{key}/readers");
     if store.add(&readers, 1)? == (world - 1) as i64 {

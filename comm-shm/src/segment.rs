@@ -518,7 +518,19 @@ impl Segment {
     }
 
     fn attach(spec: &SetupSpec<'_>, dl: &Deadline) -> Result<Segment> {
-        let raw = spec.store.get(&spec.key, dl.remaining())?;
+        // The name comes from member 0, the creator: a creator that never
+        // publishes it (frozen, killed, or elsewhere in its program) is the
+        // rank the timeout names, not the store key.
+        let raw = spec.store.get(&spec.key, dl.remaining()).map_err(|e| {
+            e.blaming(
+                spec.ranks.first().copied().unwrap_or(0),
+                format!(
+                    "did not create the segment (store key `{}` never set)",
+                    spec.key
+                ),
+                format!("{} set-up", spec.what),
+            )
+        })?;
         let name = String::from_utf8(raw)
             .ok()
             .filter(|n| n.starts_with('/') && n.len() < 256 && !n[1..].contains('/'))

@@ -284,6 +284,31 @@ fn a_member_that_never_attaches_times_out_and_nothing_leaks() {
     assert_no_segments(&j);
 }
 
+/// Issue 15 (crash trials): a creator (member 0) frozen or killed before
+/// it publishes the segment is named by the members waiting to attach, not
+/// hidden behind the store key they waited for.
+#[test]
+fn members_waiting_for_a_creator_that_never_comes_name_it() {
+    let j = job("nocreator");
+    let store: std::sync::Arc<dyn comm_core::Store> =
+        std::sync::Arc::new(dist_utils::HashStore::new());
+    let o = opts(&j).timeout(Duration::from_millis(300));
+    let e = join(store, 1, 2, &o).unwrap_err();
+    match &e {
+        CommError::Timeout { missing, keys, .. } => {
+            assert_eq!(
+                missing.iter().map(|m| m.rank.group).collect::<Vec<_>>(),
+                [0],
+                "{e}"
+            );
+            assert!(keys.is_empty(), "{e}");
+            assert!(e.to_string().contains("did not create the segment"), "{e}");
+        }
+        other => panic!("{other}"),
+    }
+    assert_no_segments(&j);
+}
+
 #[test]
 fn an_idle_waiter_sleeps() {
     let j = job("idle");

@@ -12,6 +12,30 @@ use rustix::shm;
 
 /// Store key prefix used by [`same_host_ranks`].
 const KEY: &str = "same_host";
+/// Environment variable naming the job (set by `distrun`); its launcher
+/// removes `/dev/shm/dshm.<job>.*` once every rank has exited.
+const JOB_ID_ENV: &str = "DIST_JOB_ID";
+
+/// The name of rank `rank`'s probe segment. With a job id (`DIST_JOB_ID`,
+/// letters, digits, `-`, `_`, at most 64) the segment is one of the job's
+/// (`/dshm.<job>.<pid>.samehost-r<rank>-<random>`, the names distrun
+/// removes after the job), so a rank killed while it probes (SIGKILL, or
+/// the launcher's SIGTERM while it waits for a frozen peer) leaves nothing
+/// behind; without one, `/dist-samehost-<pid>-r<rank>-<random>`.
+fn probe_name(job: Option<&str>, rank: usize) -> Result<String> {
+    let pid = std::process::id();
+    let tag = random_hex::<8>()?;
+    let valid = |j: &&str| {
+        !j.is_empty()
+            && j.len() <= 64
+            && j.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    };
+    Ok(match job.filter(valid) {
+        Some(j) => format!("/dshm.{j}.{pid}.samehost-r{rank}-{tag}"),
+        None => format!("/dist-samehost-{pid}-r{rank}-{tag}"),
+    })
+}
 
 /// A POSIX shm segment owned by this rank, unlinked on drop.
 struct Segment {
@@ -20,11 +44,8 @@ struct Segment {
 
 impl Segment {
     fn create(rank: usize, token: &str) -> Result<Self> {
-        let name = format!(
-            "/dist-samehost-{}-r{rank}-{}",
-            std::process::id(),
-            random_hex::<8>()?
-        );
+        let job = std::env::var(JOB_ID_ENV).ok();
+        let name = probe_name(job.as_deref().map(str::trim), rank)?;
         let fd = shm::open(
             name.as_str(),
             shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
@@ -56,7 +77,9 @@ fn random_hex<const N: usize>() -> Result<String> {
 
 /// True when segment `name` exists, can be opened by this process and holds `token`.
 fn probe(name: &str, token: &str) -> bool {
-    if !name.starts_with("/dist-samehost-") || name[1..].contains('/') {
+    let ours = name.starts_with("/dist-samehost-")
+        || (name.starts_with("/dshm.") && name.contains(".samehost-r"));
+    if !ours || name[1..].contains('/') {
         return false;
     }
     let Ok(fd) = shm::open(name, shm::OFlags::RDONLY, Mode::empty()) else {
@@ -106,9 +129,14 @@ pub fn same_host_ranks(
 
     let keys: Vec<String> = (0..world).map(|r| format!("{prefix}/{r}")).collect();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    store
-        .wait(&key_refs, deadline.remaining())
-        .map_err(|e| name_missing_ranks(e, &prefix))?;
+    store.wait(&key_refs, deadline.remaining()).map_err(|e| {
+        name_missing_ranks(
+            e,
+            &prefix,
+            "same_host_ranks: waiting for every rank's shared-memory probe",
+            "no shared-memory probe",
+        )
+    })?;
 
     let mut local = Vec::new();
     for (r, key) in keys.iter().enumerate() {
@@ -128,31 +156,27 @@ pub fn same_host_ranks(
         }
     }
 
-    // Barrier: nobody unlinks before everyone has probed.
+    // Barrier: nobody unlinks before everyone has probed. One key per
+    // rank, so a rank that never finishes (frozen, killed) is named.
     let done = format!("{prefix}/done");
-    let release = format!("{prefix}/release");
-    if store.add(&done, 1)? == world as i64 {
-        store.set(&release, b"1")?;
-    }
-    store
-        .wait(&[release.as_str()], deadline.remaining())
-        .map_err(|e| match e {
-            CommError::Timeout {
-                operation, waited, ..
-            } => CommError::timeout(
-                format!("same_host_ranks barrier ({operation})"),
-                waited,
-                [format!(
-                    "ranks that did not finish probing (counter `{done}` below {world})"
-                )],
-            ),
-            other => other,
-        })?;
+    store.set(&format!("{done}/{rank}"), b"1")?;
+    let keys: Vec<String> = (0..world).map(|r| format!("{done}/{r}")).collect();
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    store.wait(&key_refs, deadline.remaining()).map_err(|e| {
+        name_missing_ranks(
+            e,
+            &done,
+            "same_host_ranks: waiting for every rank to finish probing",
+            "did not finish probing",
+        )
+    })?;
     drop(seg);
     Ok(local)
 }
 
-fn name_missing_ranks(e: CommError, prefix: &str) -> CommError {
+/// A store wait's timeout on the keys `<prefix>/<rank>` as a timeout of
+/// `operation` naming those ranks (each with `detail`).
+fn name_missing_ranks(e: CommError, prefix: &str, operation: &str, detail: &str) -> CommError {
     match e {
         CommError::Timeout { waited, keys, .. } => {
             let mut ranks = Vec::new();
@@ -162,15 +186,11 @@ fn name_missing_ranks(e: CommError, prefix: &str) -> CommError {
                     .strip_prefix(&format!("{prefix}/"))
                     .and_then(|r| r.parse::<usize>().ok())
                 {
-                    Some(r) => ranks.push(comm_core::Missing::new(r, "no shared-memory probe")),
+                    Some(r) => ranks.push(comm_core::Missing::new(r, detail)),
                     None => other.push(k),
                 }
             }
-            let mut e = CommError::timeout_ranks(
-                "same_host_ranks: waiting for every rank's shared-memory probe",
-                waited,
-                ranks,
-            );
+            let mut e = CommError::timeout_ranks(operation, waited, ranks);
             if let CommError::Timeout { keys, .. } = &mut e {
                 *keys = other;
             }
@@ -186,4 +206,27 @@ pub fn hostname() -> String {
         .nodename()
         .to_string_lossy()
         .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_names_fall_under_the_launchers_clean_up() {
+        let pid = std::process::id();
+        let n = probe_name(Some("0123abcd"), 3).unwrap();
+        assert!(
+            n.starts_with(&format!("/dshm.0123abcd.{pid}.samehost-r3-")),
+            "{n}"
+        );
+        // No id, or one that cannot be part of a name: the plain name.
+        for job in [None, Some(""), Some("a/b"), Some("*")] {
+            let n = probe_name(job, 1).unwrap();
+            assert!(n.starts_with(&format!("/dist-samehost-{pid}-r1-")), "{n}");
+        }
+        // Names from the store must be probe names.
+        assert!(!probe("/dshm.job.1.other", "t"));
+        assert!(!probe("/etc/passwd", "t"));
+    }
 }

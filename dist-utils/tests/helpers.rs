@@ -136,6 +136,39 @@ fn same_host_ranks_times_out_naming_the_missing_rank() {
     assert!(same_host_ranks(&store, 2, 2, Duration::from_millis(10)).is_err());
 }
 
+/// A rank frozen between publishing its probe and finishing its own
+/// probing is named by the barrier's timeout (found by the crash trials:
+/// the barrier used to be a counter that named nobody).
+#[test]
+fn a_rank_that_never_finishes_probing_is_named() {
+    let _serial = SHM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let store = HashStore::new();
+    // Rank 1 published a probe (of a segment that does not exist here),
+    // then stopped.
+    store
+        .set("same_host/1/1", b"/dist-samehost-1-r1-0 token")
+        .unwrap();
+    match same_host_ranks(&store, 0, 2, Duration::from_millis(300)) {
+        Err(e @ CommError::Timeout { .. }) => {
+            let CommError::Timeout { missing, .. } = &e else {
+                unreachable!()
+            };
+            assert_eq!(
+                missing.iter().map(|m| m.rank.group).collect::<Vec<_>>(),
+                [1],
+                "{e}"
+            );
+            assert!(e.to_string().contains("did not finish probing"), "{e}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(
+        shm_entries().is_empty(),
+        "left in /dev/shm: {:?}",
+        shm_entries()
+    );
+}
+
 #[test]
 fn a_segment_that_cannot_be_opened_means_another_host() {
     let _serial = SHM_TESTS.lock().unwrap_or_else(|e| e.into_inner());
@@ -147,8 +180,7 @@ fn a_segment_that_cannot_be_opened_means_another_host() {
     store
         .set("same_host/1/1", b"/dist-samehost-0-r1-elsewhere 00")
         .unwrap();
-    store.add("same_host/1/done", 1).unwrap();
-    store.set("same_host/1/release", b"1").ok();
+    store.set("same_host/1/done/1", b"1").unwrap();
     assert_eq!(h.join().unwrap().unwrap(), [0]);
     assert!(shm_entries().is_empty());
 }

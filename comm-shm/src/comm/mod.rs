@@ -273,6 +273,21 @@ fn align_up(x: usize, a: usize) -> usize {
     x.div_ceil(a) * a
 }
 
+/// Whom a set-up wait for step `target` blames among the members that did
+/// not reach it (`late`: each with whether it reached step 1). When some
+/// did not even reach the first step, only they are blamed: the others are
+/// alive, and step 1 waits for a successor, so they are most likely stuck
+/// behind them (the crash trials saw a rank frozen before step 1 blamed
+/// together with its predecessor).
+fn setup_culprits(late: Vec<(usize, bool)>, target: u32) -> Vec<usize> {
+    let never: Vec<usize> = late.iter().filter(|(_, s1)| !s1).map(|(q, _)| *q).collect();
+    if target > 1 && !never.is_empty() {
+        never
+    } else {
+        late.into_iter().map(|(q, _)| q).collect()
+    }
+}
+
 impl ShmCommunicator {
     /// Joins (rank 0: creates) the shared-memory group `0..world` through
     /// `store`. Every member must call this concurrently with the same
@@ -428,9 +443,14 @@ impl ShmCommunicator {
         for p in ranks.clone() {
             let f = seg.flag(line(p));
             if let Err(e) = seg.wait(f, || f.reached(target), Watch::One(p), dl, &|| {}) {
-                let missing = ranks
+                let late = ranks
                     .clone()
                     .filter(|&q| !seg.flag(line(q)).reached(target))
+                    .map(|q| (q, seg.flag(line(q)).reached(1)))
+                    .collect();
+                let blamed = setup_culprits(late, target);
+                let missing = blamed
+                    .into_iter()
                     .map(|q| Missing::new(q, "did not finish set-up"))
                     .collect();
                 return Err(match e {
@@ -706,5 +726,21 @@ impl DeviceCommunicator for ShmCommunicator {
 
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         Some(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::setup_culprits;
+
+    #[test]
+    fn set_up_blames_the_members_the_others_wait_for() {
+        // Rank 0 frozen before step 1; rank 3 (its predecessor) reached
+        // step 1 and waits for it: only rank 0 is blamed at step 2.
+        assert_eq!(setup_culprits(vec![(3, true), (0, false)], 2), [0]);
+        // Everyone late reached step 1: all of them.
+        assert_eq!(setup_culprits(vec![(1, true), (2, true)], 2), [1, 2]);
+        // Waiting for step 1 itself: whoever is late.
+        assert_eq!(setup_culprits(vec![(0, false)], 1), [0]);
     }
 }

@@ -5,6 +5,9 @@
 
 #![allow(dead_code)] // each test file uses part of it
 
+pub mod bins;
+pub mod exact;
+
 use std::sync::Mutex;
 use std::time::Duration;
 
