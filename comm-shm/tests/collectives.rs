@@ -105,7 +105,7 @@ fn every_primitive_dtype_op_world_1_to_5() {
     for sc in [false, true] {
         for world in 1..=5 {
             let job = job("prim");
-            on_threads(world, with_sc(opts(&job), sc), |r| {
+            on_threads(world, with_sc(opts(&job), sc), move |r| {
                 check_every_primitive(r, world);
             });
         }
@@ -137,7 +137,7 @@ fn all_reduce_bit_identical_across_ranks_and_algorithms() {
                     .one_shot_max_bytes(one_shot_max),
                 sc,
             );
-            let res = on_threads(world, o, |r| {
+            let res = on_threads(world, o, move |r| {
                 let mut v = data(r.rank);
                 r.comm.all_reduce(&mut v, ReduceOp::Sum).unwrap();
                 v
@@ -205,7 +205,7 @@ fn strided_all_to_all_is_exact() {
     for (sc, world) in [(false, 2), (false, 3), (false, 4), (true, 2), (true, 4)] {
         let job = job("strided");
         let o = opts(&job).workspace_bytes(4096).single_copy(sc, 1);
-        on_threads(world, o, |r| check_strided(r, sc));
+        on_threads(world, o, move |r| check_strided(r, sc));
     }
 }
 
@@ -444,7 +444,7 @@ fn auto_single_copy_all_to_all_is_exact_around_its_thresholds() {
         let o = opts(&j)
             .workspace_bytes(64 << 10)
             .single_copy(SingleCopyMode::Auto, 1);
-        let res = on_threads(world, o, |r| {
+        let res = on_threads(world, o, move |r| {
             for block in [16 << 10, 32 << 10, 200 << 10, 256 << 10, 512 << 10] {
                 let n = block / 4 * r.world;
                 let inputs: Vec<Tensor> = (0..r.world)

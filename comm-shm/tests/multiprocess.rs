@@ -1,5 +1,7 @@
-//! Real processes (this test binary re-executed per rank, see
-//! `common::on_processes`), rendezvous through dist-utils' `FileStore`:
+//! Real processes (this test binary re-executed per rank, by
+//! `comm_conformance::ranks::Processes` through `common::on_processes`, or
+//! one by one with `common::spawn_rank` where a test signals one chosen
+//! rank and rendezvous through dist-utils' `FileStore`):
 //!
 //! * every primitive across processes, both data paths (single copy reads
 //!   another process's memory here, which threads cannot show);
@@ -15,6 +17,7 @@ mod common;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use comm_conformance::ranks::is_worker;
 use comm_core::{CommError, DType, ReduceOp, Tensor};
 use comm_shm::{MessageQueue, MqOptions};
 use common::*;
@@ -30,73 +33,67 @@ fn exit_code_for(e: &CommError, lost: usize) -> i32 {
 
 #[test]
 fn every_primitive_across_processes() {
-    on_processes(
-        "every_primitive_across_processes",
-        3,
-        opts(&job("mpprim")),
-        Duration::from_secs(300),
-        |r| {
-            for sc in [false, true] {
-                let (me, w) = (r.rank, r.world);
-                let n = 3001;
-                let inputs: Vec<Tensor> = (0..w).map(|q| input(DType::F32, q, n, 1)).collect();
-                let mut t = inputs[me].try_clone().unwrap();
-                r.comm.all_reduce(&mut t, ReduceOp::Sum).unwrap();
-                assert_eq!(t, reference(&inputs, ReduceOp::Sum), "single copy {sc}");
-                let mut g = Tensor::zeros([n * w], DType::F32);
-                r.comm.all_gather(&inputs[me], &mut g).unwrap();
-                assert_eq!(g.as_bytes().unwrap(), concat(&inputs));
-                let a2a: Vec<Tensor> = (0..w).map(|q| input(DType::F32, q, n * w, 2)).collect();
-                let mut a = Tensor::zeros([n * w], DType::F32);
-                r.comm.all_to_all(&a2a[me], &mut a).unwrap();
-                let bs = 4 * n;
-                let expect: Vec<u8> = (0..w)
-                    .flat_map(|i| a2a[i].as_bytes().unwrap()[me * bs..(me + 1) * bs].to_vec())
-                    .collect();
-                assert_eq!(a.as_bytes().unwrap(), expect);
-                let mut b = if me == 1 {
-                    inputs[1].try_clone().unwrap()
-                } else {
-                    Tensor::zeros([n], DType::F32)
-                };
-                r.comm.broadcast(&mut b, 1).unwrap();
-                assert_eq!(b, inputs[1]);
-                let (next, prev) = ((me + 1) % w, (me + w - 1) % w);
-                let mut got = Tensor::zeros([n * 5], DType::F32);
-                r.comm
-                    .batch_send_recv(vec![
-                        comm_core::P2pOp::send(&input(DType::F32, me, n * 5, 3), next).unwrap(),
-                        comm_core::P2pOp::recv(&mut got, prev).unwrap(),
-                    ])
+    on_processes(3, opts(&job("mpprim")), Duration::from_secs(300), |r| {
+        for sc in [false, true] {
+            let (me, w) = (r.rank, r.world);
+            let n = 3001;
+            let inputs: Vec<Tensor> = (0..w).map(|q| input(DType::F32, q, n, 1)).collect();
+            let mut t = inputs[me].try_clone().unwrap();
+            r.comm.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+            assert_eq!(t, reference(&inputs, ReduceOp::Sum), "single copy {sc}");
+            let mut g = Tensor::zeros([n * w], DType::F32);
+            r.comm.all_gather(&inputs[me], &mut g).unwrap();
+            assert_eq!(g.as_bytes().unwrap(), concat(&inputs));
+            let a2a: Vec<Tensor> = (0..w).map(|q| input(DType::F32, q, n * w, 2)).collect();
+            let mut a = Tensor::zeros([n * w], DType::F32);
+            r.comm.all_to_all(&a2a[me], &mut a).unwrap();
+            let bs = 4 * n;
+            let expect: Vec<u8> = (0..w)
+                .flat_map(|i| a2a[i].as_bytes().unwrap()[me * bs..(me + 1) * bs].to_vec())
+                .collect();
+            assert_eq!(a.as_bytes().unwrap(), expect);
+            let mut b = if me == 1 {
+                inputs[1].try_clone().unwrap()
+            } else {
+                Tensor::zeros([n], DType::F32)
+            };
+            r.comm.broadcast(&mut b, 1).unwrap();
+            assert_eq!(b, inputs[1]);
+            let (next, prev) = ((me + 1) % w, (me + w - 1) % w);
+            let mut got = Tensor::zeros([n * 5], DType::F32);
+            r.comm
+                .batch_send_recv(vec![
+                    comm_core::P2pOp::send(&input(DType::F32, me, n * 5, 3), next).unwrap(),
+                    comm_core::P2pOp::recv(&mut got, prev).unwrap(),
+                ])
+                .unwrap();
+            assert_eq!(got, input(DType::F32, prev, n * 5, 3));
+            if !sc {
+                // Second round in a fresh group with single copy on.
+                let o = opts(&r.job).single_copy(true, 1).key_prefix("sc");
+                let c = join(r.store.clone(), me, w, &o).unwrap();
+                let active = c
+                    .with_backend(|b| {
+                        b.as_any_mut()
+                            .and_then(|a| a.downcast_mut::<comm_shm::ShmCommunicator>())
+                            .map(|s| s.single_copy_active())
+                    })
+                    .unwrap()
                     .unwrap();
-                assert_eq!(got, input(DType::F32, prev, n * 5, 3));
-                if !sc {
-                    // Second round in a fresh group with single copy on.
-                    let o = opts(&r.job).single_copy(true, 1).key_prefix("sc");
-                    let c = join(r.store.clone(), me, w, &o).unwrap();
-                    let active = c
-                        .with_backend(|b| {
-                            b.as_any_mut()
-                                .and_then(|a| a.downcast_mut::<comm_shm::ShmCommunicator>())
-                                .map(|s| s.single_copy_active())
-                        })
-                        .unwrap()
-                        .unwrap();
-                    eprintln!("rank {me}: single copy across processes active: {active}");
-                    let mut t = inputs[me].try_clone().unwrap();
-                    c.all_reduce(&mut t, ReduceOp::Sum).unwrap();
-                    assert_eq!(t, reference(&inputs, ReduceOp::Sum));
-                    let mut a = Tensor::zeros([n * w], DType::F32);
-                    c.all_to_all(&a2a[me], &mut a).unwrap();
-                    assert_eq!(a.as_bytes().unwrap(), expect);
-                    let mut g = Tensor::zeros([n * w], DType::F32);
-                    c.all_gather(&inputs[me], &mut g).unwrap();
-                    assert_eq!(g.as_bytes().unwrap(), concat(&inputs));
-                    c.barrier().unwrap();
-                }
+                eprintln!("rank {me}: single copy across processes active: {active}");
+                let mut t = inputs[me].try_clone().unwrap();
+                c.all_reduce(&mut t, ReduceOp::Sum).unwrap();
+                assert_eq!(t, reference(&inputs, ReduceOp::Sum));
+                let mut a = Tensor::zeros([n * w], DType::F32);
+                c.all_to_all(&a2a[me], &mut a).unwrap();
+                assert_eq!(a.as_bytes().unwrap(), expect);
+                let mut g = Tensor::zeros([n * w], DType::F32);
+                c.all_gather(&inputs[me], &mut g).unwrap();
+                assert_eq!(g.as_bytes().unwrap(), concat(&inputs));
+                c.barrier().unwrap();
             }
-        },
-    );
+        }
+    });
 }
 
 // ---------------------------------------------------------------- stress
@@ -126,7 +123,6 @@ fn maybe_pause(rng: &mut Rng) {
 
 #[test]
 fn mq_stress_four_processes() {
-    let test = "mq_stress_four_processes";
     let seed: u64 = std::env::var("COMM_SHM_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -135,15 +131,20 @@ fn mq_stress_four_processes() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    if let Some((rank, _, store, job)) = child_of(test) {
+    let job = job("stress");
+    if !is_worker() {
+        println!("mq stress seed: {seed} (set COMM_SHM_SEED to replay)");
+    }
+    let out = processes(4, &job).run_unchecked(|ctx| {
+        let (rank, store) = (ctx.rank, &ctx.store);
         let o = MqOptions::default()
             .timeout(SETUP)
-            .job_id(job)
+            .job_id(rank_job()?)
             .name("stress");
         let mut rng = Rng(seed.wrapping_add(rank as u64 * 1000));
         if rank == WRITER {
             let mut q =
-                MessageQueue::create_writer(&*store, "stress", WRITER, &READERS, RING, o).unwrap();
+                MessageQueue::create_writer(&**store, "stress", WRITER, &READERS, RING, o).unwrap();
             for i in 0..n {
                 maybe_pause(&mut rng);
                 q.enqueue(&stress_msg(seed, i)).unwrap();
@@ -153,7 +154,7 @@ fn mq_stress_four_processes() {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             store.wait(&keys, SETUP).unwrap();
         } else {
-            let mut q = MessageQueue::open_reader(&*store, "stress", rank, o).unwrap();
+            let mut q = MessageQueue::open_reader(&**store, "stress", rank, o).unwrap();
             let mut buf = Vec::new();
             for i in 0..n {
                 q.dequeue_into(&mut buf, SETUP).unwrap();
@@ -168,20 +169,17 @@ fn mq_stress_four_processes() {
             }
             store.set(&format!("stress/done/{rank}"), b"1").unwrap();
         }
-        std::process::exit(0);
-    }
-    println!("mq stress seed: {seed} (set COMM_SHM_SEED to replay)");
-    let dir = tempfile::tempdir().unwrap();
-    let (path, _) = file_store(dir.path());
-    let job = job("stress");
-    let t0 = Instant::now();
-    let mut kids: Vec<Child> = (0..4)
-        .map(|r| spawn_rank(test, r, 4, &path, &job))
-        .collect();
-    let codes = wait_all(&mut kids, Duration::from_secs(300));
-    println!("mq stress: {codes:?} in {:.2?}", t0.elapsed());
-    assert_eq!(codes, [Some(0); 4], "seed {seed}");
-    assert_reaped(&kids);
+        Ok(())
+    });
+    println!("mq stress: {:?} in {:.2?}", out.exit_codes, out.elapsed);
+    assert!(
+        out.success(),
+        "seed {seed}: exit codes {:?}, finished {:?}, {:?}\n{}",
+        out.exit_codes,
+        out.finished,
+        out.stopped,
+        out.logs()
+    );
     assert_no_segments(&job);
 }
 
@@ -190,7 +188,7 @@ fn mq_stress_four_processes() {
 #[test]
 fn sigkill_mid_collective_is_peer_lost_and_leaves_nothing() {
     let test = "sigkill_mid_collective_is_peer_lost_and_leaves_nothing";
-    if let Some((rank, world, store, job)) = child_of(test) {
+    if let Some((rank, world, store, job)) = child_of() {
         let comm = join(
             store.clone(),
             rank,
@@ -239,7 +237,7 @@ fn sigkill_mid_collective_is_peer_lost_and_leaves_nothing() {
 #[test]
 fn sigkill_of_queue_writer_is_peer_lost_for_readers() {
     let test = "sigkill_of_queue_writer_is_peer_lost_for_readers";
-    if let Some((rank, _, store, job)) = child_of(test) {
+    if let Some((rank, _, store, job)) = child_of() {
         let o = MqOptions::default().timeout(SETUP).job_id(job);
         if rank == 1 {
             let mut q = MessageQueue::create_writer(&*store, "mq", 1, &[0, 2], 4096, o).unwrap();

@@ -15,8 +15,8 @@ use common::*;
 
 /// What a child does: joins a group of `world` (and is expected to be
 /// stopped while it waits), or exits at once without joining.
-fn child(test: &str) {
-    let Some((rank, world, store, job)) = child_of(test) else {
+fn child() {
+    let Some((rank, world, store, job)) = child_of() else {
         return;
     };
     match std::env::var("LEAK_ROLE").as_deref() {
@@ -88,7 +88,7 @@ fn ended(k: &mut Child) -> (Option<i32>, Option<i32>) {
 
 /// Rank 0 alone in a group of `world`, stopped by `sig` while it waits.
 fn creator_stopped_by(test: &str, sig: i32) {
-    child(test);
+    child();
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = file_store(dir.path());
     let job = job("leak");
@@ -124,7 +124,7 @@ fn creator_interrupted_by_sigint_in_set_up_leaves_nothing() {
 #[test]
 fn member_exiting_before_joining_leaves_nothing() {
     let test = "member_exiting_before_joining_leaves_nothing";
-    child(test);
+    child();
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = file_store(dir.path());
     let job = job("leakexit");
@@ -145,7 +145,7 @@ fn member_exiting_before_joining_leaves_nothing() {
 #[test]
 fn late_member_killed_then_ctrl_c_leaves_nothing() {
     let test = "late_member_killed_then_ctrl_c_leaves_nothing";
-    child(test);
+    child();
     let dir = tempfile::tempdir().unwrap();
     let (path, store) = file_store(dir.path());
     let job = job("leaklate");
@@ -177,7 +177,7 @@ fn late_member_killed_then_ctrl_c_leaves_nothing() {
 #[test]
 fn application_handler_runs_after_the_clean_up() {
     let test = "application_handler_runs_after_the_clean_up";
-    child(test);
+    child();
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = file_store(dir.path());
     let job = job("leakown");
@@ -201,7 +201,7 @@ fn application_handler_runs_after_the_clean_up() {
 #[test]
 fn after_set_up_sigterm_still_kills() {
     let test = "after_set_up_sigterm_still_kills";
-    if let Some((rank, world, store, job)) = child_of(test) {
+    if let Some((rank, world, store, job)) = child_of() {
         let c = join(store.clone(), rank, world, &opts(&job)).unwrap();
         c.barrier().unwrap();
         store.set(&format!("up/{rank}"), b"1").unwrap();

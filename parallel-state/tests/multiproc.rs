@@ -1,71 +1,29 @@
 //! Multi-process tests: every scenario runs in real processes started by the
 //! project's launcher. The launched processes re-enter this test binary
-//! through the ignored `worker_entry` test with `PS_SCENARIO` set.
+//! through the ignored `worker_entry` test with `PS_SCENARIO` set (the
+//! crate's shared harness, tests/common).
 
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::sync::Arc;
 use std::time::Duration;
 
-use executor::{launch, LaunchConfig};
 use parallel_state as ps;
 use parallel_state::{
     CommError, DType, Device, GroupCoordinator, InitOptions, ParallelState, ReduceOp, Tensor,
     TensorDict, Value, MAX_DICT_DEPTH,
 };
 
-/// One launch at a time: the machine has 2 cores.
-static SERIAL: Mutex<()> = Mutex::new(());
-
+/// Launches `scenario` on `nproc` ranks through the shared harness
+/// (tests/common), which requires every rank to finish it.
 fn run(scenario: &str, nproc: usize, env: &[(&str, &str)]) {
-    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let exe = std::env::current_exe().unwrap();
-    let mut cfg = LaunchConfig::new(exe, nproc)
-        .args([
-            "--ignored",
-            "--exact",
-            "worker_entry",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env("PS_SCENARIO", scenario)
-        .env("DIST_TIMEOUT_S", "60")
-        .timeout(Duration::from_secs(180))
-        .capture(true);
-    for (k, v) in env {
-        cfg = cfg.env(*k, *v);
-    }
-    let out = launch(&cfg).unwrap();
-    let dump = || {
-        (0..nproc)
-            .map(|r| {
-                format!(
-                    "--- rank {r}\n{}\n{}",
-                    out.stdout[r].join("\n"),
-                    out.stderr[r].join("\n")
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    assert!(
-        out.success(),
-        "scenario {scenario} failed: exit codes {:?}\n{}",
-        out.exit_codes(),
-        dump()
-    );
-    for r in 0..nproc {
-        let marker = format!("PS_OK {scenario} rank {r}");
-        assert!(
-            out.stdout[r].iter().any(|l| l.contains(&marker)),
-            "rank {r} did not finish {scenario}\n{}",
-            dump()
-        );
-    }
+    common::run("worker_entry", scenario, nproc, env);
 }
 
 #[test]
 #[ignore = "entry point of the processes the other tests launch"]
 fn worker_entry() {
-    let scenario = std::env::var("PS_SCENARIO").expect("PS_SCENARIO is set by the launching test");
+    let scenario = common::scenario().expect("PS_SCENARIO is set by the launching test");
     // Scenarios of the global (FastVideo-named) layer build the process-wide
     // state themselves.
     let global: Option<fn()> = match scenario.as_str() {

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: ranks as threads over one
-//! HashStore, ranks as processes over one FileStore, every communicator
-//! built through the registry and used through the checked front
+//! HashStore (`comm_conformance::ranks::threads`, the workspace's one rank
+//! runner), ranks as processes of this test binary (the kit's
+//! `worker_command`) over one FileStore, every communicator built through
+//! the registry and used through the checked front
 //! (`comm_core::Communicator`), as users do.
 
 #![allow(dead_code)]
@@ -12,9 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use comm_conformance::ranks;
 use comm_core::{Communicator, GroupContext, Registry, Store};
 use comm_cpu::{TcpFactory, TcpOptions};
-use dist_utils::HashStore;
 
 /// Set-up deadline of the tests: generous, CI is a loaded 2-core machine.
 pub const SETUP: Duration = Duration::from_secs(60);
@@ -50,33 +52,24 @@ pub fn member(
     Ok(c)
 }
 
-/// Runs `f(rank, comm)` on `world` threads, each with its own communicator
-/// of one group over a fresh store (operations bounded by `op_timeout_s`);
-/// returns the results in rank order.
+/// Overall deadline of a run of thread ranks: a hang fails the test.
+pub const THREADS_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Runs `f(rank, comm)` on `world` threads (`comm_conformance::ranks::threads`),
+/// each with its own communicator of one group over a fresh store
+/// (operations bounded by `op_timeout_s`); returns the results in rank
+/// order.
 pub fn run<T: Send + 'static>(
     world: usize,
     o: TcpOptions,
     op_timeout_s: f64,
     f: impl Fn(usize, Communicator) -> T + Send + Sync + 'static,
 ) -> Vec<T> {
-    let store: Arc<dyn Store> = Arc::new(HashStore::new());
-    let f = Arc::new(f);
-    let hs: Vec<_> = (0..world)
-        .map(|r| {
-            let (store, f, o) = (store.clone(), f.clone(), o.clone());
-            std::thread::Builder::new()
-                .name(format!("rank{r}"))
-                .spawn(move || {
-                    let t = Duration::from_secs_f64(op_timeout_s);
-                    let c = member(store, r, world, "tcp", o, t).expect("set-up");
-                    f(r, c)
-                })
-                .unwrap()
-        })
-        .collect();
-    hs.into_iter()
-        .map(|h| h.join().expect("rank thread panicked"))
-        .collect()
+    let t = Duration::from_secs_f64(op_timeout_s);
+    ranks::threads(world, THREADS_DEADLINE, move |r| {
+        let c = member(r.store, r.rank, world, "tcp", o.clone(), t).expect("set-up");
+        f(r.rank, c)
+    })
 }
 
 /// The global ranks an error blames.
@@ -85,12 +78,19 @@ pub fn blamed(e: &comm_core::CommError) -> Vec<usize> {
 }
 
 // ------------------------------------------------------------ processes
+//
+// The process tests control their ranks one by one, which the kit's
+// `Processes` (whose launcher owns the children and stops every rank when
+// one fails) cannot: frozen.rs SIGSTOPs one chosen rank and reads the
+// survivors' exit codes; netns.rs wraps each rank in its own `ip netns
+// exec` and rendezvous through a FileStore, since in its second case
+// MASTER_ADDR is deliberately loopback in separate network stacks, where a
+// store hosted there could not be reached. They start the kit's
+// `worker_command` (this test binary re-executed as a rank of an ignored
+// entry test) themselves.
 
-/// Environment variable telling a re-executed test binary which role to play.
-pub const ROLE_ENV: &str = "COMM_CPU_TEST_ROLE";
-
-/// Ranks run as processes of this test binary, re-executed with
-/// `--exact <entry> --ignored`; killed and reaped on drop.
+/// Ranks run as processes of this test binary, each running the ignored
+/// entry test `entry`; killed and reaped on drop.
 pub struct Procs {
     pub children: Vec<Child>,
     pub dir: tempfile::TempDir,
@@ -107,32 +107,31 @@ impl Procs {
         prefix: impl Fn(usize) -> Vec<String>,
     ) -> Procs {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let exe = std::env::current_exe().expect("the test binary");
         let children = (0..world)
             .map(|r| {
+                let worker = ranks::worker_command(entry).expect("the test binary");
                 let pre = prefix(r);
                 let mut cmd = match pre.split_first() {
                     Some((p, rest)) => {
                         let mut c = Command::new(p);
-                        c.args(rest).arg(&exe);
+                        c.args(rest)
+                            .arg(worker.get_program())
+                            .args(worker.get_args());
+                        for (k, v) in worker.get_envs() {
+                            if let Some(v) = v {
+                                c.env(k, v);
+                            }
+                        }
                         c
                     }
-                    None => Command::new(&exe),
+                    None => worker,
                 };
-                cmd.args([
-                    "--exact",
-                    entry,
-                    "--ignored",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(ROLE_ENV, entry)
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("TEST_DIR", dir.path())
-                .stdin(Stdio::null())
-                .stdout(std::fs::File::create(dir.path().join(format!("out{r}"))).unwrap())
-                .stderr(std::fs::File::create(dir.path().join(format!("err{r}"))).unwrap());
+                cmd.env("RANK", r.to_string())
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("TEST_DIR", dir.path())
+                    .stdin(Stdio::null())
+                    .stdout(std::fs::File::create(dir.path().join(format!("out{r}"))).unwrap())
+                    .stderr(std::fs::File::create(dir.path().join(format!("err{r}"))).unwrap());
                 for (k, v) in env {
                     cmd.env(k, v);
                 }
@@ -213,10 +212,12 @@ impl Drop for Procs {
     }
 }
 
-/// Inside a rank process: its rank, world and the shared directory.
+/// Inside a rank process of the calling entry test: its rank, world and
+/// the shared directory.
 pub fn child_env() -> Option<(usize, usize, PathBuf)> {
-    let role = std::env::var(ROLE_ENV).ok()?;
-    let _ = role;
+    if !ranks::is_worker() {
+        return None;
+    }
     let r = std::env::var("RANK").ok()?.parse().ok()?;
     let w = std::env::var("WORLD_SIZE").ok()?.parse().ok()?;
     let d = PathBuf::from(std::env::var("TEST_DIR").ok()?);

@@ -1,37 +1,34 @@
-//! Test helpers: one way to run N ranks (threads of this process, or real
-//! processes re-executing this test binary), each a
+//! Test helpers of comm-shm. Ranks run through the workspace's one rank
+//! runner, `comm_conformance::ranks` (threads over one `HashStore`, or
+//! processes of this test binary started by the launcher), each a
 //! [`Communicator`](comm_core::Communicator) made through the registry
-//! ([`ShmFactory`]), plus data builders, reference reductions and leak
-//! checks. Stores are dist-utils' (`HashStore` for threads, `FileStore` in
-//! a temporary directory for processes).
+//! ([`ShmFactory`]). What stays here is comm-shm's own: options, data
+//! builders, reference reductions, the /dev/shm and process-table leak
+//! checks, and [`spawn_rank`] for the tests that signal one chosen rank
+//! process.
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use comm_conformance::ranks::{self, Processes, RankCtx};
 use comm_core::reduce::{finish_avg, reduce_into};
 use comm_core::{
     bf16, f16, Communicator, DType, Element, GroupContext, ReduceOp, Registry, Result, Store,
     Tensor,
 };
 use comm_shm::{list_segments, ShmFactory, ShmOptions};
-use dist_utils::{FileStore, HashStore};
+use dist_utils::FileStore;
 
 /// Deadline of set-up in tests: generous, so a loaded machine never fails
 /// a test at set-up; tests that need a short deadline set it on the
 /// communicator after set-up ([`Communicator::set_timeout`]).
 pub const SETUP: Duration = Duration::from_secs(120);
 
-/// How the ranks of a test run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Threads of this process (each with its own mapping of the segment).
-    Threads,
-    /// Processes: this test binary re-executed once per rank.
-    Processes,
-}
+/// Overall deadline of a run of thread ranks: a hang fails the test.
+pub const THREADS_DEADLINE: Duration = Duration::from_secs(300);
 
 /// One rank of a test group.
 pub struct Rank {
@@ -66,56 +63,89 @@ pub fn join(
     reg.create("shm", &ctx)
 }
 
-/// Runs `f` on `world` threads, each with its own communicator, and returns
-/// their results in rank order; afterwards nothing of the job is left in
-/// /dev/shm.
-pub fn on_threads<R: Send>(world: usize, o: ShmOptions, f: impl Fn(&Rank) -> R + Sync) -> Vec<R> {
-    let store: Arc<dyn Store> = Arc::new(HashStore::new());
-    let out = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..world)
-            .map(|rank| {
-                let (store, o, f) = (store.clone(), o.clone(), &f);
-                s.spawn(move || {
-                    let comm = join(store.clone(), rank, world, &o).unwrap();
-                    f(&Rank {
-                        rank,
-                        world,
-                        comm,
-                        store,
-                        job: o.job_id.clone(),
-                    })
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_no_segments(&o.job_id);
+/// The rank of the kit's `ctx` with its communicator of job `o.job_id`.
+fn rank_of(ctx: &RankCtx, o: &ShmOptions) -> Rank {
+    Rank {
+        rank: ctx.rank,
+        world: ctx.world,
+        comm: join(ctx.store.clone(), ctx.rank, ctx.world, o).unwrap(),
+        store: ctx.store.clone(),
+        job: o.job_id.clone(),
+    }
+}
+
+/// Runs `f` on `world` threads (`comm_conformance::ranks::threads`), each
+/// with its own communicator, and returns their results in rank order;
+/// afterwards nothing of the job is left in /dev/shm.
+pub fn on_threads<R: Send + 'static>(
+    world: usize,
+    o: ShmOptions,
+    f: impl Fn(&Rank) -> R + Send + Sync + 'static,
+) -> Vec<R> {
+    let job = o.job_id.clone();
+    let out = ranks::threads(world, THREADS_DEADLINE, move |ctx| f(&rank_of(&ctx, &o)));
+    assert_no_segments(&job);
     out
 }
 
-const CHILD_TEST: &str = "COMM_SHM_TEST_CHILD";
-const CHILD_RANK: &str = "COMM_SHM_TEST_RANK";
-const CHILD_WORLD: &str = "COMM_SHM_TEST_WORLD";
-const CHILD_STORE: &str = "COMM_SHM_TEST_STORE";
-const CHILD_JOB: &str = "COMM_SHM_TEST_JOB";
+/// `world` rank processes (`comm_conformance::ranks::Processes`: this test
+/// binary re-executed by the launcher, which reaps every rank before it
+/// returns) that share the parent's job id `job`: each rank re-runs the
+/// test function and so makes a job id of its own, [`rank_job`] gives it
+/// the parent's.
+pub fn processes(world: usize, job: &str) -> Processes {
+    Processes::new(world).env(JOB_ENV, job)
+}
 
-/// The rank this process plays when it is a child of [`on_processes`] for
-/// `test`: `(rank, world, store, job)`.
-pub fn child_of(test: &str) -> Option<(usize, usize, Arc<dyn Store>, String)> {
-    if std::env::var(CHILD_TEST).ok()? != test {
+/// In a rank of [`processes`]: the parent's job id.
+pub fn rank_job() -> std::result::Result<String, String> {
+    std::env::var(JOB_ENV).map_err(|e| format!("{JOB_ENV}: {e}"))
+}
+
+/// Runs `f` as `world` real processes ([`processes`]), each with its own
+/// communicator; a rank passes when `f` returns without panicking. In the
+/// parent: requires every rank to exit 0 within `limit`, then checks that
+/// nothing is left in /dev/shm. In a rank: runs it and exits.
+pub fn on_processes(world: usize, o: ShmOptions, limit: Duration, f: impl Fn(&Rank)) {
+    let job = o.job_id.clone();
+    processes(world, &job).deadline(limit).run(|ctx| {
+        f(&rank_of(ctx, &o.clone().job_id(rank_job()?)));
+        Ok(())
+    });
+    assert_no_segments(&job);
+}
+
+// ------------------------------------------------- ranks signalled one by one
+//
+// The crash and set-up-leak tests SIGKILL, SIGTERM or SIGINT one chosen
+// rank and then read the others' exit codes (42, 5, 77, ...) and signals.
+// The kit's `Processes` cannot: its launcher owns the children and stops
+// every rank as soon as one fails. So these tests start each rank
+// themselves with the kit's `worker_command` (the re-executed test binary)
+// and rendezvous through a `FileStore` they also read.
+
+const RANK_ENV: &str = "COMM_SHM_TEST_RANK";
+const WORLD_ENV: &str = "COMM_SHM_TEST_WORLD";
+const STORE_ENV: &str = "COMM_SHM_TEST_STORE";
+const JOB_ENV: &str = "COMM_SHM_TEST_JOB";
+
+/// In a rank started by [`spawn_rank`] for the calling test: `(rank,
+/// world, store, job)`; `None` in the test itself.
+pub fn child_of() -> Option<(usize, usize, Arc<dyn Store>, String)> {
+    if !ranks::is_worker() {
         return None;
     }
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} unset"));
-    let store: Arc<dyn Store> = Arc::new(FileStore::new(var(CHILD_STORE)).unwrap());
+    let store: Arc<dyn Store> = Arc::new(FileStore::new(var(STORE_ENV)).unwrap());
     Some((
-        var(CHILD_RANK).parse().unwrap(),
-        var(CHILD_WORLD).parse().unwrap(),
+        var(RANK_ENV).parse().unwrap(),
+        var(WORLD_ENV).parse().unwrap(),
         store,
-        var(CHILD_JOB),
+        var(JOB_ENV),
     ))
 }
 
-/// Spawns this test binary as rank `rank` of `world` for test `test`.
+/// Starts this test binary as rank `rank` of `world` for test `test`.
 pub fn spawn_rank(test: &str, rank: usize, world: usize, store: &Path, job: &str) -> Child {
     spawn_with(test, rank, world, store, job, &[])
 }
@@ -129,13 +159,11 @@ pub fn spawn_with(
     job: &str,
     env: &[(&str, &str)],
 ) -> Child {
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args([test, "--exact", "--nocapture", "--test-threads=1", "-q"])
-        .env(CHILD_TEST, test)
-        .env(CHILD_RANK, rank.to_string())
-        .env(CHILD_WORLD, world.to_string())
-        .env(CHILD_STORE, store)
-        .env(CHILD_JOB, job);
+    let mut c = ranks::worker_command(test).unwrap();
+    c.env(RANK_ENV, rank.to_string())
+        .env(WORLD_ENV, world.to_string())
+        .env(STORE_ENV, store)
+        .env(JOB_ENV, job);
     for (k, v) in env {
         c.env(k, v);
     }
@@ -147,46 +175,6 @@ pub fn file_store(dir: &Path) -> (std::path::PathBuf, Arc<dyn Store>) {
     let p = dir.join("store");
     let s: Arc<dyn Store> = Arc::new(FileStore::new(&p).unwrap());
     (p, s)
-}
-
-/// Runs `f` as `world` real processes (this test binary re-executed), each
-/// with its own communicator; a rank passes when `f` returns without
-/// panicking. In the parent: spawns them, requires every one to exit 0
-/// within `limit`, and checks that nothing is left in /dev/shm or the
-/// process table. In a child: runs its rank and exits.
-pub fn on_processes(test: &str, world: usize, o: ShmOptions, limit: Duration, f: impl Fn(&Rank)) {
-    if let Some((rank, world, store, job)) = child_of(test) {
-        let o = o.job_id(&job);
-        let comm = join(store.clone(), rank, world, &o).unwrap();
-        f(&Rank {
-            rank,
-            world,
-            comm,
-            store,
-            job,
-        });
-        std::process::exit(0);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let (path, _store) = file_store(dir.path());
-    let job = o.job_id.clone();
-    let mut kids: Vec<Child> = (0..world)
-        .map(|r| spawn_rank(test, r, world, &path, &job))
-        .collect();
-    let codes = wait_all(&mut kids, limit);
-    assert_eq!(codes, vec![Some(0); world], "rank exit codes of {test}");
-    assert_reaped(&kids);
-    assert_no_segments(&job);
-}
-
-/// Either mode.
-pub fn on(mode: Mode, test: &str, world: usize, o: ShmOptions, f: impl Fn(&Rank) + Sync) {
-    match mode {
-        Mode::Threads => {
-            on_threads(world, o, f);
-        }
-        Mode::Processes => on_processes(test, world, o, Duration::from_secs(300), f),
-    }
 }
 
 /// Waits for every child up to `limit` (then kills the rest); exit codes
