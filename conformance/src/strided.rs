@@ -40,76 +40,51 @@ pub(crate) fn run(c: &mut Checks<'_>) -> Result<(), Failure> {
     }
     c.section("strided all_to_all (Ulysses)", |c| {
         for dtype in [DType::F32, DType::BF16, DType::I8, DType::F64] {
-            for (b, sl, hp, d) in CASES {
-                forward(c, dtype, b, sl, hp, d)?;
-                inverse(c, dtype, b, sl, hp, d)?;
+            for case in CASES {
+                exchange(c, dtype, case, true)?;
+                exchange(c, dtype, case, false)?;
             }
         }
         Ok(())
     })
 }
 
-/// `[B, S/P, H, D]` -> `[B, S, H/P, D]`: member `r` receives the whole
-/// sequence of its head block.
-fn forward(
+/// One direction of the exchange: `forward` is `[B, S/P, H, D]` ->
+/// `[B, S, H/P, D]` (member `r` receives the whole sequence of its head
+/// block), otherwise the exact inverse.
+fn exchange(
     c: &mut Checks<'_>,
     dtype: DType,
-    b: usize,
-    sl: usize,
-    hp: usize,
-    d: usize,
+    (b, sl, hp, d): (usize, usize, usize, usize),
+    forward: bool,
 ) -> Result<(), Failure> {
     let (salt, rank, p) = (c.next_salt(), c.rank, c.world);
-    let h = p * hp;
-    let what = format!(
-        "all_to_all_strided [B={b}, S/P={sl}, H={h}, D={d}] -> [B, S, H/P, D] {dtype} world={p}"
-    );
-    let n = b * sl * h * d;
+    let (h, s) = (p * hp, p * sl);
+    let (heads, sequence) = layouts(p, b, sl, hp, d);
+    // The input's shape, its layout and the output's, and the code of the
+    // call (scatter and gather dims) carried in the description.
+    let (shape, send, recv, arg, what) = if forward {
+        let what = format!(
+            "all_to_all_strided [B={b}, S/P={sl}, H={h}, D={d}] -> [B, S, H/P, D] {dtype} world={p}"
+        );
+        ([b, sl, h, d], heads, sequence, 2 * 16 + 1, what)
+    } else {
+        let what = format!(
+            "all_to_all_strided [B={b}, S={s}, H/P={hp}, D={d}] -> [B, S/P, H, D] {dtype} world={p}"
+        );
+        ([b, s, hp, d], sequence, heads, 16 + 2, what)
+    };
+    let n = shape.iter().product();
     let input = c.buf(dtype, n, |i| Checks::unique(dtype, salt, rank, i))?;
     let mut out = c.out(dtype, n)?;
-    let (heads, sequence) = layouts(p, b, sl, hp, d);
-    let shape = [b, sl, h, d];
     let layout = Layout {
         op: Collective::AllToAll4d,
         shape: &shape,
-        arg: 2 * 16 + 1,
+        arg,
     };
-    strided(c.comm, &input, heads, &mut out, sequence, layout).map_err(|e| c.err(&what, e))?;
+    strided(c.comm, &input, send, &mut out, recv, layout).map_err(|e| c.err(&what, e))?;
     let expected = |i: usize| {
-        let (src, at) = ulysses_source(true, shape, p, rank, i);
-        Checks::unique(dtype, salt, src, at)
-    };
-    c.expect(&what, &out, expected, |_| 0.0)?;
-    c.passed()
-}
-
-/// `[B, S, H/P, D]` -> `[B, S/P, H, D]`: the exact inverse.
-fn inverse(
-    c: &mut Checks<'_>,
-    dtype: DType,
-    b: usize,
-    sl: usize,
-    hp: usize,
-    d: usize,
-) -> Result<(), Failure> {
-    let (salt, rank, p) = (c.next_salt(), c.rank, c.world);
-    let s = p * sl;
-    let what = format!(
-        "all_to_all_strided [B={b}, S={s}, H/P={hp}, D={d}] -> [B, S/P, H, D] {dtype} world={p}"
-    );
-    let n = b * s * hp * d;
-    let input = c.buf(dtype, n, |i| Checks::unique(dtype, salt, rank, i))?;
-    let mut out = c.out(dtype, n)?;
-    let (heads, sequence) = layouts(p, b, sl, hp, d);
-    let shape = [b, s, hp, d];
-    let layout = Layout {
-        op: Collective::AllToAll4d,
-        shape: &shape,
-        arg: 16 + 2,
-    };
-    strided(c.comm, &input, sequence, &mut out, heads, layout).map_err(|e| c.err(&what, e))?;
-    let expected = |i: usize| {
-        let (src, at) = ulysses_source(false, shape, p, rank, i);
+        let (src, at) = ulysses_source(forward, shape, p, rank, i);
         Checks::unique(dtype, salt, src, at)
     };
     c.expect(&what, &out, expected, |_| 0.0)?;
