@@ -86,8 +86,7 @@ fn finished_peer_leaves(m: &mut Member<'_>) -> Result<usize, Failure> {
         format!("send/recv while group rank {k} finishes its part and leaves, world {world}");
     let mut comm = Some(m.communicator("leave", None)?);
     let c = comm.as_ref().ok_or("no communicator")?;
-    c.barrier()
-        .map_err(|e| format!("rank {rank}: {what}: the barrier before it failed: {e}"))?;
+    m.settle(c, "leave", &what)?;
     let err = |e| crate::bufs::comm_error(rank, &what, e);
     let small = |i: usize| (i * 7 + k) as f64;
     let big = |i: usize| ((i * 13) % 100_003) as f64;
@@ -140,8 +139,7 @@ fn case(m: &Member<'_>, fault: Fault) -> Result<usize, Failure> {
     let global: Vec<usize> = (0..world).map(|r| GLOBAL_OFFSET + r).collect();
     let comm = m.communicator(&tag, Some(global))?;
     let what = format!("all_reduce while the last rank (group rank {k}) {fault:?}, world {world}");
-    comm.barrier()
-        .map_err(|e| format!("rank {rank}: {what}: the barrier before it failed: {e}"))?;
+    m.settle(&comm, &tag, &what)?;
     let done = format!("{tag}-done");
     if rank == k {
         match fault {

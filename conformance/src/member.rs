@@ -64,6 +64,23 @@ impl Member<'_> {
         })
     }
 
+    /// Brings a fresh communicator into a known state before a case breaks
+    /// it on purpose: a barrier on it (its connections work), then a
+    /// [`meet`](Self::meet) through the store, so no member starts the
+    /// deliberate fault (an abort, a drop, a mismatched call) while another
+    /// is still inside that barrier. Returning from a barrier only says that
+    /// every member has *entered* it; without the meet, a fast member's
+    /// fault may legitimately fail a slow member's barrier.
+    pub(crate) fn settle(&self, comm: &Communicator, tag: &str, what: &str) -> Result<(), Failure> {
+        comm.barrier().map_err(|e| {
+            format!(
+                "rank {}: {what}: the barrier before it failed: {e}",
+                self.rank
+            )
+        })?;
+        self.meet(&format!("{tag}-settled"))
+    }
+
     /// Returns once every rank has called it with `tag` (through the store,
     /// so it works while communicators are broken on purpose), or early
     /// with an error once another rank has failed ([`fail`]).

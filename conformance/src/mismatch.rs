@@ -115,8 +115,7 @@ pub(crate) fn run(m: &mut Member<'_>, log: &mut dyn FnMut(&str)) -> Result<usize
             return Ok(0);
         }
         let what = format!("mismatched call: {name}, world {world}");
-        comm.barrier()
-            .map_err(|e| format!("rank {rank}: {what}: the barrier before it failed: {e}"))?;
+        m.settle(&comm, &tag, &what)?;
         comm.set_timeout(MISMATCH_TIMEOUT);
         let outcome = call(&comm, rank, world, m.holder());
         let mine = match &outcome {
@@ -193,8 +192,7 @@ fn p2p(m: &mut Member<'_>) -> Result<usize, Failure> {
     let (rank, world) = (m.rank, m.world);
     let comm = m.communicator("mismatch-p2p", None)?;
     let what = format!("send f32 x 64 received as i32 x 64, world {world}");
-    comm.barrier()
-        .map_err(|e| format!("rank {rank}: {what}: the barrier before it failed: {e}"))?;
+    m.settle(&comm, "mismatch-p2p", &what)?;
     comm.set_timeout(MISMATCH_TIMEOUT);
     let r = match rank {
         0 => comm.send(
