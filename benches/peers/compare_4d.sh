@@ -6,6 +6,7 @@
 #
 #   WORLDS="2 4" ROUNDS=3 bash benches/peers/compare_4d.sh [min] [max]   # default 1M 128M
 #   CHRT="chrt -f 10" PAUSE=3 ...   # on a shared machine (see compare_mpi.sh)
+#   SHM_PERF=/path/to/shm_perf ...  # a prebuilt binary instead of cargo
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -13,8 +14,14 @@ min="${1:-1M}"
 max="${2:-128M}"
 out="${OUT_DIR:-$here/out}"
 mkdir -p "$out"
-(cd "$root" && cargo build --release -q -p comm-shm --example shm_perf)
-shm="$root/target/release/examples/shm_perf"
+# SHM_PERF: a prebuilt shm_perf (benches/peers/many_cores.sh carries one to
+# a machine without Rust).
+if [ -n "${SHM_PERF:-}" ]; then
+  shm="$SHM_PERF"
+else
+  (cd "$root" && cargo build --release -q -p comm-shm --example shm_perf)
+  shm="$root/target/release/examples/shm_perf"
+fi
 chrt_cmd=(${CHRT:-})
 size() { numfmt --from=iec "$1"; }
 for w in ${WORLDS:-2 4}; do

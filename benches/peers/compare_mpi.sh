@@ -22,8 +22,12 @@ max="${3:-67108864}"
 out="${OUT_DIR:-$here/out}"
 mkdir -p "$out"
 mpicc -O2 -o "$out/mpi_bench" "$here/mpi_bench.c"
-(cd "$root" && cargo build --release -q -p comm-shm --example shm_perf)
-shm="$root/target/release/examples/shm_perf"
+if [ -n "${SHM_PERF:-}" ]; then # a prebuilt shm_perf (many_cores.sh)
+  shm="$SHM_PERF"
+else
+  (cd "$root" && cargo build --release -q -p comm-shm --example shm_perf)
+  shm="$root/target/release/examples/shm_perf"
+fi
 btl="self,vader"
 if ompi_info --parsable 2>/dev/null | grep -q 'btl:sm:'; then btl="self,sm"; fi
 chrt_cmd=(${CHRT:-})
