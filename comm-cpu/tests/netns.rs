@@ -63,7 +63,7 @@ fn bind_address_across_network_namespaces() {
     const TEST: &str = "bind_address_across_network_namespaces";
     let topo = match common::netns::Topology::build("b", 1, 2) {
         Ok(t) => t,
-        Err(reason) => return common::netns::skip(TEST, &reason),
+        Err(why) => return common::netns::skip(TEST, why),
     };
     // 1. The route towards the master, and an exclusion list.
     let mut p = common::Procs::start(

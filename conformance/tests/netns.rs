@@ -30,7 +30,6 @@
 //! can be created but not wired (bridge, veth, `ip netns exec`), the tests
 //! fail: the machine allows the test, so a wiring failure is a real one.
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -41,6 +40,11 @@ use comm_conformance::{Kit, Mode};
 use comm_core::{CommError, Communicator, DType, ReduceOp, Registry, Tensor};
 use comm_cpu::TcpFactory;
 
+// The one network-namespace helper of the workspace's tests.
+#[path = "../../comm-cpu/tests/common/netns.rs"]
+mod netns;
+use netns::{no_topology, report, skip, NoTopology, Topology};
+
 /// The two tests run one at a time: CI machines have two cores, and the
 /// cut-link test measures how long ranks take to fail.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -49,51 +53,8 @@ const WORLD: usize = 3;
 /// The store's port in rank 0's namespace: always free there, since the
 /// namespace is new.
 const MASTER_PORT: u16 = 29_500;
-/// Set to 1 to turn a skip into a failure (e.g. on CI machines that must run
-/// these tests).
-const REQUIRED_ENV: &str = "DIST_NETNS_REQUIRED";
 /// Every condition poll re-checks this often; each has its own deadline.
 const POLL: Duration = Duration::from_millis(10);
-
-/// Writes a line straight to the process's stderr, past the test harness's
-/// output capture, so skips and timings show in CI logs.
-fn report(line: &str) {
-    let mut e = std::io::stderr().lock();
-    let _ = writeln!(e, "{line}");
-}
-
-/// Why a topology could not be built.
-#[derive(Debug)]
-enum NoTopology {
-    /// This machine does not allow network namespaces here (not root, no
-    /// `ip`, an unprivileged container): a skip, unless required.
-    Unsupported(String),
-    /// Namespaces could be created but not wired together: a failure.
-    Broken(String),
-}
-
-/// What a test does when it gets no topology: `Ok` with the line to print
-/// for a skip, `Err` with the failure.
-fn no_topology(test: &str, why: NoTopology, required: bool) -> Result<String, String> {
-    match why {
-        NoTopology::Unsupported(r) if !required => Ok(format!("{test}: skipped: {r}")),
-        NoTopology::Unsupported(r) => Err(format!(
-            "{test}: {r} (and {REQUIRED_ENV}=1 says this test must run)"
-        )),
-        NoTopology::Broken(r) => Err(format!(
-            "{test}: network namespaces can be created here but not wired together: {r}"
-        )),
-    }
-}
-
-/// Skips the calling test, or fails it (see [`no_topology`]).
-fn skip(test: &str, why: NoTopology) {
-    let required = std::env::var(REQUIRED_ENV).as_deref() == Ok("1");
-    match no_topology(test, why, required) {
-        Ok(line) => report(&line),
-        Err(e) => panic!("{e}"),
-    }
-}
 
 #[test]
 fn only_missing_privileges_skip() {
@@ -107,146 +68,6 @@ fn only_missing_privileges_skip() {
         .unwrap_err()
         .contains("not wired"));
     assert!(no_topology("t", b(), true).is_err());
-}
-
-// ---------------------------------------------------------------------------
-// Topology
-
-/// Runs `ip ARGS`; on failure the error says which command and what it printed.
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("`ip {}` could not be run: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// The namespaces of one test; deleting them (on drop) deletes the bridge,
-/// the veth pairs and the addresses with them.
-#[derive(Debug)]
-struct Topology {
-    prefix: String,
-    bridge: String,
-    ranks: Vec<String>,
-    net: u8,
-    /// Every namespace created so far, deleted on drop.
-    created: Vec<String>,
-}
-
-impl Topology {
-    /// Builds the bridge namespace and `world` rank namespaces on
-    /// `10.213.<net>.0/24`. `Err` says why it cannot be done here; what was
-    /// already made is removed.
-    fn build(tag: &str, net: u8, world: usize) -> Result<Topology, NoTopology> {
-        match Command::new("ip").arg("-V").stdin(Stdio::null()).output() {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => {
-                return Err(NoTopology::Unsupported(format!(
-                    "`ip -V` failed ({}); iproute2 looks broken here",
-                    o.status
-                )))
-            }
-            Err(e) => {
-                return Err(NoTopology::Unsupported(format!(
-                    "the `ip` command (iproute2) is not available: {e}; install iproute2"
-                )))
-            }
-        }
-        let prefix = format!("dlnet{}{tag}", std::process::id());
-        let mut t = Topology {
-            bridge: format!("{prefix}-br"),
-            ranks: (0..world).map(|r| format!("{prefix}-r{r}")).collect(),
-            prefix,
-            net,
-            created: Vec::new(),
-        };
-        t.add_ns(&t.bridge.clone()).map_err(|e| {
-            NoTopology::Unsupported(format!(
-                "cannot create network namespaces here ({e}); this test needs root (or \
-                 CAP_SYS_ADMIN and CAP_NET_ADMIN) outside an unprivileged container"
-            ))
-        })?;
-        t.wire(world).map_err(NoTopology::Broken)?;
-        Ok(t)
-    }
-
-    fn add_ns(&mut self, name: &str) -> Result<(), String> {
-        // The name embeds this process's id, so one that exists is left over
-        // from a dead process that had the same id: remove it.
-        if Path::new("/run/netns").join(name).exists() {
-            let _ = ip(&["netns", "del", name]);
-        }
-        ip(&["netns", "add", name])?;
-        self.created.push(name.to_string());
-        Ok(())
-    }
-
-    fn wire(&mut self, world: usize) -> Result<(), String> {
-        let br = self.bridge.clone();
-        ip(&["-n", &br, "link", "set", "lo", "up"])?;
-        ip(&["-n", &br, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &br, "link", "set", "br0", "up"])?;
-        for r in 0..world {
-            let ns = self.ranks[r].clone();
-            let port = Self::bridge_port(r);
-            let cidr = format!("{}/24", self.addr(r));
-            self.add_ns(&ns)?;
-            ip(&[
-                "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ])?;
-            ip(&["-n", &br, "link", "set", &port, "master", "br0"])?;
-            ip(&["-n", &br, "link", "set", &port, "up"])?;
-            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
-            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
-        }
-        // `ip netns exec` also needs a private mount namespace and /sys.
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ranks[0], "true"])
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("`ip netns exec` could not be run: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "`ip netns exec {} true` failed ({}): {}",
-                self.ranks[0],
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(())
-    }
-
-    /// Rank `r`'s address.
-    fn addr(&self, r: usize) -> String {
-        format!("10.213.{}.{}", self.net, r + 1)
-    }
-
-    /// The bridge-side end of rank `r`'s veth pair (in the bridge namespace).
-    fn bridge_port(r: usize) -> String {
-        format!("r{r}")
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for ns in self.created.iter().rev() {
-            if let Err(e) = ip(&["netns", "del", ns]) {
-                report(&format!("warning: cleaning up namespace {ns}: {e}"));
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -277,7 +98,7 @@ fn tcp_suite_across_network_namespaces() {
         .wrapper("sh", ["-c", script])
         .master(topo.addr(0), MASTER_PORT)
         .env("DLNET_PREFIX", format!("{}-r", topo.prefix))
-        .env("DLNET_SUBNET", format!("10.213.{}", topo.net));
+        .env("DLNET_SUBNET", topo.subnet());
     let start = Instant::now();
     let r = kit.processes(procs).run_processes();
     report(&format!(
@@ -581,8 +402,7 @@ fn cut_link_fails_every_rank_within_its_deadline() {
     }
 
     // Pull rank 2's cable at the switch.
-    let port = Topology::bridge_port(CUT);
-    ip(&["-n", &topo.bridge, "link", "set", &port, "down"])
+    topo.cut(CUT)
         .unwrap_or_else(|e| panic!("cutting rank {CUT}'s link: {e}"));
     let cut_at = Instant::now();
 

@@ -351,7 +351,7 @@ fn tcp_checks_across_two_hosts() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let topo = match netns::Topology::build("t", 2, NODES) {
         Ok(t) => t,
-        Err(reason) => return netns::skip(TEST, &reason),
+        Err(why) => return netns::skip(TEST, why),
     };
     let dir = tempfile::tempdir().expect("a temporary directory");
     let exe = std::env::current_exe().expect("the test binary");
@@ -392,7 +392,7 @@ fn main_job_across_two_hosts() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let topo = match netns::Topology::build("j", 3, NODES) {
         Ok(t) => t,
-        Err(reason) => return netns::skip(TEST, &reason),
+        Err(why) => return netns::skip(TEST, why),
     };
     let job: PathBuf = bins::path(bins::MAIN_JOB);
     let dir = tempfile::tempdir().expect("a temporary directory");
