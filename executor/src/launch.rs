@@ -528,6 +528,62 @@ pub(crate) fn rank_command(cfg: &LaunchConfig, job: &JobEnv, local: usize) -> Co
     cmd
 }
 
+/// The launch half of a program that starts its own ranks (the examples,
+/// benches and `comm-perf`): runs `nproc` copies of this program, with the
+/// arguments it was given, under [`launch`] within `timeout`
+/// (`configure` adds to that configuration), and returns the exit code for
+/// `main`: success, the job's own code, or failure with a line on stderr
+/// prefixed with `name`. The caller decides when it is itself a rank
+/// instead (typically: `RANK` is set).
+///
+/// ```no_run
+/// use std::process::ExitCode;
+/// use std::time::Duration;
+///
+/// fn main() -> ExitCode {
+///     if std::env::var_os("RANK").is_none() {
+///         return executor::launch_self("my_job", 4, Duration::from_secs(60), |c| c);
+///     }
+///     // ... this process is one rank ...
+///     ExitCode::SUCCESS
+/// }
+/// ```
+pub fn launch_self(
+    name: &str,
+    nproc: usize,
+    timeout: Duration,
+    configure: impl FnOnce(LaunchConfig) -> LaunchConfig,
+) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("{name}: cannot find this program's path: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cfg = configure(
+        LaunchConfig::new(exe, nproc)
+            .args(std::env::args_os().skip(1))
+            .timeout(timeout),
+    );
+    match launch(&cfg) {
+        Ok(o) if o.success() => ExitCode::SUCCESS,
+        Ok(o) => {
+            eprintln!(
+                "{name}: the job failed (exit codes {:?}, {:?})",
+                o.exit_codes(),
+                o.stop_reason
+            );
+            ExitCode::from(o.exit_code.clamp(1, 255) as u8)
+        }
+        Err(e) => {
+            eprintln!("{name}: launching {nproc} ranks failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 struct Running {
     rank: usize,
     pid: u32,

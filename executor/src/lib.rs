@@ -59,8 +59,8 @@ mod rpc;
 
 pub use gpu::{GpuContext, GpuState, GpuWorker, ParallelConfig};
 pub use launch::{
-    install_signal_handlers, launch, random_hex128, LaunchConfig, LaunchOutcome, RankExit,
-    StopReason, JOB_ID_ENV, JOB_SECRET_ENV, STORE_HOSTED_ENV, TIMEOUT_EXIT_CODE,
+    install_signal_handlers, launch, launch_self, random_hex128, LaunchConfig, LaunchOutcome,
+    RankExit, StopReason, JOB_ID_ENV, JOB_SECRET_ENV, STORE_HOSTED_ENV, TIMEOUT_EXIT_CODE,
 };
 pub use rpc::{
     Executor, Method, Methods, Pending, ReplyFrom, Worker, DEFAULT_REPLY_RING,

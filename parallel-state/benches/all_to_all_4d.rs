@@ -272,31 +272,12 @@ fn run_rank(a: &Args) -> Result<(), String> {
 fn main() -> ExitCode {
     let a = Args::parse();
     if std::env::var_os("RANK").is_none() {
-        let exe = match std::env::current_exe() {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("cannot find this program's path: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let cfg = executor::LaunchConfig::new(exe, a.nproc)
-            .args(std::env::args_os().skip(1))
-            .prefix(false)
-            .timeout(Duration::from_secs(a.timeout));
-        return match executor::launch(&cfg) {
-            Ok(o) if o.success() => ExitCode::SUCCESS,
-            Ok(o) => {
-                eprintln!(
-                    "all_to_all_4d bench: launch failed (exit code {})",
-                    o.exit_code
-                );
-                ExitCode::from(o.exit_code.clamp(1, 255) as u8)
-            }
-            Err(e) => {
-                eprintln!("all_to_all_4d bench: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return executor::launch_self(
+            "all_to_all_4d bench",
+            a.nproc,
+            Duration::from_secs(a.timeout),
+            |c| c.prefix(false),
+        );
     }
     match run_rank(&a) {
         Ok(()) => ExitCode::SUCCESS,

@@ -114,21 +114,7 @@ fn run_rank(a: &Args) -> Result<()> {
 fn main() -> ExitCode {
     let a = Args::parse();
     if std::env::var_os("RANK").is_none() {
-        let Ok(exe) = std::env::current_exe() else {
-            eprintln!("tp_borrowed: cannot find this program's path");
-            return ExitCode::FAILURE;
-        };
-        let cfg = executor::LaunchConfig::new(exe, a.nproc)
-            .args(std::env::args_os().skip(1))
-            .timeout(Duration::from_secs(120));
-        return match executor::launch(&cfg) {
-            Ok(o) if o.success() => ExitCode::SUCCESS,
-            Ok(o) => ExitCode::from(o.exit_code.clamp(1, 255) as u8),
-            Err(e) => {
-                eprintln!("tp_borrowed: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return executor::launch_self("tp_borrowed", a.nproc, Duration::from_secs(120), |c| c);
     }
     match run_rank(&a) {
         Ok(()) => ExitCode::SUCCESS,

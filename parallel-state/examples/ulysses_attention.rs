@@ -233,30 +233,12 @@ fn run_rank(a: &Args) -> parallel_state::Result<bool> {
 fn main() -> ExitCode {
     let a = Args::parse();
     if std::env::var_os("RANK").is_none() {
-        let exe = match std::env::current_exe() {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("cannot find this program's path: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let cfg = executor::LaunchConfig::new(exe, a.nproc)
-            .args(std::env::args_os().skip(1))
-            .timeout(Duration::from_secs(a.timeout));
-        return match executor::launch(&cfg) {
-            Ok(o) if o.success() => ExitCode::SUCCESS,
-            Ok(o) => {
-                eprintln!(
-                    "ulysses_attention: launch failed (exit code {})",
-                    o.exit_code
-                );
-                ExitCode::from(o.exit_code.clamp(1, 255) as u8)
-            }
-            Err(e) => {
-                eprintln!("ulysses_attention: {e}");
-                ExitCode::FAILURE
-            }
-        };
+        return executor::launch_self(
+            "ulysses_attention",
+            a.nproc,
+            Duration::from_secs(a.timeout),
+            |c| c,
+        );
     }
     // Each group logs its backend choice and the reason once (RUST_LOG overrides).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -135,37 +135,16 @@ fn main() -> ExitCode {
 
 /// Re-executes this binary `--nproc` times through the launcher.
 fn launch_self(args: &Args) -> ExitCode {
-    let exe = match std::env::current_exe() {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("comm-perf: cannot find my own executable: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     if args.nproc == 0 {
         eprintln!("comm-perf: --nproc must be at least 1");
         return ExitCode::FAILURE;
     }
-    let cfg = executor::LaunchConfig::new(exe, args.nproc)
-        .args(std::env::args_os().skip(1))
-        .env(CHILD_ENV, "1")
-        .timeout(Duration::from_secs_f64(args.timeout))
-        .prefix(false);
-    match executor::launch(&cfg) {
-        Ok(out) if out.success() => ExitCode::SUCCESS,
-        Ok(out) => {
-            eprintln!(
-                "comm-perf: the job failed (exit codes {:?}, {:?})",
-                out.exit_codes(),
-                out.stop_reason
-            );
-            ExitCode::from(out.exit_code.clamp(1, 255) as u8)
-        }
-        Err(e) => {
-            eprintln!("comm-perf: launching {} ranks failed: {e}", args.nproc);
-            ExitCode::FAILURE
-        }
-    }
+    executor::launch_self(
+        "comm-perf",
+        args.nproc,
+        Duration::from_secs_f64(args.timeout),
+        |c| c.env(CHILD_ENV, "1").prefix(false),
+    )
 }
 
 fn rank_main(args: &Args) -> Result<(), String> {
