@@ -516,6 +516,9 @@ fn mkfifo(path: &std::path::Path) {
 }
 
 /// Waits (bounded) until every path exists.
+/// Waits until every file exists. The scripts write a file's content under
+/// a temporary name and rename it into place, so a file that exists is
+/// complete (a shell redirect creates the file before writing to it).
 fn wait_files(paths: &[std::path::PathBuf]) {
     let t = Instant::now();
     while !paths.iter().all(|p| p.exists()) {
@@ -534,7 +537,7 @@ fn wait_files(paths: &[std::path::PathBuf]) {
 /// that guesses the order from a polling pass names one of the survivors.
 fn crash_script(dir: &std::path::Path, victim: usize) -> String {
     format!(
-        r#"D={d}; if [ "$RANK" = {victim} ]; then exec 3>"$D/fifo"; echo $$ > "$D/victim.pid"; exec sleep 60
+        r#"D={d}; if [ "$RANK" = {victim} ]; then exec 3>"$D/fifo"; echo $$ > "$D/victim.pid.tmp"; mv "$D/victim.pid.tmp" "$D/victim.pid"; exec sleep 60
            else exec 4<"$D/fifo"; touch "$D/ready.$RANK"; read x <&4; exit 1; fi"#,
         d = dir.display()
     )
@@ -686,7 +689,7 @@ fn distrun_interrupted_during_setup_stops_ranks_and_removes_segments() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let script = format!(
-            r#"touch "/dev/shm/dshm.$DIST_JOB_ID.x$RANK"; echo $$ > "{d}/pid.$RANK"; echo "$DIST_JOB_ID" > "{d}/id"; exec sleep 60"#,
+            r#"touch "/dev/shm/dshm.$DIST_JOB_ID.x$RANK"; echo $$ > "{d}/pid.$RANK.tmp"; mv "{d}/pid.$RANK.tmp" "{d}/pid.$RANK"; echo "$DIST_JOB_ID" > "{d}/id.$RANK.tmp"; mv "{d}/id.$RANK.tmp" "{d}/id"; exec sleep 60"#,
             d = dir.path().display()
         );
         let mut child = Command::new(env!("CARGO_BIN_EXE_distrun"))
