@@ -2,7 +2,8 @@
 //!
 //! A byte ring in shared memory. The writer appends records (an 8-byte
 //! little-endian length, then the payload) at its cursor; each reader has its
-//! own cursor. A 200-byte message takes 208 bytes of ring. The writer may
+//! own cursor. Records start at multiples of 8 bytes, so a 200-byte message
+//! takes 208 bytes of ring and a header never wraps. The writer may
 //! overwrite bytes once every reader's cursor has passed them, so the ring is
 //! a stream: a message larger than the ring goes through in pieces, the
 //! writer publishing what it wrote and waiting for space, readers consuming
@@ -10,10 +11,19 @@
 //! FIFO. When the slowest reader is a whole ring behind, the writer waits
 //! (back-pressure); a timeout names the lagging reader(s).
 //!
+//! A message written with [`MessageQueue::enqueue_with`] (or
+//! [`MessageQueue::enqueue_obj`]) is encoded straight into the ring and lies
+//! there whole and contiguous: when it would wrap round the end, a pad
+//! record (length `u64::MAX`) fills the rest of the lap and the message
+//! starts the next. A reader's [`MessageQueue::dequeue_with`] then decodes it
+//! where it lies, so a large broadcast costs the writer one copy and each
+//! reader one (its decode), with no staging buffer on either side.
+//!
 //! Cursors are 64-bit byte positions, each on its own cache line (the
 //! first data word of a [`Flag`](crate::segment::Flag)), published with release
 //! stores; the low 32 bits double as the futex word.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering::*;
 use std::time::Duration;
 
@@ -29,6 +39,24 @@ use crate::wire::{record_len, AbortRecord, QueueDesc, MAX_RING, MIN_RING};
 const KIND_MQ: u32 = 0x4d51_5545; // "MQUE"
 /// Most bytes between two cursor publications within one message.
 const STREAM_PUBLISH: u64 = 64 << 10;
+/// Length word of a pad record: the rest of the lap is unused and the next
+/// record starts the next lap.
+const PAD: u64 = u64::MAX;
+
+/// Where the next record may start at or after `pos`.
+#[inline]
+fn align8(pos: u64) -> u64 {
+    pos.next_multiple_of(8)
+}
+
+/// How a writer's step gets ring space.
+enum Room<'a> {
+    /// Waits for readers until the deadline; the callback runs before each
+    /// wait (see [`MessageQueue::enqueue_notify`]).
+    Wait(&'a Deadline, &'a dyn Fn()),
+    /// Takes what is free now.
+    Now,
+}
 
 /// Options of a [`MessageQueue`]. Start from [`MqOptions::default`] and use
 /// the builder methods.
@@ -129,6 +157,12 @@ pub struct MessageQueue {
     timeout: Duration,
     name: String,
     max_message: usize,
+    /// Reader: the buffer a message that cannot be read in place is copied
+    /// into by [`MessageQueue::dequeue_with`], kept for the next one.
+    scratch: Vec<u8>,
+    /// Why the queue can no longer be used (a call failed in the middle of
+    /// a message, so the stream is out of step).
+    broken: Option<Cow<'static, str>>,
 }
 
 impl MessageQueue {
@@ -252,7 +286,8 @@ impl MessageQueue {
         Ok(MessageQueue {
             seg,
             role,
-            ring: ring as u64,
+            // Records start at multiples of 8, and so does every lap.
+            ring: (ring & !7) as u64,
             writer_rank,
             reader_ranks,
             pos: 0,
@@ -261,6 +296,8 @@ impl MessageQueue {
             timeout: opts.timeout,
             name: opts.name,
             max_message: opts.max_message_bytes,
+            scratch: Vec::new(),
+            broken: None,
         })
     }
 
@@ -285,7 +322,8 @@ impl MessageQueue {
     }
 
     /// Writer: how many bytes an [`MessageQueue::enqueue`] can write now
-    /// without waiting for a reader (a message takes its length plus 8).
+    /// without waiting for a reader (a message takes its length plus 8, and
+    /// starts at a multiple of 8: up to 7 bytes more).
     /// Lets a caller that must not block (it also drains other channels)
     /// decide whether to enqueue inline. Readers get 0.
     pub fn free_bytes(&self) -> usize {
@@ -433,23 +471,37 @@ impl MessageQueue {
             .min_by_key(|&(_, p)| p)
     }
 
+    /// Writer: makes the ring free up to position `upto` (every reader's
+    /// cursor at least `upto - ring`), waiting for readers with
+    /// [`Room::Wait`] (after publishing what was written, so they can move
+    /// on); with [`Room::Now`] returns `false` instead of waiting.
+    fn room(&mut self, upto: u64, how: &Room<'_>) -> Result<bool> {
+        loop {
+            if self.cached + self.ring >= upto {
+                return Ok(true);
+            }
+            self.cached = self.min_reader().map_or(self.pos, |(_, p)| p);
+            if self.cached + self.ring >= upto {
+                return Ok(true);
+            }
+            let Room::Wait(dl, notify) = how else {
+                return Ok(false);
+            };
+            if self.published != self.pos {
+                self.publish();
+            }
+            notify();
+            self.wait_space(dl, upto)?;
+        }
+    }
+
     fn write_stream(&mut self, mut src: &[u8], dl: &Deadline, notify: &dyn Fn()) -> Result<()> {
         let stream_pub = self.stream_publish();
+        let how = Room::Wait(dl, notify);
         while !src.is_empty() {
-            let mut free = self.ring - (self.pos - self.cached);
-            if free == 0 {
-                self.cached = self.min_reader().map_or(self.pos, |(_, p)| p);
-                free = self.ring - (self.pos - self.cached);
-            }
-            if free == 0 {
-                if self.published != self.pos {
-                    self.publish();
-                }
-                notify();
-                self.wait_space(dl)?;
-                continue;
-            }
-            let n = (free as usize).min(src.len());
+            self.room(self.pos + 1, &how)?;
+            let free = self.cached + self.ring - self.pos;
+            let n = usize::try_from(free).map_or(src.len(), |f| f.min(src.len()));
             self.ring_copy_in(self.pos, &src[..n]);
             self.pos += n as u64;
             src = &src[n..];
@@ -460,12 +512,14 @@ impl MessageQueue {
         Ok(())
     }
 
-    fn wait_space(&mut self, dl: &Deadline) -> Result<()> {
+    /// Writer: waits until the slowest reader's cursor is at least
+    /// `upto - ring`.
+    fn wait_space(&mut self, dl: &Deadline, upto: u64) -> Result<()> {
         let Some((i, _)) = self.min_reader() else {
             return Ok(());
         };
         let f = self.seg.flag(1 + i);
-        let (pos, ring) = (self.pos, self.ring);
+        let ring = self.ring;
         let slow = SlowWait::new();
         let on_sleep = || {
             slow.tick(|| {
@@ -479,7 +533,7 @@ impl MessageQueue {
         };
         if let Err(e) = self.seg.wait(
             f,
-            || f.words[0].load(Acquire) + ring > pos,
+            || f.words[0].load(Acquire) + ring >= upto,
             Watch::One(1 + i),
             dl,
             &on_sleep,
@@ -487,10 +541,10 @@ impl MessageQueue {
             let lagging = (0..self.reader_ranks.len())
                 .filter_map(|j| {
                     let p = self.seg.flag(1 + j).words[0].load(Acquire);
-                    (pos - p >= ring).then(|| {
+                    (p + ring < upto).then(|| {
                         Missing::new(
                             self.reader_ranks[j],
-                            format!("reader, {} bytes behind", pos - p),
+                            format!("reader, {} bytes behind", self.pos - p),
                         )
                     })
                 })
@@ -501,9 +555,80 @@ impl MessageQueue {
         Ok(())
     }
 
-    fn wait_data(&mut self, dl: &Deadline) -> Result<()> {
+    /// Writer: moves the cursor to where the next record starts (the next
+    /// multiple of 8); `false` when that needs room [`Room::Now`] lacks.
+    fn begin_record(&mut self, how: &Room<'_>) -> Result<bool> {
+        let start = align8(self.pos);
+        if start != self.pos {
+            if !self.room(start, how)? {
+                return Ok(false);
+            }
+            self.pos = start;
+        }
+        Ok(true)
+    }
+
+    /// Writer: one whole record of `len` body bytes (`8 + len` at most the
+    /// ring), contiguous in the ring, written in place by `fill` and
+    /// published at once, so a reader can decode it where it lies. A record
+    /// that would wrap round the end of the ring starts the next lap
+    /// instead, after a pad record. `false` (with [`Room::Now`]): no room
+    /// now; nothing of the record was written (a pad record may have
+    /// been), and neither was anything when `fill` fails.
+    fn write_whole(
+        &mut self,
+        len: usize,
+        how: &Room<'_>,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<bool> {
+        let total = 8 + len as u64;
+        if !self.begin_record(how)? {
+            return Ok(false);
+        }
+        let off = self.pos % self.ring;
+        if off + total > self.ring {
+            let next_lap = self.pos - off + self.ring;
+            if !self.room(next_lap, how)? {
+                return Ok(false);
+            }
+            self.ring_copy_in(self.pos, &PAD.to_le_bytes());
+            self.pos = next_lap;
+            // Readers skip the pad and so free its bytes, which the record
+            // may need.
+            self.publish();
+        }
+        if !self.room(self.pos + total, how)? {
+            return Ok(false);
+        }
+        let at = self.pos;
+        let body_off = (at % self.ring) as usize + 8;
+        // SAFETY: [at, at + total) is free ring space (room above) that no
+        // reader reads before the publication below, and it is contiguous
+        // (off + total <= ring, or the record starts the lap), so the slice
+        // lies inside the ring's mapping, which `self` keeps alive.
+        let body = unsafe { std::slice::from_raw_parts_mut(self.ring_ptr().add(body_off), len) };
+        fill(body)?;
+        self.ring_copy_in(at, &(len as u64).to_le_bytes());
+        self.pos = at + total;
+        self.publish();
+        Ok(true)
+    }
+
+    /// Reader: waits until the writer has published at least position
+    /// `min` (publishing this reader's cursor first, so a writer waiting
+    /// for room can go on).
+    fn wait_published(&mut self, min: u64, dl: &Deadline) -> Result<()> {
+        if self.cached >= min {
+            return Ok(());
+        }
+        self.cached = self.seg.flag(0).words[0].load(Acquire);
+        if self.cached >= min {
+            return Ok(());
+        }
+        if self.published != self.pos {
+            self.publish();
+        }
         let f = self.seg.flag(0);
-        let pos = self.pos;
         // Readers of a request queue wait idle for long stretches by
         // design: reported at debug level only.
         let slow = SlowWait::new();
@@ -519,7 +644,7 @@ impl MessageQueue {
         };
         if let Err(e) = self.seg.wait(
             f,
-            || f.words[0].load(Acquire) > pos,
+            || f.words[0].load(Acquire) >= min,
             Watch::One(0),
             dl,
             &on_sleep,
@@ -535,19 +660,9 @@ impl MessageQueue {
         let stream_pub = self.stream_publish();
         let mut got = 0;
         while got < dst.len() {
-            let mut avail = self.cached - self.pos;
-            if avail == 0 {
-                self.cached = self.seg.flag(0).words[0].load(Acquire);
-                avail = self.cached - self.pos;
-            }
-            if avail == 0 {
-                if self.published != self.pos {
-                    self.publish();
-                }
-                self.wait_data(dl)?;
-                continue;
-            }
-            let n = (avail as usize).min(dst.len() - got);
+            self.wait_published(self.pos + 1, dl)?;
+            let avail = self.cached - self.pos;
+            let n = usize::try_from(avail).map_or(dst.len() - got, |a| a.min(dst.len() - got));
             self.ring_copy_out(self.pos, &mut dst[got..got + n]);
             self.pos += n as u64;
             got += n;
@@ -558,19 +673,101 @@ impl MessageQueue {
         Ok(())
     }
 
+    /// Reader: consumes the next message's header (and the pad records
+    /// before it) and returns the message's length. A failure consumes
+    /// nothing but pad records, so a timeout can be retried.
+    fn next_header(&mut self, dl: &Deadline) -> Result<usize> {
+        loop {
+            let start = align8(self.pos);
+            self.wait_published(start + 8, dl)?;
+            let mut hdr = [0u8; 8];
+            self.ring_copy_out(start, &mut hdr);
+            if u64::from_le_bytes(hdr) == PAD {
+                // The writer publishes a pad record together with the rest
+                // of its lap.
+                let next_lap = start - start % self.ring + self.ring;
+                self.cached = self.seg.flag(0).words[0].load(Acquire);
+                if self.cached < next_lap {
+                    return Err(CommError::Protocol(format!(
+                        "{}: a pad record was published without the rest of its lap; \
+                         the queue is corrupt or the writer runs another build",
+                        self.what("dequeue")
+                    )));
+                }
+                self.pos = next_lap;
+                continue;
+            }
+            let len = record_len(hdr, self.max_message, &self.what("dequeue"))?;
+            self.pos = start + 8;
+            return Ok(len);
+        }
+    }
+
+    /// Reader: reads a body of `len` bytes into `out` (cleared), streaming.
+    fn read_body(&mut self, len: usize, out: &mut Vec<u8>, dl: &Deadline) -> Result<()> {
+        out.clear();
+        out.reserve(len);
+        // Straight into the vector's spare capacity: no zero-fill of bytes
+        // about to be overwritten (64 MiB of memset per message otherwise).
+        let spare = &mut out.spare_capacity_mut()[..len];
+        // SAFETY: MaybeUninit<u8> and u8 have the same layout; `read_stream`
+        // only writes into the slice (never reads it) and fills all of it
+        // or fails, and the length is set only after it succeeded.
+        let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), len) };
+        self.read_stream(dst, dl)?;
+        // SAFETY: the first `len` bytes were written just above.
+        unsafe { out.set_len(len) };
+        Ok(())
+    }
+
     fn need(&self, role: Role, op: &str) -> Result<()> {
         let ok = matches!(
             (self.role, role),
             (Role::Writer, Role::Writer) | (Role::Reader(_), Role::Reader(_))
         );
-        if ok {
-            Ok(())
-        } else {
-            Err(CommError::invalid(format!(
+        if !ok {
+            return Err(CommError::invalid(format!(
                 "{}: not allowed on this end of the queue",
                 self.what(op)
-            )))
+            )));
         }
+        if let Some(why) = &self.broken {
+            return Err(CommError::State(format!(
+                "{}: the queue is unusable: {why}",
+                self.what(op)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writer: the checks before a write (role, a broken or aborted queue).
+    fn writable(&self, op: &str, timeout: Duration) -> Result<()> {
+        self.need(Role::Writer, op)?;
+        let code = self.seg.abort_code();
+        if code != 0 {
+            return Err(self.fail(
+                WaitFail::Aborted(code),
+                op,
+                &Deadline::after(timeout),
+                vec![],
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `step`; when it fails after `self.pos` moved past `mark` (part
+    /// of a record is consumed or published), marks the queue unusable: a
+    /// later call could only read or write the stream out of step.
+    fn or_break<T>(&mut self, mark: u64, step: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let r = step(self);
+        if let Err(e) = &r {
+            if self.pos > mark {
+                self.broken = Some(Cow::Owned(format!(
+                    "a call failed in the middle of a message ({e})"
+                )));
+            }
+        }
+        r
     }
 
     /// Writer: appends `data` as one message. The bytes are copied into the
@@ -591,27 +788,73 @@ impl MessageQueue {
     /// other sources) can be woken there, so a message larger than the
     /// free space streams instead of waiting for a reader that does not
     /// know it started.
+    ///
+    /// A failure after part of the message was written (a deadline, a lost
+    /// reader) leaves the queue unusable: later calls fail.
     pub fn enqueue_notify(
         &mut self,
         data: &[u8],
         timeout: Duration,
         notify: &dyn Fn(),
     ) -> Result<()> {
-        self.need(Role::Writer, "enqueue")?;
-        let code = self.seg.abort_code();
-        if code != 0 {
-            return Err(self.fail(
-                WaitFail::Aborted(code),
-                "enqueue",
-                &Deadline::after(timeout),
-                vec![],
-            ));
-        }
+        self.writable("enqueue", timeout)?;
         let dl = Deadline::after(timeout);
-        self.write_stream(&(data.len() as u64).to_le_bytes(), &dl, notify)?;
-        self.write_stream(data, &dl, notify)?;
+        // Waits for room, so never `false`.
+        self.begin_record(&Room::Wait(&dl, notify))?;
+        let mark = self.pos;
+        self.or_break(mark, |q| {
+            q.write_stream(&(data.len() as u64).to_le_bytes(), &dl, notify)?;
+            q.write_stream(data, &dl, notify)
+        })?;
         self.publish();
         Ok(())
+    }
+
+    /// True when a message of `len` bytes can be held whole by the ring
+    /// (what [`MessageQueue::try_enqueue_with`] needs).
+    fn holds_whole(&self, len: usize) -> bool {
+        (len as u64).saturating_add(8) <= self.ring
+    }
+
+    /// Writer: appends a message of exactly `len` bytes that `fill` writes
+    /// straight into the ring, with no staging buffer (serialise into it).
+    /// The message lies contiguously in the ring, so a reader's
+    /// [`MessageQueue::dequeue_with`] reads it in place. Waits for room up
+    /// to `timeout`; a message larger than the ring is filled into a
+    /// temporary buffer and streamed. When `fill` fails, nothing is
+    /// written and its error is returned.
+    pub fn enqueue_with(
+        &mut self,
+        len: usize,
+        timeout: Duration,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<()> {
+        self.writable("enqueue", timeout)?;
+        if !self.holds_whole(len) {
+            let mut tmp = vec![0u8; len];
+            fill(&mut tmp)?;
+            return self.enqueue_timeout(&tmp, timeout);
+        }
+        let dl = Deadline::after(timeout);
+        self.write_whole(len, &Room::Wait(&dl, &|| {}), fill)
+            .map(|_| ())
+    }
+
+    /// [`MessageQueue::enqueue_with`] that never waits: `Ok(false)`, with
+    /// `fill` not called and no message written, when the ring has no room
+    /// for the whole message now, or could never hold it whole (`8 + len`
+    /// more than the ring). A caller that must not block (it also drains
+    /// other channels) falls back to a blocking enqueue elsewhere then.
+    pub fn try_enqueue_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<bool> {
+        self.writable("enqueue", Duration::ZERO)?;
+        if !self.holds_whole(len) {
+            return Ok(false);
+        }
+        self.write_whole(len, &Room::Now, fill)
     }
 
     /// Reader: the next message.
@@ -622,42 +865,90 @@ impl MessageQueue {
     }
 
     /// Reader: the next message into `out` (cleared and resized; reuse it to
-    /// avoid allocating), waiting at most `timeout`.
+    /// avoid allocating), waiting at most `timeout` for it to start. A
+    /// timeout consumes nothing, so the call can be repeated; once a
+    /// message has started, the rest of it is awaited up to the longer of
+    /// `timeout` and the queue's deadline, and a failure there leaves the
+    /// queue unusable.
     pub fn dequeue_into(&mut self, out: &mut Vec<u8>, timeout: Duration) -> Result<()> {
         self.need(Role::Reader(0), "dequeue")?;
-        let dl = Deadline::after(timeout);
-        let mut hdr = [0u8; 8];
-        self.read_stream(&mut hdr, &dl)?;
-        let len = record_len(hdr, self.max_message, &self.what("dequeue"))?;
-        out.clear();
-        out.reserve(len);
-        // Straight into the vector's spare capacity: no zero-fill of bytes
-        // about to be overwritten (64 MiB of memset per message otherwise).
-        let spare = &mut out.spare_capacity_mut()[..len];
-        // SAFETY: MaybeUninit<u8> and u8 have the same layout; `read_stream`
-        // only writes into the slice (never reads it) and fills all of it
-        // or fails, and the length is set only after it succeeded.
-        let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), len) };
-        self.read_stream(dst, &dl)?;
-        // SAFETY: the first `len` bytes were written just above.
-        unsafe { out.set_len(len) };
+        let len = self.next_header(&Deadline::after(timeout))?;
+        let body_dl = Deadline::after(timeout.max(self.timeout));
+        // The header is consumed: any failure now breaks the stream.
+        let mark = self.pos - 8;
+        self.or_break(mark, |q| q.read_body(len, out, &body_dl))?;
         self.publish();
         Ok(())
     }
 
-    /// Writer: serialises `value` with postcard and enqueues it.
-    pub fn enqueue_obj<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
-        let bytes = postcard::to_allocvec(value).map_err(|e| {
-            CommError::Codec(format!("{}: encoding: {e}", self.what("enqueue_obj")))
-        })?;
-        self.enqueue(&bytes)
+    /// Reader: the next message, handed to `f` as a slice, and `f`'s
+    /// result. A message written whole ([`MessageQueue::enqueue_with`],
+    /// [`MessageQueue::enqueue_obj`]) is read in place, in the ring,
+    /// without a copy: decode it inside `f`. Others are copied into a
+    /// buffer the queue keeps for the next one. The ring space is released
+    /// when `f` returns, so keep `f` short (decode, do not compute).
+    /// Deadlines as in [`MessageQueue::dequeue_into`].
+    pub fn dequeue_with<T>(&mut self, timeout: Duration, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
+        self.need(Role::Reader(0), "dequeue")?;
+        let len = self.next_header(&Deadline::after(timeout))?;
+        let at = self.pos;
+        let end = at + len as u64;
+        let off = at % self.ring;
+        if off + len as u64 <= self.ring {
+            if self.cached < end {
+                self.cached = self.seg.flag(0).words[0].load(Acquire);
+            }
+            if self.cached >= end {
+                // SAFETY: [at, end) is published and contiguous in the
+                // ring; the writer does not rewrite it before this reader's
+                // cursor passes `end`, which happens only after `f`
+                // returns. The slice borrows `self`, so it cannot outlive
+                // the mapping.
+                let body =
+                    unsafe { std::slice::from_raw_parts(self.ring_ptr().add(off as usize), len) };
+                // A panic in `f` leaves the header consumed and the body not.
+                self.broken = Some(Cow::Borrowed("a dequeue_with callback panicked"));
+                let r = f(body);
+                self.broken = None;
+                self.pos = end;
+                self.publish();
+                return Ok(r);
+            }
+        }
+        let mut buf = std::mem::take(&mut self.scratch);
+        let body_dl = Deadline::after(timeout.max(self.timeout));
+        self.or_break(at - 8, |q| q.read_body(len, &mut buf, &body_dl))?;
+        self.publish();
+        let r = f(&buf);
+        self.scratch = buf;
+        Ok(r)
     }
 
-    /// Reader: dequeues a message and deserialises it with postcard.
+    /// Writer: serialises `value` with postcard straight into the ring
+    /// (see [`MessageQueue::enqueue_with`]).
+    pub fn enqueue_obj<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
+        let what = self.what("enqueue_obj");
+        let len = postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default())
+            .map_err(|e| CommError::Codec(format!("{what}: sizing: {e}")))?;
+        self.enqueue_with(len, self.timeout, |buf| {
+            match postcard::to_slice(value, buf) {
+                Ok(used) if used.len() == len => Ok(()),
+                Ok(used) => Err(CommError::Codec(format!(
+                    "{what}: encoded {} bytes after sizing {len} (a Serialize \
+                     implementation that is not deterministic)",
+                    used.len()
+                ))),
+                Err(e) => Err(CommError::Codec(format!("{what}: encoding: {e}"))),
+            }
+        })
+    }
+
+    /// Reader: dequeues a message and deserialises it with postcard,
+    /// in place when it was written whole.
     pub fn dequeue_obj<T: DeserializeOwned>(&mut self) -> Result<T> {
-        let bytes = self.dequeue()?;
-        postcard::from_bytes(&bytes)
-            .map_err(|e| CommError::Codec(format!("{}: decoding: {e}", self.what("dequeue_obj"))))
+        let what = self.what("dequeue_obj");
+        self.dequeue_with(self.timeout, |bytes| postcard::from_bytes(bytes))?
+            .map_err(|e| CommError::Codec(format!("{what}: decoding: {e}")))
     }
 }
 

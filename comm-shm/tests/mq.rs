@@ -114,8 +114,9 @@ fn small_messages_take_little_space() {
 
 #[test]
 fn free_bytes_and_has_pending_poll_without_blocking() {
-    // The writer sees its free space shrink by 8 + len per message and grow
-    // back once the reader consumed them; the reader sees a message waiting
+    // The writer sees its free space shrink by 8 + len per message (each
+    // starting at a multiple of 8) and grow back once the reader consumed
+    // them; the reader sees a message waiting
     // exactly while one is.
     let (tx, rx) = mpsc::channel::<()>();
     let (back_tx, back_rx) = mpsc::channel::<()>();
@@ -132,7 +133,7 @@ fn free_bytes_and_has_pending_poll_without_blocking() {
             for _ in 0..3 {
                 w.enqueue(&[5u8; 100]).unwrap();
             }
-            assert_eq!(w.free_bytes(), 4096 - 3 * 108);
+            assert_eq!(w.free_bytes(), 4096 - (112 + 112 + 108));
             tx.send(()).unwrap();
             back_rx.recv().unwrap();
             assert_eq!(w.free_bytes(), 4096);
@@ -367,4 +368,187 @@ fn oversized_record_is_refused_without_allocating() {
         CommError::Protocol(t) => assert!(t.contains("limit of 1024"), "{t}"),
         other => panic!("{other}"),
     }
+}
+
+/// Fills `buf` with message `i`'s bytes (as [`msg`] would build them).
+fn fill_msg(i: u64, buf: &mut [u8]) {
+    let mut rng = Rng(i * 7 + 1);
+    let _ = rng.below(1);
+    for b in buf.iter_mut() {
+        *b = rng.next() as u8;
+    }
+}
+
+#[test]
+fn whole_messages_read_in_place_mixed_with_streamed_ones() {
+    // Messages written in place (enqueue_with: pad records where one would
+    // wrap) and streamed ones (enqueue), of sizes from 1 byte to 4 rings,
+    // through a small ring to 3 readers, read with dequeue_with and
+    // dequeue_into alternately: every reader gets every message exactly,
+    // in order.
+    let ring = 4096;
+    let n = 1500u64;
+    let want = |i: u64| {
+        let mut v = vec![0u8; msg(i, ring).len()];
+        fill_msg(i, &mut v);
+        v
+    };
+    let (_, got) = run(
+        1,
+        &[0, 2, 3],
+        ring,
+        opts(&job("inplace")),
+        |w| {
+            for i in 0..n {
+                let len = msg(i, ring).len();
+                if i % 3 == 0 {
+                    w.enqueue(&want(i)).unwrap();
+                } else {
+                    w.enqueue_with(len, SETUP, |buf| {
+                        fill_msg(i, buf);
+                        Ok(())
+                    })
+                    .unwrap();
+                }
+            }
+        },
+        |rank, r| {
+            let mut buf = Vec::new();
+            for i in 0..n {
+                if (i + rank as u64).is_multiple_of(2) {
+                    let same = r.dequeue_with(SETUP, |b| b == want(i).as_slice()).unwrap();
+                    assert!(same, "rank {rank} message {i} (in place)");
+                } else {
+                    r.dequeue_into(&mut buf, SETUP).unwrap();
+                    assert_eq!(buf, want(i), "rank {rank} message {i}");
+                }
+            }
+            true
+        },
+    );
+    assert!(got.into_iter().all(|x| x));
+}
+
+#[test]
+fn objects_go_through_the_ring_without_staging() {
+    let (_, got) = run(
+        0,
+        &[1, 2],
+        1 << 16,
+        opts(&job("objs")),
+        |w| {
+            for i in 0..200u32 {
+                let v: Vec<u32> = (0..i * 37).collect();
+                w.enqueue_obj(&(i, v)).unwrap();
+            }
+            // Larger than the ring: filled aside, then streamed.
+            w.enqueue_obj(&vec![9u64; 20_000]).unwrap();
+        },
+        |_, r| {
+            for i in 0..200u32 {
+                let (j, v): (u32, Vec<u32>) = r.dequeue_obj().unwrap();
+                assert_eq!(j, i);
+                assert_eq!(v, (0..i * 37).collect::<Vec<u32>>());
+            }
+            r.dequeue_obj::<Vec<u64>>().unwrap()
+        },
+    );
+    assert!(got.iter().all(|v| *v == vec![9u64; 20_000]));
+}
+
+#[test]
+fn try_enqueue_with_never_waits_and_a_failed_fill_writes_nothing() {
+    let (tx, rx) = mpsc::channel::<()>();
+    let (back_tx, back_rx) = mpsc::channel::<()>();
+    let rx = std::sync::Mutex::new(rx);
+    let back_tx = std::sync::Mutex::new(back_tx);
+    run(
+        0,
+        &[1],
+        4096,
+        opts(&job("trywith")),
+        move |w| {
+            // Too large to be held whole: refused, `fill` never called.
+            assert!(!w.try_enqueue_with(4089, |_| panic!("not called")).unwrap());
+            // A fill that fails: its error, and nothing written.
+            let e = w
+                .try_enqueue_with(100, |_| Err(CommError::Codec("no".into())))
+                .unwrap_err();
+            assert!(matches!(e, CommError::Codec(_)), "{e}");
+            assert_eq!(w.free_bytes(), 4096);
+            // 3500 bytes, then 1000 would wrap: a pad record fills the
+            // lap, and the message does not fit at the start of the next
+            // until the reader has taken the first.
+            assert!(w
+                .try_enqueue_with(3500, |b| {
+                    b.fill(1);
+                    Ok(())
+                })
+                .unwrap());
+            let t0 = Instant::now();
+            assert!(!w.try_enqueue_with(1000, |_| panic!("not called")).unwrap());
+            assert!(t0.elapsed() < Duration::from_secs(5));
+            tx.send(()).unwrap();
+            back_rx.recv().unwrap();
+            assert!(w
+                .try_enqueue_with(1000, |b| {
+                    b.fill(2);
+                    Ok(())
+                })
+                .unwrap());
+        },
+        |_, r| {
+            rx.lock().unwrap().recv().unwrap();
+            let first = r.dequeue_with(SETUP, |b| b.to_vec()).unwrap();
+            assert_eq!(first, vec![1u8; 3500]);
+            back_tx.lock().unwrap().send(()).unwrap();
+            // The second wrapped: it starts the next lap after a pad
+            // record, whole.
+            assert_eq!(
+                r.dequeue_with(SETUP, |b| b.to_vec()).unwrap(),
+                vec![2u8; 1000]
+            );
+        },
+    );
+}
+
+#[test]
+fn a_dequeue_timeout_consumes_nothing_and_a_broken_stream_is_refused() {
+    // A reader's timeout before a message starts can be retried; a writer
+    // that times out in the middle of a message leaves a queue that refuses
+    // further writes instead of writing out of step.
+    let (tx, rx) = mpsc::channel::<()>();
+    let rx = std::sync::Mutex::new(rx);
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let done_rx = std::sync::Mutex::new(done_rx);
+    run(
+        0,
+        &[1],
+        1024,
+        opts(&job("broken")),
+        move |w| {
+            rx.lock().unwrap().recv().unwrap();
+            w.enqueue(b"first").unwrap();
+            w.set_timeout(Duration::from_millis(200));
+            // 4 KiB through a 1 KiB ring the reader does not drain.
+            let e = w.enqueue(&[3u8; 4096]).unwrap_err();
+            assert!(matches!(e, CommError::Timeout { .. }), "{e}");
+            let e = w.enqueue(b"late").unwrap_err();
+            match e {
+                CommError::State(t) => assert!(t.contains("middle of a message"), "{t}"),
+                other => panic!("{other}"),
+            }
+            done_tx.send(()).unwrap();
+        },
+        |_, r| {
+            let e = r
+                .dequeue_with(Duration::from_millis(50), |b| b.len())
+                .unwrap_err();
+            assert!(matches!(e, CommError::Timeout { .. }), "{e}");
+            tx.send(()).unwrap();
+            assert_eq!(r.dequeue_with(SETUP, |b| b.to_vec()).unwrap(), b"first");
+            // Stays (without reading) until the writer has given up.
+            done_rx.lock().unwrap().recv().unwrap();
+        },
+    );
 }

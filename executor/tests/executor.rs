@@ -224,6 +224,36 @@ fn typed_calls_reply_in_rank_order_and_failures_name_their_rank() {
     assert_eq!(shm_left(&job), Vec::<String>::new());
 }
 
+/// Requests that fit the request ring are encoded straight into it (pad
+/// records where one would wrap) and decoded there by every worker; those
+/// that find no room, or are larger than the ring, go through a frame and
+/// stream. Many in flight at once, of sizes that mix both kinds, every
+/// worker answers each exactly and in order.
+#[test]
+fn requests_in_place_and_streamed_interleave_in_flight() {
+    let cfg = config(3, "").env(executor::REQUEST_RING_ENV, "64K");
+    let ex = Executor::start(&cfg, T).unwrap();
+    let sizes = [100usize, 20_000, 45_000, 70_000, 5, 30_000, 65_529, 12_345];
+    let arg = |i: usize| -> Vec<u8> {
+        (0..sizes[i % sizes.len()])
+            .map(|j| (i * 7 + j) as u8)
+            .collect()
+    };
+    for round in 0..3 {
+        let pending: Vec<_> = (0..24)
+            .map(|i| ex.submit(&ECHO, &arg(i + round), T).unwrap())
+            .collect();
+        for (i, p) in pending.into_iter().enumerate() {
+            assert_eq!(
+                p.wait().unwrap(),
+                vec![arg(i + round); 3],
+                "round {round} call {i}"
+            );
+        }
+    }
+    assert_eq!(ex.shutdown().unwrap(), [0, 0, 0]);
+}
+
 /// Requests and replies larger than their shared-memory rings stream
 /// through them, also with several in flight at once (a request that must
 /// wait for room is written while replies keep being read, so workers

@@ -128,6 +128,8 @@ pub(crate) struct Engine {
     replies: Vec<(usize, Option<MessageQueue>)>,
     /// Deadline of reading one reply that streams through its ring.
     reply_timeout: Duration,
+    /// When the epoll set was last looked at.
+    last_epoll: Option<Instant>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -184,6 +186,7 @@ impl Engine {
             doorbell: None,
             replies: Vec::new(),
             reply_timeout: comm_core::default_timeout(),
+            last_epoll: None,
         })
     }
 
@@ -440,17 +443,19 @@ impl Engine {
         }
     }
 
-    fn epoll_wait(&self, timeout: Duration, ready: &mut Vec<epoll::Event>) -> Result<()> {
+    fn epoll_wait(&mut self, timeout: Duration, ready: &mut Vec<epoll::Event>) -> Result<()> {
         let ts = rustix::time::Timespec::try_from(timeout).unwrap_or(rustix::time::Timespec {
             tv_sec: i32::MAX as i64,
             tv_nsec: 0,
         });
         ready.clear();
-        match epoll::wait(
+        let res = epoll::wait(
             &self.epoll,
             rustix::buffer::spare_capacity(ready),
             Some(&ts),
-        ) {
+        );
+        self.last_epoll = Some(Instant::now());
+        match res {
             Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
             Err(e) => Err(io_err("waiting for workers", e)),
         }
@@ -485,7 +490,7 @@ impl Engine {
                 if self.replies.is_empty() || last_epoll.is_none_or(|t| t.elapsed() >= EPOLL_EVERY)
                 {
                     self.epoll_wait(Duration::ZERO, &mut ready)?;
-                    last_epoll = Some(Instant::now());
+                    last_epoll = self.last_epoll;
                 }
                 if got || !ready.is_empty() || start.elapsed() >= budget {
                     break;
@@ -520,7 +525,14 @@ impl Engine {
                 Duration::ZERO
             };
         }
-        if ready.is_empty() {
+        // A look that must not wait, just after another: the epoll set (a
+        // system call) is looked at again only every EPOLL_EVERY, as while
+        // polling, so a round trip whose replies come from the queues
+        // takes no system call at all.
+        let just_looked = timeout.is_zero()
+            && !self.replies.is_empty()
+            && self.last_epoll.is_some_and(|t| t.elapsed() < EPOLL_EVERY);
+        if ready.is_empty() && !just_looked {
             // About to sleep: tell the local workers to ring, then look at
             // their queues once more (a reply published before they could
             // see the flag is found here; one after it rings).

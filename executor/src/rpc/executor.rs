@@ -106,6 +106,9 @@ struct State {
     codes: Vec<i32>,
     /// Local workers still running after SIGKILL.
     stuck: Vec<Missing>,
+    /// Threads waiting on the condition variable (a notification costs a
+    /// system call, so it is made only when someone waits).
+    sleepers: usize,
 }
 
 struct Shared {
@@ -149,8 +152,16 @@ impl Shared {
     }
 
     fn notify(&self) {
-        let _g = self.lock_st();
-        self.cv.notify_all();
+        let st = self.lock_st();
+        self.wake(&st);
+    }
+
+    /// Wakes the threads waiting on the condition variable, if any (`st`
+    /// is held, so none can be about to wait unseen).
+    fn wake(&self, st: &State) {
+        if st.sleepers > 0 {
+            self.cv.notify_all();
+        }
     }
 
     /// Runs the engine until `done`, the deadline, or (with `yield_on_kick`)
@@ -175,7 +186,7 @@ impl Shared {
             let kicked = {
                 let mut st = self.lock_st();
                 let k = self.apply(&mut st, io, &mut events);
-                self.cv.notify_all();
+                self.wake(&st);
                 k
             };
             if kicked && yield_on_kick {
@@ -324,7 +335,9 @@ impl Shared {
                 match st.phase {
                     Phase::Stopped => return self.stop_result(&st),
                     Phase::Stopping => {
+                        st.sleepers += 1;
                         st = self.cv.wait(st).unwrap_or_else(|p| p.into_inner());
+                        st.sleepers -= 1;
                     }
                     Phase::Starting | Phase::Running => {
                         st.phase = Phase::Stopping;
@@ -346,7 +359,8 @@ impl Shared {
                 // Queued behind the calls in flight when it fits; closing the
                 // queue ends the workers' reads once they drained it either way.
                 let body = &f[LEN_BYTES..];
-                if q.free_bytes() >= body.len() + 8 {
+                // Its length, its header and up to 7 bytes of alignment.
+                if q.free_bytes() >= body.len() + 16 {
                     let _ = q.enqueue_timeout(body, Duration::ZERO);
                 }
                 q.shutdown();
@@ -431,7 +445,7 @@ impl Shared {
         st.phase = Phase::Stopped;
         st.codes = codes;
         st.stuck = stuck;
-        self.cv.notify_all();
+        self.wake(&st);
         self.stop_result(&st)
     }
 
@@ -601,7 +615,12 @@ impl<R: DeserializeOwned> Pending<R> {
                 }
                 None => {
                     let left = self.deadline - now;
-                    drop(sh.cv.wait_timeout(st, left));
+                    st.sleepers += 1;
+                    let (mut st, _) = sh
+                        .cv
+                        .wait_timeout(st, left)
+                        .unwrap_or_else(|p| p.into_inner());
+                    st.sleepers -= 1;
                 }
             }
         }
@@ -713,6 +732,7 @@ impl Executor {
                 phase: Phase::Starting,
                 codes: Vec::new(),
                 stuck: Vec::new(),
+                sleepers: 0,
             }),
             cv: Condvar::new(),
             kick: kick.clone(),
@@ -1133,14 +1153,26 @@ impl Executor {
             st.next_id
         };
         let op = format!("collective_rpc `{}` #{id}", method.name());
-        let frame = Arc::new(wire::frame_with(
-            &Down::Call {
-                id,
-                method: method.name().into(),
-                reply_rank: reply_rank.map(|r| r as u32),
-            },
-            Some(args),
-        )?);
+        let header = Down::Call {
+            id,
+            method: method.name().into(),
+            reply_rank: reply_rank.map(|r| r as u32),
+        };
+        // With every worker on the request queue, the request is encoded
+        // straight into its ring when it has room now (one copy in all);
+        // otherwise, and for sockets, into a frame first. Sizing it here
+        // also reports an argument that cannot be encoded before anything
+        // was sent.
+        let sized = wire::SizedMessage::new(&header, args)?;
+        let mut frame: Option<Arc<Vec<u8>>> = None;
+        let frame_of = |frame: &mut Option<Arc<Vec<u8>>>| -> Result<Arc<Vec<u8>>> {
+            if let Some(f) = frame {
+                return Ok(f.clone());
+            }
+            let f = Arc::new(sized.frame()?);
+            *frame = Some(f.clone());
+            Ok(f)
+        };
         {
             let mut st = sh.lock_st();
             sh.usable(&st, &op)?;
@@ -1171,45 +1203,43 @@ impl Executor {
             // Remote workers (and local ones without a queue): their
             // connections, written as they accept while replies are read.
             let first_socket = if rq.is_some() { sh.local } else { 0 };
-            for w in first_socket..sh.world {
-                io.send(w, &frame, &mut events);
+            if first_socket < sh.world {
+                let f = match frame_of(&mut frame) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        drop(rq);
+                        sh.lock_st().calls.remove(&id);
+                        return Err(e);
+                    }
+                };
+                for w in first_socket..sh.world {
+                    io.send(w, &f, &mut events);
+                }
             }
             {
                 let mut st = sh.lock_st();
                 sh.apply(&mut st, &mut io, &mut events);
-                sh.cv.notify_all();
+                sh.wake(&st);
             }
             // Local workers: the one copy into the queue they all read, in
             // the same critical section as the sends, so every worker sees
             // calls in the same order.
             if let Some(q) = rq.as_mut() {
-                let body = &frame[LEN_BYTES..];
-                let left = deadline.saturating_duration_since(Instant::now());
-                let res = if q.free_bytes() >= body.len() + 8 {
-                    q.enqueue_timeout(body, left)
-                } else {
-                    // It has to wait for readers: written on a helper
-                    // thread while this one keeps reading replies (a worker
-                    // blocked on a full reply queue then moves on).
-                    let written = std::sync::atomic::AtomicBool::new(false);
-                    std::thread::scope(|s| {
-                        let (kick, written) = (sh.kick.clone(), &written);
-                        let h = s.spawn(move || {
-                            let r = q.enqueue_timeout(body, left);
-                            // Set before the kick, so the kicked drive
-                            // below sees it (the thread itself may still be
-                            // returning).
-                            written.store(true, std::sync::atomic::Ordering::Release);
-                            kick.kick();
-                            r
-                        });
-                        let _ = sh.drive(&mut io, deadline, false, |_, _| {
-                            written.load(std::sync::atomic::Ordering::Acquire)
-                        });
-                        h.join().unwrap_or_else(|_| {
-                            Err(CommError::State("the request writer panicked".into()))
-                        })
-                    })
+                let direct = match frame {
+                    Some(_) => Ok(false),
+                    None => sized.try_enqueue(q),
+                };
+                let res = match direct {
+                    Ok(true) => Ok(()),
+                    Ok(false) => frame_of(&mut frame).and_then(|f| {
+                        Self::enqueue_request(sh, &mut io, q, &f[LEN_BYTES..], deadline)
+                    }),
+                    // Nothing was written: the queue stays usable.
+                    Err(e) => {
+                        drop(rq);
+                        sh.lock_st().calls.remove(&id);
+                        return Err(e);
+                    }
                 };
                 if let Err(e) = res {
                     drop(rq);
@@ -1235,6 +1265,40 @@ impl Executor {
             };
         }
         Ok(pending)
+    }
+
+    /// Writes a request `body` into the request queue: at once when it has
+    /// room, else on a helper thread while this one keeps reading replies
+    /// (a worker blocked on a full reply queue then moves on).
+    fn enqueue_request(
+        sh: &Shared,
+        io: &mut Engine,
+        q: &mut MessageQueue,
+        body: &[u8],
+        deadline: Instant,
+    ) -> Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Its length, its header and up to 7 bytes of alignment.
+        if q.free_bytes() >= body.len() + 16 {
+            return q.enqueue_timeout(body, left);
+        }
+        let written = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let (kick, written) = (sh.kick.clone(), &written);
+            let h = s.spawn(move || {
+                let r = q.enqueue_timeout(body, left);
+                // Set before the kick, so the kicked drive below sees it
+                // (the thread itself may still be returning).
+                written.store(true, std::sync::atomic::Ordering::Release);
+                kick.kick();
+                r
+            });
+            let _ = sh.drive(io, deadline, false, |_, _| {
+                written.load(std::sync::atomic::Ordering::Acquire)
+            });
+            h.join()
+                .unwrap_or_else(|_| Err(CommError::State("the request writer panicked".into())))
+        })
     }
 
     /// The request queue refused a request (a reader died, or stayed a whole

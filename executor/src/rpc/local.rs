@@ -34,13 +34,15 @@ pub(crate) const WORKER_DOORBELL_FDS: [RawFd; 2] = [4, 5];
 pub const QUEUE_ENV: &str = "DIST_EXECUTOR_QUEUE";
 /// Environment variable: bytes of the request ring (default
 /// [`DEFAULT_REQUEST_RING`]; a suffix `K`, `M`, `G` is understood). A
-/// larger request streams through it.
+/// request that fits whole is encoded straight into it and decoded there
+/// by every worker; a larger one is encoded aside and streams through it.
 pub const REQUEST_RING_ENV: &str = "DIST_EXECUTOR_REQUEST_RING";
 /// Environment variable: bytes of each local worker's reply ring (default
 /// [`DEFAULT_REPLY_RING`]).
 pub const REPLY_RING_ENV: &str = "DIST_EXECUTOR_REPLY_RING";
-/// Default request ring: 16 MiB.
-pub const DEFAULT_REQUEST_RING: usize = 16 << 20;
+/// Default request ring: 32 MiB, so a 16 MiB request (a latent, a batch of
+/// embeddings) is held whole and read in place.
+pub const DEFAULT_REQUEST_RING: usize = 32 << 20;
 /// Default reply ring of each local worker: 4 MiB.
 pub const DEFAULT_REPLY_RING: usize = 4 << 20;
 /// Bytes of the doorbell page.

@@ -106,9 +106,22 @@ pub(crate) struct Failure {
     pub(crate) message: String,
 }
 
-/// Runs one call: decodes the argument bytes, runs the handler on the
-/// state and, when `out` is given, appends the encoded result to it.
-type Handler<S> = Box<dyn FnMut(&mut S, &[u8], Option<&mut Vec<u8>>) -> Result<(), Failure>>;
+/// One step of a call on a handler.
+pub(crate) enum Step<'a> {
+    /// Decode the argument bytes and keep the value for [`Step::Run`]
+    /// (the bytes may lie in the request ring, released right after).
+    Decode(&'a [u8]),
+    /// Run the handler on the kept argument; with `Some(out)`, append the
+    /// encoded result to it.
+    Run(Option<&'a mut Vec<u8>>),
+}
+
+/// A handler: decodes into its own slot, then runs on it.
+type Handler<S> = Box<dyn FnMut(&mut S, Step<'_>) -> Result<(), Failure>>;
+
+/// A call whose argument was decoded ([`Methods::decode`]), ready to run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Decoded(usize);
 
 /// The handlers of a worker, by method name, over user state `S` (the
 /// model, built once at start-up).
@@ -124,7 +137,9 @@ type Handler<S> = Box<dyn FnMut(&mut S, &[u8], Option<&mut Vec<u8>>) -> Result<(
 /// assert!(m.contains("sum"));
 /// ```
 pub struct Methods<S> {
-    table: HashMap<String, Handler<S>>,
+    /// Name to index in `handlers`.
+    index: HashMap<String, usize>,
+    handlers: Vec<Handler<S>>,
     duplicates: Vec<String>,
 }
 
@@ -142,11 +157,27 @@ impl<S> fmt::Debug for Methods<S> {
     }
 }
 
+/// Runs `f`, turning a panic into a [`FailKind::Panic`] failure.
+fn catching<T>(f: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let message = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic with a non-text payload".into());
+        Err(Failure {
+            kind: FailKind::Panic,
+            message,
+        })
+    })
+}
+
 impl<S> Methods<S> {
     /// No methods.
     pub fn new() -> Self {
         Methods {
-            table: HashMap::new(),
+            index: HashMap::new(),
+            handlers: Vec::new(),
             duplicates: Vec::new(),
         }
     }
@@ -158,47 +189,66 @@ impl<S> Methods<S> {
     /// error when the worker starts serving.
     pub fn on<A, R, E, F>(&mut self, method: &Method<A, R>, mut handler: F) -> &mut Self
     where
-        A: DeserializeOwned,
+        // Kept between the decode and the run (see `Step`).
+        A: DeserializeOwned + 'static,
         R: Serialize,
         E: fmt::Display,
         F: FnMut(&mut S, A) -> Result<R, E> + 'static,
     {
         let name = method.name().to_string();
-        let entry: Handler<S> = Box::new(move |state, args, out| {
-            let a: A = dist_utils::codec::decode(args).map_err(|e| Failure {
-                kind: FailKind::BadArgument,
-                message: format!(
-                    "expected `{}`: {e}; do the driver and the worker use the same Method declaration?",
-                    type_name::<A>()
-                ),
-            })?;
-            let r = handler(state, a).map_err(|e| Failure {
-                kind: FailKind::Error,
-                message: e.to_string(),
-            })?;
-            if let Some(out) = out {
-                let buf = std::mem::take(out);
-                *out = postcard::to_extend(&r, buf).map_err(|e| Failure {
-                    kind: FailKind::BadResult,
-                    message: format!("`{}`: {e}", type_name::<R>()),
-                })?;
+        // The decoded argument waits here between the two steps.
+        let mut slot: Option<A> = None;
+        let entry: Handler<S> = Box::new(move |state, step| match step {
+            Step::Decode(args) => {
+                slot = Some(dist_utils::codec::decode(args).map_err(|e| Failure {
+                    kind: FailKind::BadArgument,
+                    message: format!(
+                        "expected `{}`: {e}; do the driver and the worker use the same Method declaration?",
+                        type_name::<A>()
+                    ),
+                })?);
+                Ok(())
             }
-            Ok(())
+            Step::Run(out) => {
+                let a = slot.take().ok_or_else(|| Failure {
+                    kind: FailKind::Error,
+                    message: "internal: the call's argument was not decoded".into(),
+                })?;
+                let r = handler(state, a).map_err(|e| Failure {
+                    kind: FailKind::Error,
+                    message: e.to_string(),
+                })?;
+                if let Some(out) = out {
+                    let buf = std::mem::take(out);
+                    *out = postcard::to_extend(&r, buf).map_err(|e| Failure {
+                        kind: FailKind::BadResult,
+                        message: format!("`{}`: {e}", type_name::<R>()),
+                    })?;
+                }
+                Ok(())
+            }
         });
-        if self.table.insert(name.clone(), entry).is_some() {
-            self.duplicates.push(name);
+        match self.index.get(&name) {
+            Some(&i) => {
+                self.handlers[i] = entry;
+                self.duplicates.push(name);
+            }
+            None => {
+                self.index.insert(name, self.handlers.len());
+                self.handlers.push(entry);
+            }
         }
         self
     }
 
     /// True when `name` is registered.
     pub fn contains(&self, name: &str) -> bool {
-        self.table.contains_key(name)
+        self.index.contains_key(name)
     }
 
     /// The registered names, sorted.
     pub fn names(&self) -> Vec<&str> {
-        let mut v: Vec<&str> = self.table.keys().map(String::as_str).collect();
+        let mut v: Vec<&str> = self.index.keys().map(String::as_str).collect();
         v.sort_unstable();
         v
     }
@@ -208,16 +258,15 @@ impl<S> Methods<S> {
         &self.duplicates
     }
 
-    /// Runs `name` on `state` with the argument bytes `args`, catching
-    /// panics. With `out`, the encoded result is appended to it.
-    pub(crate) fn call(
+    /// The first step of a call of `name`: decodes the argument bytes
+    /// `args` (catching panics), which need not outlive this call.
+    pub(crate) fn decode(
         &mut self,
         state: &mut S,
         name: &str,
         args: &[u8],
-        out: Option<&mut Vec<u8>>,
-    ) -> Result<(), Failure> {
-        let Some(h) = self.table.get_mut(name) else {
+    ) -> Result<Decoded, Failure> {
+        let Some(&i) = self.index.get(name) else {
             return Err(Failure {
                 kind: FailKind::UnknownMethod,
                 message: format!(
@@ -226,17 +275,23 @@ impl<S> Methods<S> {
                 ),
             });
         };
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(state, args, out)))
-            .unwrap_or_else(|p| {
-                let message = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic with a non-text payload".into());
-                Err(Failure {
-                    kind: FailKind::Panic,
-                    message,
-                })
-            })
+        let h = &mut self.handlers[i];
+        catching(|| h(state, Step::Decode(args)))?;
+        Ok(Decoded(i))
+    }
+
+    /// The second step: runs the decoded call on `state`, catching panics.
+    /// With `out`, the encoded result is appended to it.
+    pub(crate) fn run(
+        &mut self,
+        state: &mut S,
+        call: Decoded,
+        out: Option<&mut Vec<u8>>,
+    ) -> Result<(), Failure> {
+        let h = self.handlers.get_mut(call.0).ok_or_else(|| Failure {
+            kind: FailKind::Error,
+            message: "internal: no such handler".into(),
+        })?;
+        catching(|| h(state, Step::Run(out)))
     }
 }

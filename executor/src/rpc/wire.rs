@@ -12,6 +12,7 @@ use std::borrow::Cow;
 use std::os::fd::BorrowedFd;
 
 use comm_core::{CommError, Result};
+use comm_shm::MessageQueue;
 use rustix::buffer::spare_capacity;
 use rustix::net::RecvFlags;
 use serde::{Deserialize, Serialize};
@@ -172,6 +173,66 @@ pub(crate) fn frame_with<H: Serialize, V: Serialize + ?Sized>(
     let body = (buf.len() - LEN_BYTES) as u64;
     buf[..LEN_BYTES].copy_from_slice(&body.to_le_bytes());
     Ok(buf)
+}
+
+/// A header and a value, sized once, to be encoded either into a frame
+/// ([`SizedMessage::frame`]) or straight into a shared-memory queue's ring
+/// ([`SizedMessage::try_enqueue`]), with the same bytes either way.
+pub(crate) struct SizedMessage<'a, H, V: ?Sized> {
+    header: &'a H,
+    value: &'a V,
+    header_len: usize,
+    value_len: usize,
+}
+
+impl<'a, H: Serialize, V: Serialize + ?Sized> SizedMessage<'a, H, V> {
+    /// Sizes both (an argument that cannot be encoded fails here).
+    pub(crate) fn new(header: &'a H, value: &'a V) -> Result<Self> {
+        Ok(SizedMessage {
+            header,
+            value,
+            header_len: encoded_len(header)?,
+            value_len: encoded_len(value).map_err(|e| {
+                CommError::Codec(format!(
+                    "encoding a value of type `{}`: {e}",
+                    std::any::type_name::<V>()
+                ))
+            })?,
+        })
+    }
+
+    /// The frame (length prefix included).
+    pub(crate) fn frame(&self) -> Result<Vec<u8>> {
+        frame_with(self.header, Some(self.value))
+    }
+
+    /// Encodes the message (a frame's body) straight into `q`'s ring when
+    /// it has room for it now; `false`: it has not, nothing was written.
+    pub(crate) fn try_enqueue(&self, q: &mut MessageQueue) -> Result<bool> {
+        let (h, v) = (self.header_len, self.value_len);
+        q.try_enqueue_with(h + v, |buf| {
+            let (hb, vb) = buf.split_at_mut(h);
+            let wrote_h = postcard::to_slice(self.header, hb)
+                .map_err(|e| codec_err("encoding a header", e))?
+                .len();
+            let wrote_v = postcard::to_slice(self.value, vb)
+                .map_err(|e| {
+                    codec_err(
+                        &format!("encoding a value of type `{}`", std::any::type_name::<V>()),
+                        e,
+                    )
+                })?
+                .len();
+            if (wrote_h, wrote_v) != (h, v) {
+                return Err(CommError::Codec(format!(
+                    "a value of type `{}` encoded to another length than it was sized \
+                     (its Serialize implementation is not deterministic)",
+                    std::any::type_name::<V>()
+                )));
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Counts the bytes postcard would write (O(1) per byte slice).

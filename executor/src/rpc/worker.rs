@@ -19,7 +19,7 @@ use rustix::net::RecvFlags;
 use serde::de::DeserializeOwned;
 
 use super::local::{self, Doorbell};
-use super::method::Methods;
+use super::method::{Decoded, Failure, Methods};
 use super::wire::{self, Down, FrameReader, Outcome, RecvError, Up, LEN_BYTES, MAX_FRAME};
 
 /// Environment variable naming a local worker's control file descriptor.
@@ -114,8 +114,6 @@ pub struct Worker {
     doorbell: Option<Doorbell>,
     /// Requests and replies in shared memory, once attached.
     queues: Option<Queues>,
-    /// A request buffer to reuse.
-    spare: Vec<u8>,
 }
 
 impl Worker {
@@ -239,20 +237,31 @@ impl Worker {
             init: Vec::new(),
             doorbell: None,
             queues: None,
-            spare: Vec::new(),
         }
     }
 
-    /// The next request: from the request queue once attached, else from
-    /// the socket. `None`: the executor closed the queue (shut down).
-    fn next_frame(&mut self) -> Result<Option<Vec<u8>>> {
+    /// The next request: from the request queue once attached (decoded
+    /// where it lies in the ring), else from the socket. `None`: the
+    /// executor closed the queue (shut down) or the connection.
+    fn next_request<S>(
+        &mut self,
+        state: &mut S,
+        methods: &mut Methods<S>,
+    ) -> Result<Option<Request>> {
         let Some(q) = self.queues.as_mut() else {
-            return self.next_socket_frame();
+            let Some(body) = self.next_socket_frame()? else {
+                return Ok(None);
+            };
+            let req = Request::parse(&body, state, methods);
+            self.reader.recycle(body);
+            return req.map(Some);
         };
-        let mut body = std::mem::take(&mut self.spare);
         loop {
-            match q.requests.dequeue_into(&mut body, IDLE_WAIT) {
-                Ok(()) => return Ok(Some(body)),
+            match q
+                .requests
+                .dequeue_with(IDLE_WAIT, |body| Request::parse(body, state, methods))
+            {
+                Ok(req) => return req.map(Some),
                 Err(CommError::Timeout { .. }) => continue,
                 // Closed by the executor's shutdown, after every request
                 // before it was read.
@@ -264,15 +273,6 @@ impl Worker {
                     )))
                 }
             }
-        }
-    }
-
-    /// Hands a request buffer back for the next request.
-    fn recycle(&mut self, body: Vec<u8>) {
-        if self.queues.is_some() {
-            self.spare = body;
-        } else {
-            self.reader.recycle(body);
         }
     }
 
@@ -515,7 +515,7 @@ impl Worker {
         self.ready()?;
         let mut out = Vec::new();
         loop {
-            let Some(body) = self.next_frame()? else {
+            let Some(req) = self.next_request(state, methods)? else {
                 if self.queues.is_some() {
                     // The executor closed the request queue: shut down.
                     return Ok(());
@@ -525,18 +525,17 @@ impl Worker {
                     self.rank
                 )));
             };
-            let (header, args) = wire::decode_down(&body)?;
-            match header {
-                Down::Shutdown => return Ok(()),
-                Down::Call {
+            match req {
+                Request::Shutdown => return Ok(()),
+                Request::Call {
                     id,
-                    method,
                     reply_rank,
+                    decoded,
                 } => {
                     let mine = reply_rank.is_none_or(|r| r as usize == self.rank);
                     out.clear();
                     out.resize(HEAD_ROOM, 0);
-                    let res = methods.call(state, &method, args, mine.then_some(&mut out));
+                    let res = decoded.and_then(|d| methods.run(state, d, mine.then_some(&mut out)));
                     let outcome = match &res {
                         Ok(()) if mine => Outcome::Value,
                         Ok(()) => Outcome::Ack,
@@ -547,16 +546,14 @@ impl Worker {
                     };
                     let with_value = matches!(outcome, Outcome::Value);
                     self.reply(&Up::Reply { id, outcome }, &mut out, with_value)?;
-                    self.recycle(body);
                 }
-                Down::Attach {
+                Request::Attach {
                     store,
                     prefix,
                     executor_rank,
                     reply_ring,
                     timeout_ms,
                 } if self.queues.is_none() && !self.remote => {
-                    let (store, prefix) = (store.into_owned(), prefix.into_owned());
                     let attached = self.attach(
                         &store,
                         &prefix,
@@ -569,14 +566,69 @@ impl Worker {
                         let _ = self.send(&Up::InitError(msg.as_str().into()), &[]);
                         return Err(CommError::State(format!("rank {}: {msg}", self.rank)));
                     }
-                    self.recycle(body);
                 }
-                other => {
-                    return Err(CommError::Protocol(format!(
-                        "unexpected message from the executor: {other:?}"
-                    )))
+                Request::Attach { .. } => {
+                    return Err(CommError::Protocol(
+                        "unexpected message from the executor: a second Attach, or one to a \
+                         remote worker"
+                            .into(),
+                    ))
                 }
             }
         }
+    }
+}
+
+/// A request, parsed while its bytes are at hand (a call's argument
+/// decoded into its handler's slot).
+enum Request {
+    Call {
+        id: u64,
+        reply_rank: Option<u32>,
+        decoded: std::result::Result<Decoded, Failure>,
+    },
+    Shutdown,
+    Attach {
+        store: String,
+        prefix: String,
+        executor_rank: u32,
+        reply_ring: u64,
+        timeout_ms: u64,
+    },
+}
+
+impl Request {
+    fn parse<S>(body: &[u8], state: &mut S, methods: &mut Methods<S>) -> Result<Request> {
+        let (header, args) = wire::decode_down(body)?;
+        Ok(match header {
+            Down::Shutdown => Request::Shutdown,
+            Down::Call {
+                id,
+                method,
+                reply_rank,
+            } => Request::Call {
+                id,
+                reply_rank,
+                decoded: methods.decode(state, &method, args),
+            },
+            Down::Attach {
+                store,
+                prefix,
+                executor_rank,
+                reply_ring,
+                timeout_ms,
+            } => Request::Attach {
+                store: store.into_owned(),
+                prefix: prefix.into_owned(),
+                executor_rank,
+                reply_ring,
+                timeout_ms,
+            },
+            other => {
+                return Err(CommError::Protocol(format!(
+                    "unexpected message from the executor: {other:?}"
+                )))
+            }
+        })
     }
 }
