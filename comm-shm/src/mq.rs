@@ -19,6 +19,9 @@
 //! where it lies, so a large broadcast costs the writer one copy and each
 //! reader one (its decode), with no staging buffer on either side.
 //!
+//! A call's deadline counts from its first wait, so one that finds its
+//! message (or its room) already there reads no clock.
+//!
 //! Cursors are 64-bit byte positions, each on its own cache line (the
 //! first data word of a [`Flag`](crate::segment::Flag)), published with release
 //! stores; the low 32 bits double as the futex word.
@@ -49,11 +52,31 @@ fn align8(pos: u64) -> u64 {
     pos.next_multiple_of(8)
 }
 
+/// A deadline that starts at the first wait: a call that finds its message
+/// (or its room) already there reads no clock.
+struct Due {
+    timeout: Duration,
+    dl: std::cell::OnceCell<Deadline>,
+}
+
+impl Due {
+    fn new(timeout: Duration) -> Self {
+        Due {
+            timeout,
+            dl: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn get(&self) -> &Deadline {
+        self.dl.get_or_init(|| Deadline::after(self.timeout))
+    }
+}
+
 /// How a writer's step gets ring space.
 enum Room<'a> {
     /// Waits for readers until the deadline; the callback runs before each
     /// wait (see [`MessageQueue::enqueue_notify`]).
-    Wait(&'a Deadline, &'a dyn Fn()),
+    Wait(&'a Due, &'a dyn Fn()),
     /// Takes what is free now.
     Now,
 }
@@ -495,7 +518,7 @@ impl MessageQueue {
         }
     }
 
-    fn write_stream(&mut self, mut src: &[u8], dl: &Deadline, notify: &dyn Fn()) -> Result<()> {
+    fn write_stream(&mut self, mut src: &[u8], dl: &Due, notify: &dyn Fn()) -> Result<()> {
         let stream_pub = self.stream_publish();
         let how = Room::Wait(dl, notify);
         while !src.is_empty() {
@@ -514,10 +537,11 @@ impl MessageQueue {
 
     /// Writer: waits until the slowest reader's cursor is at least
     /// `upto - ring`.
-    fn wait_space(&mut self, dl: &Deadline, upto: u64) -> Result<()> {
+    fn wait_space(&mut self, dl: &Due, upto: u64) -> Result<()> {
         let Some((i, _)) = self.min_reader() else {
             return Ok(());
         };
+        let dl = dl.get();
         let f = self.seg.flag(1 + i);
         let ring = self.ring;
         let slow = SlowWait::new();
@@ -617,7 +641,7 @@ impl MessageQueue {
     /// Reader: waits until the writer has published at least position
     /// `min` (publishing this reader's cursor first, so a writer waiting
     /// for room can go on).
-    fn wait_published(&mut self, min: u64, dl: &Deadline) -> Result<()> {
+    fn wait_published(&mut self, min: u64, dl: &Due) -> Result<()> {
         if self.cached >= min {
             return Ok(());
         }
@@ -628,6 +652,7 @@ impl MessageQueue {
         if self.published != self.pos {
             self.publish();
         }
+        let dl = dl.get();
         let f = self.seg.flag(0);
         // Readers of a request queue wait idle for long stretches by
         // design: reported at debug level only.
@@ -656,7 +681,7 @@ impl MessageQueue {
         Ok(())
     }
 
-    fn read_stream(&mut self, dst: &mut [u8], dl: &Deadline) -> Result<()> {
+    fn read_stream(&mut self, dst: &mut [u8], dl: &Due) -> Result<()> {
         let stream_pub = self.stream_publish();
         let mut got = 0;
         while got < dst.len() {
@@ -676,7 +701,7 @@ impl MessageQueue {
     /// Reader: consumes the next message's header (and the pad records
     /// before it) and returns the message's length. A failure consumes
     /// nothing but pad records, so a timeout can be retried.
-    fn next_header(&mut self, dl: &Deadline) -> Result<usize> {
+    fn next_header(&mut self, dl: &Due) -> Result<usize> {
         loop {
             let start = align8(self.pos);
             self.wait_published(start + 8, dl)?;
@@ -704,7 +729,7 @@ impl MessageQueue {
     }
 
     /// Reader: reads a body of `len` bytes into `out` (cleared), streaming.
-    fn read_body(&mut self, len: usize, out: &mut Vec<u8>, dl: &Deadline) -> Result<()> {
+    fn read_body(&mut self, len: usize, out: &mut Vec<u8>, dl: &Due) -> Result<()> {
         out.clear();
         out.reserve(len);
         // Straight into the vector's spare capacity: no zero-fill of bytes
@@ -798,7 +823,7 @@ impl MessageQueue {
         notify: &dyn Fn(),
     ) -> Result<()> {
         self.writable("enqueue", timeout)?;
-        let dl = Deadline::after(timeout);
+        let dl = Due::new(timeout);
         // Waits for room, so never `false`.
         self.begin_record(&Room::Wait(&dl, notify))?;
         let mark = self.pos;
@@ -835,7 +860,7 @@ impl MessageQueue {
             fill(&mut tmp)?;
             return self.enqueue_timeout(&tmp, timeout);
         }
-        let dl = Deadline::after(timeout);
+        let dl = Due::new(timeout);
         self.write_whole(len, &Room::Wait(&dl, &|| {}), fill)
             .map(|_| ())
     }
@@ -872,8 +897,8 @@ impl MessageQueue {
     /// queue unusable.
     pub fn dequeue_into(&mut self, out: &mut Vec<u8>, timeout: Duration) -> Result<()> {
         self.need(Role::Reader(0), "dequeue")?;
-        let len = self.next_header(&Deadline::after(timeout))?;
-        let body_dl = Deadline::after(timeout.max(self.timeout));
+        let len = self.next_header(&Due::new(timeout))?;
+        let body_dl = Due::new(timeout.max(self.timeout));
         // The header is consumed: any failure now breaks the stream.
         let mark = self.pos - 8;
         self.or_break(mark, |q| q.read_body(len, out, &body_dl))?;
@@ -890,7 +915,7 @@ impl MessageQueue {
     /// Deadlines as in [`MessageQueue::dequeue_into`].
     pub fn dequeue_with<T>(&mut self, timeout: Duration, f: impl FnOnce(&[u8]) -> T) -> Result<T> {
         self.need(Role::Reader(0), "dequeue")?;
-        let len = self.next_header(&Deadline::after(timeout))?;
+        let len = self.next_header(&Due::new(timeout))?;
         let at = self.pos;
         let end = at + len as u64;
         let off = at % self.ring;
@@ -916,7 +941,7 @@ impl MessageQueue {
             }
         }
         let mut buf = std::mem::take(&mut self.scratch);
-        let body_dl = Deadline::after(timeout.max(self.timeout));
+        let body_dl = Due::new(timeout.max(self.timeout));
         self.or_break(at - 8, |q| q.read_body(len, &mut buf, &body_dl))?;
         self.publish();
         let r = f(&buf);
@@ -969,7 +994,7 @@ mod tests {
         /// Writes `bytes` into the ring as they are (no length header), as a
         /// corrupt or hostile writer would.
         fn enqueue_raw(&mut self, bytes: &[u8]) -> Result<()> {
-            let dl = Deadline::after(self.timeout);
+            let dl = Due::new(self.timeout);
             self.write_stream(bytes, &dl, &|| {})?;
             self.publish();
             Ok(())
