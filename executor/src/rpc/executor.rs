@@ -662,6 +662,13 @@ fn finish<R: DeserializeOwned>(slot: Slot, world: usize) -> Result<Vec<R>> {
     }
 }
 
+// An executor is shared between the driver's threads (one submits while
+// another waits): keep it Send + Sync.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Executor>();
+};
+
 impl Executor {
     /// Starts the workers of `cfg` and waits up to `ready_timeout` for a
     /// READY or an ERROR from each: `cfg.nproc_per_node` local processes
