@@ -952,28 +952,41 @@ impl MessageQueue {
     /// Writer: serialises `value` with postcard straight into the ring
     /// (see [`MessageQueue::enqueue_with`]).
     pub fn enqueue_obj<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<()> {
-        let what = self.what("enqueue_obj");
-        let len = postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default())
-            .map_err(|e| CommError::Codec(format!("{what}: sizing: {e}")))?;
-        self.enqueue_with(len, self.timeout, |buf| {
+        // Messages are named only on failure (formatting them costs more
+        // than a small message's copy).
+        let len =
+            match postcard::serialize_with_flavor(value, postcard::ser_flavors::Size::default()) {
+                Ok(n) => n,
+                Err(e) => {
+                    return Err(CommError::Codec(format!(
+                        "{}: sizing: {e}",
+                        self.what("enqueue_obj")
+                    )))
+                }
+            };
+        let res = self.enqueue_with(len, self.timeout, |buf| {
             match postcard::to_slice(value, buf) {
                 Ok(used) if used.len() == len => Ok(()),
                 Ok(used) => Err(CommError::Codec(format!(
-                    "{what}: encoded {} bytes after sizing {len} (a Serialize \
-                     implementation that is not deterministic)",
+                    "encoded {} bytes after sizing {len} (a Serialize implementation that \
+                     is not deterministic)",
                     used.len()
                 ))),
-                Err(e) => Err(CommError::Codec(format!("{what}: encoding: {e}"))),
+                Err(e) => Err(CommError::Codec(format!("encoding: {e}"))),
             }
+        });
+        res.map_err(|e| match e {
+            CommError::Codec(m) => CommError::Codec(format!("{}: {m}", self.what("enqueue_obj"))),
+            other => other,
         })
     }
 
     /// Reader: dequeues a message and deserialises it with postcard,
     /// in place when it was written whole.
     pub fn dequeue_obj<T: DeserializeOwned>(&mut self) -> Result<T> {
-        let what = self.what("dequeue_obj");
-        self.dequeue_with(self.timeout, |bytes| postcard::from_bytes(bytes))?
-            .map_err(|e| CommError::Codec(format!("{what}: decoding: {e}")))
+        let decoded = self.dequeue_with(self.timeout, |bytes| postcard::from_bytes(bytes))?;
+        decoded
+            .map_err(|e| CommError::Codec(format!("{}: decoding: {e}", self.what("dequeue_obj"))))
     }
 }
 

@@ -50,6 +50,13 @@ fn run<W: Send, R: Send>(
     out
 }
 
+/// A signal between the writer's thread and the readers' closure, which is
+/// `Fn + Sync`: the receiving end sits in a mutex (a `Sender` is `Sync`).
+fn signal() -> (mpsc::Sender<()>, std::sync::Mutex<mpsc::Receiver<()>>) {
+    let (tx, rx) = mpsc::channel();
+    (tx, std::sync::Mutex::new(rx))
+}
+
 fn msg(i: u64, ring: usize) -> Vec<u8> {
     let mut rng = Rng(i * 7 + 1);
     let n = 1 + rng.below(4 * ring as u64) as usize;
@@ -85,8 +92,7 @@ fn fifo_many_sizes_tiny_ring() {
 fn small_messages_take_little_space() {
     // 200-byte messages: a 4 KiB ring holds 19 of them without a reader;
     // the 20th waits for space and times out while the reader holds back.
-    let (tx, rx) = mpsc::channel::<()>();
-    let rx = std::sync::Mutex::new(rx);
+    let (tx, rx) = signal();
     run(
         0,
         &[1],
@@ -116,12 +122,9 @@ fn small_messages_take_little_space() {
 fn free_bytes_and_has_pending_poll_without_blocking() {
     // The writer sees its free space shrink by 8 + len per message (each
     // starting at a multiple of 8) and grow back once the reader consumed
-    // them; the reader sees a message waiting
-    // exactly while one is.
-    let (tx, rx) = mpsc::channel::<()>();
-    let (back_tx, back_rx) = mpsc::channel::<()>();
-    let rx = std::sync::Mutex::new(rx);
-    let back_tx = std::sync::Mutex::new(back_tx);
+    // them; the reader sees a message waiting exactly while one is.
+    let (tx, rx) = signal();
+    let (back_tx, back_rx) = signal();
     run(
         0,
         &[1],
@@ -135,7 +138,7 @@ fn free_bytes_and_has_pending_poll_without_blocking() {
             }
             assert_eq!(w.free_bytes(), 4096 - (112 + 112 + 108));
             tx.send(()).unwrap();
-            back_rx.recv().unwrap();
+            back_rx.lock().unwrap().recv().unwrap();
             assert_eq!(w.free_bytes(), 4096);
         },
         |_, r| {
@@ -146,7 +149,7 @@ fn free_bytes_and_has_pending_poll_without_blocking() {
                 assert_eq!(r.dequeue().unwrap(), vec![5u8; 100]);
             }
             assert!(!r.has_pending());
-            back_tx.lock().unwrap().send(()).unwrap();
+            back_tx.send(()).unwrap();
         },
     );
 }
@@ -156,8 +159,7 @@ fn enqueue_notify_calls_back_before_waiting_for_room() {
     // A reader that only looks when told (as one sleeping in epoll does):
     // a 10 KiB message through a 1 KiB ring streams because the writer
     // notifies each time it published a part and waits for room.
-    let (tx, rx) = mpsc::channel::<()>();
-    let rx = std::sync::Mutex::new(rx);
+    let (tx, rx) = signal();
     let data: Vec<u8> = (0..10_240).map(|i| (i % 253) as u8).collect();
     let want = data.clone();
     let (calls, _) = run(
@@ -208,8 +210,7 @@ fn message_larger_than_ring() {
 
 #[test]
 fn back_pressure_timeout_names_the_lagging_reader() {
-    let (tx, rx) = mpsc::channel::<()>();
-    let rx = std::sync::Mutex::new(rx);
+    let (tx, rx) = signal();
     let (err, _) = run(
         3,
         &[0, 5],
@@ -252,8 +253,7 @@ fn back_pressure_timeout_names_the_lagging_reader() {
 
 #[test]
 fn shutdown_wakes_blocked_readers_after_draining() {
-    let (tx, rx) = mpsc::channel::<()>();
-    let rx = std::sync::Mutex::new(rx);
+    let (tx, rx) = signal();
     run(
         1,
         &[0, 2, 3],
@@ -323,8 +323,7 @@ fn reader_gone_is_peer_lost_for_a_blocked_writer() {
 
 #[test]
 fn abort_is_reported_to_the_other_end() {
-    let (tx, rx) = mpsc::channel::<()>();
-    let rx = std::sync::Mutex::new(rx);
+    let (tx, rx) = signal();
     let (_, got) = run(
         2,
         &[0],
@@ -458,10 +457,8 @@ fn objects_go_through_the_ring_without_staging() {
 
 #[test]
 fn try_enqueue_with_never_waits_and_a_failed_fill_writes_nothing() {
-    let (tx, rx) = mpsc::channel::<()>();
-    let (back_tx, back_rx) = mpsc::channel::<()>();
-    let rx = std::sync::Mutex::new(rx);
-    let back_tx = std::sync::Mutex::new(back_tx);
+    let (tx, rx) = signal();
+    let (back_tx, back_rx) = signal();
     run(
         0,
         &[1],
@@ -489,7 +486,7 @@ fn try_enqueue_with_never_waits_and_a_failed_fill_writes_nothing() {
             assert!(!w.try_enqueue_with(1000, |_| panic!("not called")).unwrap());
             assert!(t0.elapsed() < Duration::from_secs(5));
             tx.send(()).unwrap();
-            back_rx.recv().unwrap();
+            back_rx.lock().unwrap().recv().unwrap();
             assert!(w
                 .try_enqueue_with(1000, |b| {
                     b.fill(2);
@@ -501,7 +498,7 @@ fn try_enqueue_with_never_waits_and_a_failed_fill_writes_nothing() {
             rx.lock().unwrap().recv().unwrap();
             let first = r.dequeue_with(SETUP, |b| b.to_vec()).unwrap();
             assert_eq!(first, vec![1u8; 3500]);
-            back_tx.lock().unwrap().send(()).unwrap();
+            back_tx.send(()).unwrap();
             // The second wrapped: it starts the next lap after a pad
             // record, whole.
             assert_eq!(
@@ -517,10 +514,8 @@ fn a_dequeue_timeout_consumes_nothing_and_a_broken_stream_is_refused() {
     // A reader's timeout before a message starts can be retried; a writer
     // that times out in the middle of a message leaves a queue that refuses
     // further writes instead of writing out of step.
-    let (tx, rx) = mpsc::channel::<()>();
-    let rx = std::sync::Mutex::new(rx);
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let done_rx = std::sync::Mutex::new(done_rx);
+    let (tx, rx) = signal();
+    let (done_tx, done_rx) = signal();
     run(
         0,
         &[1],

@@ -14,6 +14,7 @@
 //!
 //! ```text
 //! cargo bench -p executor --bench rpc            # EXECUTOR_BENCH_QUICK=1 for a short run
+//!                                                 # EXECUTOR_BENCH_SHM_ONLY=1: ours on shm only
 //! ```
 //!
 //! The bench binary re-runs itself as the workers.
@@ -143,6 +144,15 @@ fn main() {
     let quick = std::env::var_os("EXECUTOR_BENCH_QUICK").is_some();
     let (iters, big_iters) = if quick { (2_000, 5) } else { (20_000, 20) };
     let (rt, bcast) = measure("shm", iters, big_iters);
+    if std::env::var_os("EXECUTOR_BENCH_SHM_ONLY").is_some() {
+        // For profiling the shared-memory path alone.
+        println!(
+            "shm only: round trip {:.2} us, 16 MiB broadcast {:.3} ms",
+            rt.as_secs_f64() * 1e6,
+            bcast.as_secs_f64() * 1e3
+        );
+        return;
+    }
     let (rt_sock, bcast_sock) = measure("socket", iters, big_iters);
 
     // One 16 MiB memcpy into a buffer that was touched before (as a reader's

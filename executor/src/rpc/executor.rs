@@ -1236,17 +1236,24 @@ impl Executor {
                     Some(_) => Ok(false),
                     None => sized.try_enqueue(q),
                 };
-                let res = match direct {
-                    Ok(true) => Ok(()),
-                    Ok(false) => frame_of(&mut frame).and_then(|f| {
-                        Self::enqueue_request(sh, &mut io, q, &f[LEN_BYTES..], deadline)
-                    }),
-                    // Nothing was written: the queue stays usable.
+                // An encoding failure writes nothing: the queue stays
+                // usable, and only this call fails.
+                let body = match direct {
+                    Ok(true) => Ok(None),
+                    Ok(false) => frame_of(&mut frame).map(Some),
+                    Err(e) => Err(e),
+                };
+                let body = match body {
+                    Ok(b) => b,
                     Err(e) => {
                         drop(rq);
                         sh.lock_st().calls.remove(&id);
                         return Err(e);
                     }
+                };
+                let res = match body {
+                    None => Ok(()),
+                    Some(f) => Self::enqueue_request(sh, &mut io, q, &f[LEN_BYTES..], deadline),
                 };
                 if let Err(e) = res {
                     drop(rq);
