@@ -224,6 +224,31 @@ fn typed_calls_reply_in_rank_order_and_failures_name_their_rank() {
     assert_eq!(shm_left(&job), Vec::<String>::new());
 }
 
+/// An argument whose `Serialize` fails: the call fails with a codec error
+/// naming its type, before anything is sent, and the workers stay usable.
+struct Unencodable;
+
+impl serde::Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("refuses to be encoded"))
+    }
+}
+
+#[test]
+fn an_argument_that_cannot_be_encoded_fails_only_its_call() {
+    const BAD: Method<Unencodable, ()> = Method::new("echo");
+    let ex = Executor::start(&config(2, ""), T).unwrap();
+    match ex.collective_rpc(&BAD, &Unencodable, T).unwrap_err() {
+        CommError::Codec(m) => assert!(m.contains("Unencodable"), "{m}"),
+        other => panic!("{other}"),
+    }
+    assert_eq!(
+        ex.collective_rpc(&ECHO, &vec![7u8; 300], T).unwrap(),
+        vec![vec![7u8; 300]; 2]
+    );
+    assert_eq!(ex.shutdown().unwrap(), [0, 0]);
+}
+
 /// Requests that fit the request ring are encoded straight into it (pad
 /// records where one would wrap) and decoded there by every worker; those
 /// that find no room, or are larger than the ring, go through a frame and
