@@ -65,5 +65,5 @@ pub use launch::{
 pub use rpc::{
     Executor, Method, Methods, Pending, ReplyFrom, Worker, DEFAULT_REPLY_RING,
     DEFAULT_REQUEST_RING, DEFAULT_SPIN_US, EXECUTOR_FD_ENV, QUEUE_ENV, REPLY_RING_ENV,
-    REQUEST_RING_ENV, SPIN_ENV,
+    REQUEST_RING_ENV, ROOMY_SHM, SMALL_REQUEST_RING, SPIN_ENV,
 };

@@ -41,8 +41,16 @@ pub const REQUEST_RING_ENV: &str = "DIST_EXECUTOR_REQUEST_RING";
 /// [`DEFAULT_REPLY_RING`]).
 pub const REPLY_RING_ENV: &str = "DIST_EXECUTOR_REPLY_RING";
 /// Default request ring: 32 MiB, so a 16 MiB request (a latent, a batch of
-/// embeddings) is held whole and read in place.
+/// embeddings) is held whole and read in place. Where `/dev/shm` has less
+/// than [`ROOMY_SHM`] free (a container's default 64 MiB), the default is
+/// [`SMALL_REQUEST_RING`] instead, so the queues still fit.
 pub const DEFAULT_REQUEST_RING: usize = 32 << 20;
+/// The default request ring on a small `/dev/shm` (see
+/// [`DEFAULT_REQUEST_RING`]): a 16 MiB request then streams through it.
+pub const SMALL_REQUEST_RING: usize = 16 << 20;
+/// Free `/dev/shm` below which the default request ring is
+/// [`SMALL_REQUEST_RING`]: 256 MiB.
+pub const ROOMY_SHM: usize = 256 << 20;
 /// Default reply ring of each local worker: 4 MiB.
 pub const DEFAULT_REPLY_RING: usize = 4 << 20;
 /// Bytes of the doorbell page.
@@ -83,9 +91,19 @@ impl QueueConfig {
             }
         };
         Ok(Some(QueueConfig {
-            request_ring: size(REQUEST_RING_ENV, DEFAULT_REQUEST_RING)?,
+            request_ring: size(REQUEST_RING_ENV, default_request_ring())?,
             reply_ring: size(REPLY_RING_ENV, DEFAULT_REPLY_RING)?,
         }))
+    }
+}
+
+/// [`DEFAULT_REQUEST_RING`], or [`SMALL_REQUEST_RING`] where `/dev/shm` has
+/// less than [`ROOMY_SHM`] free.
+fn default_request_ring() -> usize {
+    if comm_shm::check_free_space(ROOMY_SHM).is_ok() {
+        DEFAULT_REQUEST_RING
+    } else {
+        SMALL_REQUEST_RING
     }
 }
 
