@@ -384,8 +384,14 @@ fn whole_messages_read_in_place_mixed_with_streamed_ones() {
     // wrap) and streamed ones (enqueue), of sizes from 1 byte to 4 rings,
     // through a small ring to 3 readers, read with dequeue_with and
     // dequeue_into alternately: every reader gets every message exactly,
-    // in order.
-    let ring = 4096;
+    // in order. The second ring is not a multiple of 8 (it is used as 4008
+    // bytes) nor a power of two.
+    for ring in [4096, 4013] {
+        in_place_and_streamed(ring);
+    }
+}
+
+fn in_place_and_streamed(ring: usize) {
     let n = 1500u64;
     let want = |i: u64| {
         let mut v = vec![0u8; msg(i, ring).len()];
@@ -396,7 +402,7 @@ fn whole_messages_read_in_place_mixed_with_streamed_ones() {
         1,
         &[0, 2, 3],
         ring,
-        opts(&job("inplace")),
+        opts(&job(&format!("inplace{ring}"))),
         |w| {
             for i in 0..n {
                 let len = msg(i, ring).len();
@@ -416,10 +422,10 @@ fn whole_messages_read_in_place_mixed_with_streamed_ones() {
             for i in 0..n {
                 if (i + rank as u64).is_multiple_of(2) {
                     let same = r.dequeue_with(SETUP, |b| b == want(i).as_slice()).unwrap();
-                    assert!(same, "rank {rank} message {i} (in place)");
+                    assert!(same, "ring {ring} rank {rank} message {i} (in place)");
                 } else {
                     r.dequeue_into(&mut buf, SETUP).unwrap();
-                    assert_eq!(buf, want(i), "rank {rank} message {i}");
+                    assert_eq!(buf, want(i), "ring {ring} rank {rank} message {i}");
                 }
             }
             true
