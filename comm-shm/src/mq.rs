@@ -898,8 +898,14 @@ impl MessageQueue {
     pub fn dequeue_into(&mut self, out: &mut Vec<u8>, timeout: Duration) -> Result<()> {
         self.need(Role::Reader(0), "dequeue")?;
         let len = self.next_header(&Due::new(timeout))?;
+        self.take_body(len, out, timeout)
+    }
+
+    /// Reader, its header just consumed: copies the `len`-byte body into
+    /// `out` and releases it, awaiting it up to the longer of `timeout` and
+    /// the queue's deadline; any failure now breaks the stream.
+    fn take_body(&mut self, len: usize, out: &mut Vec<u8>, timeout: Duration) -> Result<()> {
         let body_dl = Due::new(timeout.max(self.timeout));
-        // The header is consumed: any failure now breaks the stream.
         let mark = self.pos - 8;
         self.or_break(mark, |q| q.read_body(len, out, &body_dl))?;
         self.publish();
@@ -941,9 +947,7 @@ impl MessageQueue {
             }
         }
         let mut buf = std::mem::take(&mut self.scratch);
-        let body_dl = Due::new(timeout.max(self.timeout));
-        self.or_break(at - 8, |q| q.read_body(len, &mut buf, &body_dl))?;
-        self.publish();
+        self.take_body(len, &mut buf, timeout)?;
         let r = f(&buf);
         self.scratch = buf;
         Ok(r)

@@ -201,21 +201,7 @@ fn workloads() -> Vec<Workload> {
     let exe = std::env::current_exe().expect("the test binary");
     // Debug builds compute slowly: a smaller model, fewer rounds.
     let (model, rounds): (&[&str], &str) = if cfg!(debug_assertions) {
-        (
-            &[
-                "--batch",
-                "1",
-                "--seq",
-                "126",
-                "--heads",
-                "4",
-                "--head-dim",
-                "16",
-                "--layers",
-                "2",
-            ],
-            "8",
-        )
+        (bins::SMALL_MODEL, "8")
     } else {
         (&[], "60")
     };

@@ -397,23 +397,10 @@ fn main_job_across_two_hosts() {
     let job: PathBuf = bins::path(bins::MAIN_JOB);
     let dir = tempfile::tempdir().expect("a temporary directory");
     let start = Instant::now();
-    // A small model: debug builds compute slowly; the communication is the
-    // same (an all_to_all_4d before and after each layer's attention).
-    let model = [
-        "--batch",
-        "1",
-        "--seq",
-        "126",
-        "--heads",
-        "4",
-        "--head-dim",
-        "16",
-        "--layers",
-        "2",
-    ];
+    let model = bins::SMALL_MODEL;
     let env = [("RUST_LOG", "parallel_state=info,comm_cpu::setup=debug,warn")];
     // 1. Ulysses over all four ranks: the SP group spans both hosts.
-    let out = run_job(&topo, dir.path(), &job, &model, &env);
+    let out = run_job(&topo, dir.path(), &job, model, &env);
     check_common(&topo, &out);
     assert_group(&out, 0, "node", "[0, 1]", "shm");
     assert_group(&out, 1, "node", "[2, 3]", "shm");

@@ -37,6 +37,22 @@ pub const MAIN_JOB: Program = Program {
     name: "ulysses_attention",
 };
 
+/// Arguments of a small model of the main job, for debug builds (which
+/// compute slowly): the communication is the same, an all_to_all_4d before
+/// and after each layer's attention.
+pub const SMALL_MODEL: &[&str] = &[
+    "--batch",
+    "1",
+    "--seq",
+    "126",
+    "--heads",
+    "4",
+    "--head-dim",
+    "16",
+    "--layers",
+    "2",
+];
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
