@@ -722,7 +722,7 @@ impl MessageQueue {
                 self.pos = next_lap;
                 continue;
             }
-            let len = record_len(hdr, self.max_message, &self.what("dequeue"))?;
+            let len = record_len(hdr, self.max_message, || self.what("dequeue"))?;
             self.pos = start + 8;
             return Ok(len);
         }

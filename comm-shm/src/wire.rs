@@ -361,14 +361,15 @@ impl QueueDesc {
 /// The length of a message-queue record from its 8-byte header, refused
 /// when it exceeds `max` (so a corrupt or hostile header cannot make a
 /// reader allocate without bound).
-pub(crate) fn record_len(hdr: [u8; 8], max: usize, what: &str) -> Result<usize> {
+pub(crate) fn record_len(hdr: [u8; 8], max: usize, what: impl FnOnce() -> String) -> Result<usize> {
     let len = u64::from_le_bytes(hdr);
     match usize::try_from(len) {
         Ok(n) if n <= max => Ok(n),
         _ => Err(CommError::Protocol(format!(
-            "{what}: a record announces {len} bytes, more than the limit of {max} \
+            "{}: a record announces {len} bytes, more than the limit of {max} \
              (MqOptions::max_message_bytes); the queue is corrupt or the writer runs \
-             another build"
+             another build",
+            what()
         ))),
     }
 }
@@ -411,8 +412,8 @@ mod tests {
         assert_eq!((d.member, d.culprits.clone()), (2, vec![0, 1]));
         assert!(d.reason.len() <= MAX_REASON && d.reason.starts_with('é'));
         assert!(AbortRecord::decode(&a.encode(), 2).is_none());
-        assert_eq!(record_len(7u64.to_le_bytes(), 7, "q").unwrap(), 7);
-        assert!(record_len(8u64.to_le_bytes(), 7, "q").is_err());
+        assert_eq!(record_len(7u64.to_le_bytes(), 7, || "q".into()).unwrap(), 7);
+        assert!(record_len(8u64.to_le_bytes(), 7, || "q".into()).is_err());
     }
 
     proptest! {
@@ -487,7 +488,7 @@ mod tests {
 
         #[test]
         fn fuzz_record_len(h in any::<[u8; 8]>(), max in any::<usize>()) {
-            if let Ok(n) = record_len(h, max, "q") {
+            if let Ok(n) = record_len(h, max, || "q".into()) {
                 prop_assert!(n <= max);
             }
         }

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 
 use comm_core::{CommError, Result};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Frames up to this size are written with a single `write` call (header and
 /// payload copied together), which keeps small requests in one TCP segment.
@@ -32,8 +32,9 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
 }
 
 /// Decodes a postcard value of type `T`; trailing bytes are an error (they mean
-/// the sender and receiver disagree about the type).
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+/// the sender and receiver disagree about the type). `T` may borrow from
+/// `bytes` (`&str`, `&[u8]`), so a value can be read where it lies.
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
     let (value, rest) = postcard::take_from_bytes::<T>(bytes).map_err(|e| {
         CommError::Codec(format!(
             "could not decode {} byte(s) as `{}`: {e}; do sender and receiver use the same type?",

@@ -63,7 +63,7 @@ pub use launch::{
     RankExit, StopReason, JOB_ID_ENV, JOB_SECRET_ENV, STORE_HOSTED_ENV, TIMEOUT_EXIT_CODE,
 };
 pub use rpc::{
-    Executor, Method, Methods, Pending, ReplyFrom, Worker, DEFAULT_REPLY_RING,
+    ArgView, Executor, Method, Methods, Pending, ReplyFrom, Worker, DEFAULT_REPLY_RING,
     DEFAULT_REQUEST_RING, DEFAULT_SPIN_US, EXECUTOR_FD_ENV, QUEUE_ENV, REPLY_RING_ENV,
     REQUEST_RING_ENV, ROOMY_SHM, SMALL_REQUEST_RING, SPIN_ENV,
 };

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use comm_core::CommError;
 use executor::{launch, Executor, LaunchConfig, Method, Methods, ReplyFrom, Worker};
+use serde_bytes::ByteBuf;
 
 const RANK: Method<(), usize> = Method::new("rank");
 const ECHO: Method<Vec<u8>, Vec<u8>> = Method::new("echo");
@@ -29,6 +30,15 @@ const DIE_ON: Method<usize, ()> = Method::new("die_on");
 /// Creates a file named like a comm-shm segment of this job, as a rank
 /// stopped during shared-memory set-up leaves behind.
 const FAKE_SEGMENT: Method<(), ()> = Method::new("fake_segment");
+/// Handlers that read their argument where it lies (`Methods::on_view`):
+/// the length and byte sum (plus the rank) of a byte buffer;
+const VIEW_SUM: Method<ByteBuf, (u64, u64)> = Method::new("view_sum");
+/// a text and a byte block, described;
+const VIEW_PAIR: Method<(String, Vec<u8>), String> = Method::new("view_pair");
+/// fails on rank 1 (quoting the argument) and panics on rank 2.
+const VIEW_FAIL: Method<String, ()> = Method::new("view_fail");
+/// VIEW_SUM's name with the wrong argument type.
+const VIEW_SUM_WRONG: Method<u64, (u64, u64)> = Method::new("view_sum");
 
 struct State {
     rank: usize,
@@ -101,6 +111,18 @@ fn worker_main() {
         .on(&SLOW, |s, ms| {
             std::thread::sleep(Duration::from_millis(ms));
             Ok::<_, String>(s.rank)
+        })
+        .on_view(&VIEW_SUM, |s, b: &[u8]| {
+            let sum = b.iter().map(|&x| x as u64).sum::<u64>();
+            Ok::<_, String>((b.len() as u64, sum + s.rank as u64))
+        })
+        .on_view(&VIEW_PAIR, |s, (text, b): (&str, &[u8])| {
+            Ok::<_, String>(format!("{}:{text}:{}", s.rank, b.len()))
+        })
+        .on_view(&VIEW_FAIL, |s, text: &str| match s.rank {
+            1 => Err(format!("rank 1 refuses {text}")),
+            2 => panic!("rank 2 panics on {text}"),
+            _ => Ok(()),
         });
     let res = w.run(
         |w| {
@@ -277,6 +299,62 @@ fn requests_in_place_and_streamed_interleave_in_flight() {
         }
     }
     assert_eq!(ex.shutdown().unwrap(), [0, 0, 0]);
+}
+
+/// Handlers registered with `on_view` read their argument where it lies:
+/// in the request ring (whole or, for a request larger than the ring,
+/// gathered) or in the socket's frame. Many in flight, every worker's
+/// result is exact; a failing or panicking view handler is reported with
+/// its rank, a wrongly typed argument as such, and the workers stay usable.
+#[test]
+fn view_handlers_read_arguments_where_they_lie() {
+    for queue in ["shm", "socket"] {
+        let cfg = config(3, "")
+            .env(executor::QUEUE_ENV, queue)
+            .env(executor::REQUEST_RING_ENV, "64K");
+        let ex = Executor::start(&cfg, T).unwrap();
+        let sizes = [0usize, 5, 20_000, 65_529, 300_003, 1_000];
+        let arg = |i: usize| -> ByteBuf {
+            ByteBuf::from(
+                (0..sizes[i % sizes.len()])
+                    .map(|j| (i * 13 + j) as u8)
+                    .collect::<Vec<u8>>(),
+            )
+        };
+        let expect = |b: &ByteBuf| -> Vec<(u64, u64)> {
+            let sum = b.iter().map(|&x| x as u64).sum::<u64>();
+            (0..3).map(|r| (b.len() as u64, sum + r)).collect()
+        };
+        let pending: Vec<_> = (0..18)
+            .map(|i| ex.submit(&VIEW_SUM, &arg(i), T).unwrap())
+            .collect();
+        for (i, p) in pending.into_iter().enumerate() {
+            assert_eq!(p.wait().unwrap(), expect(&arg(i)), "{queue} call {i}");
+        }
+        let pair = ("video".to_string(), vec![7u8; 70_000]);
+        assert_eq!(
+            ex.collective_rpc(&VIEW_PAIR, &pair, T).unwrap(),
+            ["0:video:70000", "1:video:70000", "2:video:70000"]
+        );
+
+        let e = ex
+            .collective_rpc(&VIEW_FAIL, &"the prompt".to_string(), T)
+            .unwrap_err();
+        assert_eq!(ranks_of(&e), [1, 2], "{queue}: {e}");
+        let text = e.to_string();
+        assert!(text.contains("rank 1 refuses the prompt"), "{text}");
+        assert!(text.contains("rank 2 panics on the prompt"), "{text}");
+
+        let e = ex.collective_rpc(&VIEW_SUM_WRONG, &7, T).unwrap_err();
+        assert_eq!(ranks_of(&e), [0, 1, 2], "{queue}: {e}");
+        assert!(e.to_string().contains("ByteBuf"), "{e}");
+
+        assert_eq!(
+            ex.collective_rpc(&VIEW_SUM, &arg(2), T).unwrap(),
+            expect(&arg(2))
+        );
+        assert_eq!(ex.shutdown().unwrap(), [0, 0, 0], "{queue}");
+    }
 }
 
 /// Requests and replies larger than their shared-memory rings stream

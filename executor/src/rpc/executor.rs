@@ -8,7 +8,9 @@
 //! released, and a caller that needs the engine while another thread waits
 //! in it kicks it out through an eventfd.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -81,8 +83,22 @@ enum Got {
     Failed(String),
 }
 
+/// A call's name in messages ("collective_rpc `name` #id"), formatted
+/// only when a message needs it: a call that succeeds formats nothing.
+#[derive(Clone)]
+struct CallName {
+    method: Cow<'static, str>,
+    id: u64,
+}
+
+impl fmt::Display for CallName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "collective_rpc `{}` #{}", self.method, self.id)
+    }
+}
+
 struct Slot {
-    op: String,
+    op: CallName,
     reply_rank: Option<usize>,
     got: Vec<Option<Got>>,
     left: usize,
@@ -293,7 +309,7 @@ impl Shared {
                 continue;
             }
             slot.error = Some(if running {
-                CommError::peer_lost(w, slot.op.clone(), detail.clone())
+                CommError::peer_lost(w, slot.op.to_string(), detail.clone())
             } else {
                 CommError::Aborted(format!(
                     "{}: the executor shut down before rank {w} replied",
@@ -304,11 +320,11 @@ impl Shared {
     }
 
     /// Ok while calls may be made.
-    fn usable(&self, st: &State, op: &str) -> Result<()> {
+    fn usable(&self, st: &State, op: &dyn fmt::Display) -> Result<()> {
         if let Some((w, d)) = &st.fatal {
             return Err(CommError::peer_lost(
                 *w,
-                op,
+                op.to_string(),
                 format!("{d} (the executor then stopped every worker)"),
             ));
         }
@@ -598,7 +614,7 @@ impl<R: DeserializeOwned> Pending<R> {
                     .filter(|&w| slot.got[w].is_none())
                     .map(|w| Missing::new(w, "no reply"))
                     .collect();
-                let op = slot.op.clone();
+                let op = slot.op.to_string();
                 st.calls.remove(&self.id);
                 return Err(CommError::timeout_ranks(op, now - self.started, missing));
             }
@@ -642,7 +658,7 @@ fn finish<R: DeserializeOwned>(slot: Slot, world: usize) -> Result<Vec<R>> {
         .collect();
     if !failures.is_empty() {
         return Err(CommError::RemoteFailed {
-            operation: slot.op,
+            operation: slot.op.to_string(),
             failures,
         });
     }
@@ -1155,11 +1171,14 @@ impl Executor {
         let deadline = started + timeout;
         let id = {
             let mut st = sh.lock_st();
-            sh.usable(&st, &format!("collective_rpc `{}`", method.name()))?;
+            sh.usable(&st, &format_args!("collective_rpc `{}`", method.name()))?;
             st.next_id += 1;
             st.next_id
         };
-        let op = format!("collective_rpc `{}` #{id}", method.name());
+        let op = CallName {
+            method: method.name.clone(),
+            id,
+        };
         let header = Down::Call {
             id,
             method: method.name().into(),
@@ -1257,7 +1276,7 @@ impl Executor {
                 };
                 if let Err(e) = res {
                     drop(rq);
-                    return Err(self.request_queue_failed(io, &op, id, e));
+                    return Err(self.request_queue_failed(io, &op.to_string(), id, e));
                 }
             }
             drop(rq);

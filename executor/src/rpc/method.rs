@@ -9,7 +9,7 @@ use std::fmt;
 use std::marker::PhantomData;
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::wire::FailKind;
 
@@ -22,6 +22,53 @@ pub enum ReplyFrom {
     /// that every rank computed together). The others only acknowledge,
     /// so their errors are still reported.
     Rank(usize),
+}
+
+/// An argument type with a borrowed form that decodes from the same bytes,
+/// so a handler registered with [`Methods::on_view`] reads the argument
+/// where it lies (in the shared-memory request ring on one host) instead
+/// of getting its own copy. A 16 MiB tensor sent to 4 local workers is then
+/// written once by the driver and copied by nobody unless the handler
+/// copies it (say, straight into its device buffer).
+///
+/// Implement it for your own request types with a borrowed twin whose
+/// fields encode the same way (`String` / `&str`, `Vec<u8>` or
+/// [`serde_bytes::ByteBuf`] / `&[u8]`, and so on, in the same order):
+///
+/// ```
+/// use executor::ArgView;
+/// use serde::{Deserialize, Serialize};
+/// #[derive(Serialize)]
+/// struct Prompt { text: String, latents: serde_bytes::ByteBuf }
+/// #[derive(Deserialize)]
+/// struct PromptView<'a> { text: &'a str, latents: &'a [u8] }
+/// impl ArgView for Prompt { type View<'a> = PromptView<'a>; }
+/// ```
+pub trait ArgView: Serialize {
+    /// The borrowed form a handler gets.
+    type View<'a>: Deserialize<'a>;
+}
+
+impl ArgView for String {
+    type View<'a> = &'a str;
+}
+
+/// Postcard encodes a `Vec<u8>` as its length and its bytes, as it does a
+/// byte slice.
+impl ArgView for Vec<u8> {
+    type View<'a> = &'a [u8];
+}
+
+impl ArgView for serde_bytes::ByteBuf {
+    type View<'a> = &'a [u8];
+}
+
+impl<A: ArgView, B: ArgView> ArgView for (A, B) {
+    type View<'a> = (A::View<'a>, B::View<'a>);
+}
+
+impl<A: ArgView, B: ArgView, C: ArgView> ArgView for (A, B, C) {
+    type View<'a> = (A::View<'a>, B::View<'a>, C::View<'a>);
 }
 
 /// A method callable on every worker: its name, argument type `A`, result
@@ -38,7 +85,7 @@ pub enum ReplyFrom {
 /// assert_eq!(ADD_RANK.name(), "add_rank");
 /// ```
 pub struct Method<A, R> {
-    name: Cow<'static, str>,
+    pub(crate) name: Cow<'static, str>,
     reply: ReplyFrom,
     _types: PhantomData<fn(A) -> R>,
 }
@@ -109,7 +156,9 @@ pub(crate) struct Failure {
 /// One step of a call on a handler.
 pub(crate) enum Step<'a> {
     /// Decode the argument bytes and keep the value for [`Step::Run`]
-    /// (the bytes may lie in the request ring, released right after).
+    /// (the bytes may lie in the request ring, released right after). A
+    /// handler registered with [`Methods::on_view`] runs here, on the
+    /// bytes, and keeps its result.
     Decode(&'a [u8]),
     /// Run the handler on the kept argument; with `Some(out)`, append the
     /// encoded result to it.
@@ -172,6 +221,46 @@ fn catching<T>(f: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
     })
 }
 
+/// Decodes a call's argument bytes as `T` (`A` or its view), reporting a
+/// mismatch as a bad argument of type `A`.
+fn decode_arg<'a, A, T: Deserialize<'a>>(args: &'a [u8]) -> Result<T, Failure> {
+    dist_utils::codec::decode(args).map_err(|e| Failure {
+        kind: FailKind::BadArgument,
+        message: format!(
+            "expected `{}`: {e}; do the driver and the worker use the same Method declaration?",
+            type_name::<A>()
+        ),
+    })
+}
+
+/// A handler's error, as reported to the executor.
+fn handler_failed(e: impl fmt::Display) -> Failure {
+    Failure {
+        kind: FailKind::Error,
+        message: e.to_string(),
+    }
+}
+
+/// A run step without its decode step before it.
+fn not_decoded() -> Failure {
+    Failure {
+        kind: FailKind::Error,
+        message: "internal: the call's argument was not decoded".into(),
+    }
+}
+
+/// Appends the encoded result to `out`, if the caller wants it.
+fn encode_result<R: Serialize>(r: &R, out: Option<&mut Vec<u8>>) -> Result<(), Failure> {
+    if let Some(out) = out {
+        let buf = std::mem::take(out);
+        *out = postcard::to_extend(r, buf).map_err(|e| Failure {
+            kind: FailKind::BadResult,
+            message: format!("`{}`: {e}", type_name::<R>()),
+        })?;
+    }
+    Ok(())
+}
+
 impl<S> Methods<S> {
     /// No methods.
     pub fn new() -> Self {
@@ -195,39 +284,77 @@ impl<S> Methods<S> {
         E: fmt::Display,
         F: FnMut(&mut S, A) -> Result<R, E> + 'static,
     {
-        let name = method.name().to_string();
         // The decoded argument waits here between the two steps.
         let mut slot: Option<A> = None;
-        let entry: Handler<S> = Box::new(move |state, step| match step {
-            Step::Decode(args) => {
-                slot = Some(dist_utils::codec::decode(args).map_err(|e| Failure {
-                    kind: FailKind::BadArgument,
-                    message: format!(
-                        "expected `{}`: {e}; do the driver and the worker use the same Method declaration?",
-                        type_name::<A>()
-                    ),
-                })?);
-                Ok(())
-            }
-            Step::Run(out) => {
-                let a = slot.take().ok_or_else(|| Failure {
-                    kind: FailKind::Error,
-                    message: "internal: the call's argument was not decoded".into(),
-                })?;
-                let r = handler(state, a).map_err(|e| Failure {
-                    kind: FailKind::Error,
-                    message: e.to_string(),
-                })?;
-                if let Some(out) = out {
-                    let buf = std::mem::take(out);
-                    *out = postcard::to_extend(&r, buf).map_err(|e| Failure {
-                        kind: FailKind::BadResult,
-                        message: format!("`{}`: {e}", type_name::<R>()),
-                    })?;
+        self.insert(
+            method.name(),
+            Box::new(move |state, step| match step {
+                Step::Decode(args) => {
+                    slot = Some(decode_arg::<A, A>(args)?);
+                    Ok(())
                 }
-                Ok(())
-            }
-        });
+                Step::Run(out) => {
+                    let a = slot.take().ok_or_else(not_decoded)?;
+                    let r = handler(state, a).map_err(handler_failed)?;
+                    encode_result(&r, out)
+                }
+            }),
+        )
+    }
+
+    /// Registers `handler` for `method`, to be called with the argument's
+    /// borrowed form ([`ArgView::View`]) where it lies: on one host, in
+    /// the shared-memory request ring every local worker reads, so a large
+    /// argument is not copied into each worker. Errors and panics are
+    /// reported as with [`Methods::on`].
+    ///
+    /// The request's bytes stay in the ring until the handler returns, so
+    /// while it runs that much less of the ring is free for the driver's
+    /// next requests: keep long work out of it, or copy what it needs.
+    ///
+    /// ```
+    /// use executor::{Method, Methods};
+    /// use serde_bytes::ByteBuf;
+    /// const UPLOAD: Method<ByteBuf, u64> = Method::new("upload");
+    /// // The worker's state: a staging buffer it keeps (a device buffer, say).
+    /// let mut m = Methods::<Vec<u8>>::new();
+    /// m.on_view(&UPLOAD, |staging, bytes: &[u8]| {
+    ///     staging.clear();
+    ///     staging.extend_from_slice(bytes);
+    ///     Ok::<_, String>(bytes.len() as u64)
+    /// });
+    /// assert!(m.contains("upload"));
+    /// ```
+    pub fn on_view<A, R, E, F>(&mut self, method: &Method<A, R>, mut handler: F) -> &mut Self
+    where
+        A: ArgView,
+        // Kept between the two steps.
+        R: Serialize + 'static,
+        E: fmt::Display,
+        F: for<'a> FnMut(&mut S, A::View<'a>) -> Result<R, E> + 'static,
+    {
+        // The handler's result waits here for the second step.
+        let mut slot: Option<R> = None;
+        self.insert(
+            method.name(),
+            Box::new(move |state, step| match step {
+                Step::Decode(args) => {
+                    let view = decode_arg::<A, A::View<'_>>(args)?;
+                    slot = Some(handler(state, view).map_err(handler_failed)?);
+                    Ok(())
+                }
+                Step::Run(out) => {
+                    let r = slot.take().ok_or_else(not_decoded)?;
+                    encode_result(&r, out)
+                }
+            }),
+        )
+    }
+
+    /// Registers `entry` under `name`; a second registration replaces the
+    /// first and is reported when serving starts.
+    fn insert(&mut self, name: &str, entry: Handler<S>) -> &mut Self {
+        let name = name.to_string();
         match self.index.get(&name) {
             Some(&i) => {
                 self.handlers[i] = entry;

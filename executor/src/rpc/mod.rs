@@ -29,7 +29,7 @@ pub use local::{
     DEFAULT_REPLY_RING, DEFAULT_REQUEST_RING, QUEUE_ENV, REPLY_RING_ENV, REQUEST_RING_ENV,
     ROOMY_SHM, SMALL_REQUEST_RING,
 };
-pub use method::{Method, Methods, ReplyFrom};
+pub use method::{ArgView, Method, Methods, ReplyFrom};
 pub use worker::{Worker, EXECUTOR_FD_ENV};
 
 use std::time::Duration;
