@@ -514,7 +514,11 @@ impl Engine {
             while !budget.is_zero() {
                 rustix::thread::sched_yield();
                 got = self.take_replies(events);
-                self.epoll_wait(Duration::ZERO, &mut ready)?;
+                // As while polling: the epoll set (a system call) only
+                // every EPOLL_EVERY, the reply queues after every yield.
+                if self.last_epoll.is_none_or(|t| t.elapsed() >= EPOLL_EVERY) {
+                    self.epoll_wait(Duration::ZERO, &mut ready)?;
+                }
                 if got || !ready.is_empty() || start.elapsed() >= budget {
                     break;
                 }
