@@ -26,7 +26,9 @@
 //! [`Executor`] keeps one long-lived worker process per rank, on this host
 //! and (through `distrun`) on other hosts; the workers use [`Worker`].
 //! Calls are typed: a [`Method`] names the call and fixes its argument and
-//! result types; workers register handlers in [`Methods`]. The executor
+//! result types; workers register handlers in [`Methods`], which get the
+//! decoded argument or, with [`Methods::on_view`], its borrowed form
+//! ([`ArgView`]) where it lies. The executor
 //! waits for a READY or ERROR from each worker, runs
 //! [`Executor::collective_rpc`] (or [`Executor::submit`] for several calls
 //! in flight) with results in rank order or from one rank, reports a
