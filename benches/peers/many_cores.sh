@@ -83,7 +83,7 @@ run() {
         echo "no mpirun/mpicc here: the Open MPI comparison stays the 2-core one" | tee "$OUT/mpi.log"
     fi
     if python3 -c 'import torch.distributed' 2>/dev/null; then
-        step fastvideo 240 python3 benches/peers/fastvideo_a2a4d.py --ours "$BIN/all_to_all_4d" \
+        step fastvideo 360 python3 benches/peers/fastvideo_a2a4d.py --ours "$BIN/all_to_all_4d" \
             --worlds 2,4 --seqs 4096,16384 --rounds 3
     else
         echo "no torch here: the FastVideo comparison stays the 2-core one" | tee "$OUT/fastvideo.log"
