@@ -15,6 +15,10 @@
 #   a2a4d.log  all_to_all_4d vs the flat all_to_all on shm (compare_4d.sh)
 #   fastvideo.log  ours vs FastVideo's AllToAll4D on gloo (needs torch)
 #   mpi.log    shm all_to_all vs Open MPI (only where mpirun and mpicc exist)
+#   paths.log  shm all_to_all by each path (two copies, single copy from
+#              32 KiB, auto) at 64 KiB-8 MiB, worlds 2 and 4, two rounds:
+#              the data to re-tune auto's single-copy range for blocks
+#              (tuned on the 2-core VM) on a machine with a core per rank
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
@@ -82,6 +86,14 @@ run() {
     else
         echo "no mpirun/mpicc here: the Open MPI comparison stays the 2-core one" | tee "$OUT/mpi.log"
     fi
+    for r in 1 2; do
+        for w in 2 4; do
+            for mode in "--single-copy-mode off" "--single-copy 32768" "--single-copy-mode auto"; do
+                # shellcheck disable=SC2086
+                step paths 60 "$BIN/shm_perf" --world "$w" --op all_to_all -b 64K -e 8M $mode
+            done
+        done
+    done
     if python3 -c 'import torch.distributed' 2>/dev/null; then
         step fastvideo 360 python3 benches/peers/fastvideo_a2a4d.py --ours "$BIN/all_to_all_4d" \
             --worlds 2,4 --seqs 4096,16384 --rounds 3
