@@ -23,14 +23,14 @@ attention layer's tensor, [1, S/W, 24 heads, 128] f32 per rank:
 Rounds are interleaved (gloo then ours for every configuration, round after
 round). A round's time is the slowest rank's mean per call over its timed
 calls after --warmup calls (default 10: a fresh job's first calls on either
-side are slower while pages, caches and spin budgets settle; ours takes
-about 6 calls of 4 ms at S=4096). gloo times --iters calls (default 5:
-30-300 ms each); ours times --ours-iters, by default its bench's own count
-of about 512 MiB per rank (21 calls of 24 MiB, 5 of 96 MiB), so that a
-round of 2-4 ms calls is not a 20 ms window. More calls per round can only
-make ours' best less lucky, so this favours neither side's best. Reported: the best round, and the spread
-(worst - best) / best over the rounds, for each side; speedup = gloo best /
-ours best. The gloo side also checks that (1,2) after (2,1) returns the
+side are slower while pages, caches and spin budgets settle; ours settles
+after about 6 calls of 4 ms at S=4096). gloo times --iters calls (default
+5: 30-300 ms each); ours times --ours-iters, by default its bench's own
+count of about 512 MiB per rank (21 calls of 24 MiB, 5 of 96 MiB), so that
+a round of 2-4 ms calls is not a 20 ms window. More calls per round can
+only make ours' best less lucky, so this favours neither side's best.
+Reported: the best round, and the spread (worst - best) / best over the
+rounds, for each side; speedup = gloo best / ours best. The gloo side also checks that (1,2) after (2,1) returns the
 input.
 """
 
