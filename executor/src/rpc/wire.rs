@@ -147,6 +147,14 @@ fn codec_err(what: &str, e: postcard::Error) -> CommError {
     CommError::Codec(format!("{what}: {e}"))
 }
 
+/// A value of type `V` that could not be sized or encoded.
+fn value_err<V: ?Sized>(e: impl std::fmt::Display) -> CommError {
+    CommError::Codec(format!(
+        "encoding a value of type `{}`: {e}",
+        std::any::type_name::<V>()
+    ))
+}
+
 /// A frame (length prefix included) holding `header` and, after it, `value`
 /// (if any), both postcard-encoded into one buffer.
 pub(crate) fn frame_with<H: Serialize, V: Serialize + ?Sized>(
@@ -155,20 +163,24 @@ pub(crate) fn frame_with<H: Serialize, V: Serialize + ?Sized>(
 ) -> Result<Vec<u8>> {
     // Sized exactly up front: a large argument is then copied once, with
     // no reallocation on the way (the size pass only adds up lengths).
-    let mut size = LEN_BYTES + encoded_len(header)?;
+    let mut body = encoded_len(header)?;
     if let Some(v) = value {
-        size += encoded_len(v)?;
+        body += encoded_len(v)?;
     }
-    let mut buf = Vec::with_capacity(size);
+    frame_of_len(header, value, body)
+}
+
+/// [`frame_with`] for a body already sized at `body_len` bytes.
+fn frame_of_len<H: Serialize, V: Serialize + ?Sized>(
+    header: &H,
+    value: Option<&V>,
+    body_len: usize,
+) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(LEN_BYTES + body_len);
     buf.extend_from_slice(&[0u8; LEN_BYTES]);
     buf = postcard::to_extend(header, buf).map_err(|e| codec_err("encoding a header", e))?;
     if let Some(v) = value {
-        buf = postcard::to_extend(v, buf).map_err(|e| {
-            codec_err(
-                &format!("encoding a value of type `{}`", std::any::type_name::<V>()),
-                e,
-            )
-        })?;
+        buf = postcard::to_extend(v, buf).map_err(value_err::<V>)?;
     }
     let body = (buf.len() - LEN_BYTES) as u64;
     buf[..LEN_BYTES].copy_from_slice(&body.to_le_bytes());
@@ -192,18 +204,17 @@ impl<'a, H: Serialize, V: Serialize + ?Sized> SizedMessage<'a, H, V> {
             header,
             value,
             header_len: encoded_len(header)?,
-            value_len: encoded_len(value).map_err(|e| {
-                CommError::Codec(format!(
-                    "encoding a value of type `{}`: {e}",
-                    std::any::type_name::<V>()
-                ))
-            })?,
+            value_len: encoded_len(value).map_err(value_err::<V>)?,
         })
     }
 
     /// The frame (length prefix included).
     pub(crate) fn frame(&self) -> Result<Vec<u8>> {
-        frame_with(self.header, Some(self.value))
+        frame_of_len(
+            self.header,
+            Some(self.value),
+            self.header_len + self.value_len,
+        )
     }
 
     /// Encodes the message (a frame's body) straight into `q`'s ring when
@@ -216,12 +227,7 @@ impl<'a, H: Serialize, V: Serialize + ?Sized> SizedMessage<'a, H, V> {
                 .map_err(|e| codec_err("encoding a header", e))?
                 .len();
             let wrote_v = postcard::to_slice(self.value, vb)
-                .map_err(|e| {
-                    codec_err(
-                        &format!("encoding a value of type `{}`", std::any::type_name::<V>()),
-                        e,
-                    )
-                })?
+                .map_err(value_err::<V>)?
                 .len();
             if (wrote_h, wrote_v) != (h, v) {
                 return Err(CommError::Codec(format!(
