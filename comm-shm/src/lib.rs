@@ -3,13 +3,14 @@
 //! The shared-memory backend of the distributed layer, for members of a group
 //! that live on one host:
 //!
-//! * [`segment`]: the substrate. Segments created `0600` under unique names
+//! * [`segment`]: the substrate. Segments are anonymous memfds by default
+//!   (never a name in `/dev/shm`, so nothing leaks, even after `SIGKILL`
+//!   during set-up; [`Backing`]), or `0600` POSIX objects under unique names
 //!   that carry the job id ([`default_job_id`]), unlinked as soon as every
-//!   member attached (so nothing leaks, even after `SIGKILL`) and by a
-//!   signal handler while members set up, a header with magic, version and
-//!   member pids, a free-space check, and cross-process waits (bounded spin,
-//!   yield, then a shared futex) that notice aborts, deadlines and dead
-//!   members.
+//!   member attached and by a signal handler while members set up; a header
+//!   with magic, version and member pids, a free-space check, and
+//!   cross-process waits (bounded spin, yield, then a shared futex) that
+//!   notice aborts, deadlines and dead members.
 //! * [`MessageQueue`]: one writer, many readers, variable-length records in a
 //!   byte ring with per-reader cursors; messages of any size stream through
 //!   the ring. This is the broadcaster behind `broadcast_object` and RPC.
@@ -22,11 +23,13 @@
 //! loads, which is what ARM needs as well as x86.
 //!
 //! Environment variables: `DIST_JOB_ID` / `DIST_JOB_SECRET` (segment names),
+//! `DIST_SHM_BACKING` (`memfd` or `named`, see [`Backing`]),
 //! `DIST_SHM_SPIN`, `DIST_SHM_ONE_SHOT_MAX`, `DIST_SHM_SINGLE_COPY`,
 //! `DIST_SHM_SINGLE_COPY_MIN` (tuning; see [`ShmOptions`] and [`SpinPolicy`]).
 
 #![warn(missing_docs)]
 
+mod backing;
 mod comm;
 mod factory;
 mod mq;
@@ -34,6 +37,7 @@ mod names;
 pub mod segment;
 mod wire;
 
+pub use backing::{Backing, BACKING_ENV};
 pub use comm::{ShmCommunicator, ShmOptions, SingleCopyMode};
 pub use factory::ShmFactory;
 pub use mq::{MessageQueue, MqOptions, Role};

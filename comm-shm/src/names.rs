@@ -2,10 +2,14 @@
 //! signal would otherwise leave behind while members set up.
 //!
 //! # Names
-//! Every segment is `/dev/shm/dshm.<job>.<pid>.<random>`. `<job>` is the
+//! Every segment is labelled `dshm.<job>.<pid>.<random>`: the label of an
+//! anonymous memfd (the default, which never appears in `/dev/shm`, see
+//! [`crate::Backing`]) or the name of a POSIX object in `/dev/shm` (the
+//! named fallback, which the rest of this module is about). `<job>` is the
 //! job id ([`default_job_id`]): `DIST_JOB_ID` (set by `distrun`, whose
 //! launcher removes `dshm.<job>.*` once every rank has exited, so even a
-//! creator killed with `SIGKILL` during set-up leaks nothing), else an id
+//! named segment's creator killed with `SIGKILL` during set-up leaks
+//! nothing under it), else an id
 //! derived from `DIST_JOB_SECRET` (revealing nothing about it), else
 //! `p<pid>`. [`segment_prefix`] gives the prefix a launcher removes, and
 //! [`remove_job_segments`] removes them.

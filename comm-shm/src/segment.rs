@@ -1,19 +1,23 @@
 //! The substrate: shared-memory segments and cross-process waiting.
 //!
 //! # Segments
-//! A segment is a POSIX shared-memory object created by one member with
-//! `O_CREAT | O_EXCL`, mode `0600`, under a unique name
-//! (`/dshm.<job>.<pid>.<random>`, see [`crate::default_job_id`]), sized with
-//! `ftruncate` + `fallocate` (so a full `/dev/shm` is an error at set-up,
-//! never a `SIGBUS` later) and mapped `MAP_SHARED | MAP_POPULATE`. Its name
-//! travels through the [`Store`]. Every member maps it, writes its pid into
-//! the member table and increments the attach counter; the member that
-//! brings the counter to the member count unlinks the name at once, so
-//! nothing is left in `/dev/shm` even if every member is later killed with
-//! `SIGKILL`. If set-up fails (a member never attaches before the deadline),
-//! the creator and every attached member unlink the name too, and while
-//! set-up is in progress a terminating signal unlinks it as well
-//! (see [`crate::segment_prefix`]).
+//! A segment is a shared-memory file created by one member, labelled
+//! `/dshm.<job>.<pid>.<random>` (see [`crate::default_job_id`]), sized with
+//! `ftruncate` + `fallocate` (so a shortage of memory, or of `/dev/shm`, is
+//! an error at set-up, never a `SIGBUS` later) and mapped
+//! `MAP_SHARED | MAP_POPULATE`. By default it is an anonymous memfd that
+//! never has a name in `/dev/shm`, so nothing can be left behind however a
+//! member ends, `SIGKILL` during set-up included; the fallback is a POSIX
+//! shared-memory object (mode `0600`, `O_EXCL`) under that name
+//! ([`Backing`], `DIST_SHM_BACKING`). Its locator travels through the
+//! [`Store`]. Every member maps it, writes its pid into the member table
+//! and increments the attach counter. Once the counter reaches the member
+//! count the creator closes its descriptor of a memfd, or the member that
+//! brought it there unlinks the name, so nothing is left in `/dev/shm` even
+//! if every member is later killed with `SIGKILL`. If set-up fails (a
+//! member never attaches before the deadline), the creator and every
+//! attached member unlink a name too, and while set-up is in progress a
+//! terminating signal unlinks it as well (see [`crate::segment_prefix`]).
 //!
 //! # Layout
 //! ```text
@@ -34,18 +38,18 @@
 //! Publishers wake a flag's futex only when its `sleepers` count says someone
 //! sleeps there, so the fast path is one store and one fence.
 
-use std::fs::File;
 use std::hint::spin_loop;
 use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering::*};
 use std::time::{Duration, Instant};
 
 use comm_core::{CommError, Deadline, Result, Store};
-use rustix::fs::{FallocateFlags, Mode};
+use rustix::fs::FallocateFlags;
 use rustix::io::Errno;
 use rustix::shm;
 use rustix::thread::futex;
 
-use crate::names::{new_name, SetupGuard, SHM_DIR};
+use crate::backing::{self, Backing};
+use crate::names::{new_name, SHM_DIR};
 use crate::wire::{AbortRecord, SegmentHeader, ABORT_BYTES};
 
 /// Cache-line size assumed for isolation (128 covers Apple/ARM big cores and
@@ -305,8 +309,18 @@ fn grow_hint(bytes: usize) -> String {
     )
 }
 
-/// Errors (with what to do) unless `/dev/shm` has `bytes` free.
+/// Errors (with what to do) unless a segment of `bytes` fits where this
+/// process makes segments: `/dev/shm` must have `bytes` free for a named
+/// segment ([`Backing::Named`]); a memfd segment is bounded by memory only,
+/// and a shortage of that is an error when it is reserved at set-up.
 pub fn check_free_space(bytes: usize) -> Result<()> {
+    if Backing::configured()? == Backing::Memfd {
+        return Ok(());
+    }
+    check_named_space(bytes)
+}
+
+fn check_named_space(bytes: usize) -> Result<()> {
     let st = rustix::fs::statvfs(SHM_DIR).map_err(|e| {
         CommError::unavailable(
             "shm",
@@ -326,40 +340,15 @@ pub fn check_free_space(bytes: usize) -> Result<()> {
     Ok(())
 }
 
-/// Unlinks a segment name when dropped unless disarmed (ENOENT ignored:
-/// someone beat us to it).
-struct UnlinkOnDrop(Option<String>);
-
-impl UnlinkOnDrop {
-    fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for UnlinkOnDrop {
-    fn drop(&mut self) {
-        if let Some(n) = &self.0 {
-            let _ = shm::unlink(n.as_str());
-        }
-    }
-}
-
 fn errno_io(e: Errno) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.raw_os_error())
 }
 
-fn map_fd(fd: rustix::fd::OwnedFd, len: usize, name: &str) -> Result<memmap2::MmapMut> {
-    let file = File::from(fd);
+fn map_fd(fd: &rustix::fd::OwnedFd, len: usize, name: &str) -> Result<memmap2::MmapMut> {
     // SAFETY: the file is a shared-memory object of at least `len` bytes that
     // only members of this job map; concurrent access goes through atomics
     // and the owners' acquire/release protocols.
-    unsafe {
-        memmap2::MmapOptions::new()
-            .len(len)
-            .populate()
-            .map_mut(&file)
-    }
-    .map_err(|e| {
+    unsafe { memmap2::MmapOptions::new().len(len).populate().map_mut(fd) }.map_err(|e| {
         CommError::io(
             format!("mapping shared-memory segment {name} ({len} bytes)"),
             e,
@@ -395,6 +384,9 @@ impl Segment {
                 spec.what, spec.members
             )));
         }
+        // Every member reads the setting, so a bad one fails them all at
+        // once rather than leaving the others to wait for the creator.
+        Backing::configured()?;
         let t0 = Instant::now();
         let seg = if spec.member == 0 {
             Self::create(spec, &dl)?
@@ -463,32 +455,35 @@ impl Segment {
 
     fn create(spec: &SetupSpec<'_>, dl: &Deadline) -> Result<Segment> {
         let (ctrl_off, payload_off, total) = Self::sizes(spec)?;
-        check_free_space(total)?;
         let name = new_name(spec.job_id)?;
-        // Registered before it exists, so no signal can find it unregistered.
-        let guard = SetupGuard::register(&name);
-        let fd = shm::open(
-            name.as_str(),
-            shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| {
-            CommError::io(
-                format!("creating shared-memory segment {name}"),
-                errno_io(e),
+        let file = backing::create(&name)?;
+        if file.backing == Backing::Named {
+            // Not `check_free_space`: a memfd refused by the kernel falls
+            // back to a name whatever the setting.
+            check_named_space(total)?;
+        }
+        let fd = &file.fd;
+        let short = |what: &str| {
+            format!(
+                "{what} {name}: {}",
+                match file.backing {
+                    Backing::Named => grow_hint(total),
+                    Backing::Memfd => format!("not enough memory for its {total} bytes"),
+                }
             )
-        })?;
-        // From here on the name is always unlinked when this function returns.
-        let _unlink = UnlinkOnDrop(Some(name.clone()));
-        rustix::fs::ftruncate(&fd, total as u64).map_err(|e| {
-            CommError::io(format!("sizing {name}: {}", grow_hint(total)), errno_io(e))
-        })?;
-        match rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, total as u64) {
+        };
+        rustix::fs::ftruncate(fd, total as u64)
+            .map_err(|e| CommError::io(short("sizing"), errno_io(e)))?;
+        match rustix::fs::fallocate(fd, FallocateFlags::empty(), 0, total as u64) {
             Ok(()) | Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => {}
-            Err(Errno::NOSPC) => {
+            Err(Errno::NOSPC) | Err(Errno::NOMEM) => {
                 return Err(CommError::unavailable(
                     "shm",
-                    format!("{SHM_DIR} is full: {}", grow_hint(total)),
+                    format!(
+                        "{} is full: {}",
+                        backing::source(file.backing),
+                        short("reserving")
+                    ),
                 ))
             }
             Err(e) => return Err(CommError::io(format!("reserving {name}"), errno_io(e))),
@@ -511,14 +506,15 @@ impl Segment {
         m.magic.store(h.magic, Release);
         seg.member(0).pid.store(seg.my_pid, Release);
         seg.attached().publish(1);
-        spec.store.set(&spec.key, seg.name.as_bytes())?;
+        spec.store.set(&spec.key, file.locator.as_bytes())?;
         seg.await_attach(spec, dl)?;
-        drop(guard);
+        // Closes the creator's descriptor (memfd) or unlinks the name.
+        drop(file);
         Ok(seg)
     }
 
     fn attach(spec: &SetupSpec<'_>, dl: &Deadline) -> Result<Segment> {
-        // The name comes from member 0, the creator: a creator that never
+        // The locator comes from member 0, the creator: a creator that never
         // publishes it (frozen, killed, or elsewhere in its program) is the
         // rank the timeout names, not the store key.
         let raw = spec.store.get(&spec.key, dl.remaining()).map_err(|e| {
@@ -531,30 +527,10 @@ impl Segment {
                 format!("{} set-up", spec.what),
             )
         })?;
-        let name = String::from_utf8(raw)
-            .ok()
-            .filter(|n| n.starts_with('/') && n.len() < 256 && !n[1..].contains('/'))
-            .ok_or_else(|| {
-                CommError::Protocol(format!(
-                    "{}: store key `{}` holds no segment name",
-                    spec.what, spec.key
-                ))
-            })?;
-        let guard = SetupGuard::register(&name);
-        let fd = shm::open(name.as_str(), shm::OFlags::RDWR, Mode::empty()).map_err(|e| {
-            if e == Errno::NOENT {
-                CommError::State(format!(
-                    "{}: segment {name} (from store key `{}`) no longer exists: its creator gave up \
-                     (set-up deadline passed, it died or was stopped) or the key is left over from \
-                     an earlier group; use a fresh key prefix per communicator",
-                    spec.what, spec.key
-                ))
-            } else {
-                CommError::io(format!("opening shared-memory segment {name}"), errno_io(e))
-            }
-        })?;
-        let unlink_on_error = UnlinkOnDrop(Some(name.clone()));
-        let st = rustix::fs::fstat(&fd)
+        let locator = String::from_utf8_lossy(&raw);
+        let file = backing::open(&locator, &spec.key, &spec.what)?;
+        let name = file.name.clone();
+        let st = rustix::fs::fstat(&file.fd)
             .map_err(|e| CommError::io(format!("stat of {name}"), errno_io(e)))?;
         let (ctrl_off, payload_off, total) = Self::sizes(spec)?;
         let file_len = u64::try_from(st.st_size).unwrap_or(0);
@@ -565,19 +541,18 @@ impl Segment {
                 spec.what, spec.member
             )));
         }
-        let map = map_fd(fd, total, &name)?;
-        let seg = Self::new_mapping(map, name.clone(), spec, ctrl_off, payload_off);
+        let map = map_fd(&file.fd, total, &name)?;
+        let seg = Self::new_mapping(map, name, spec, ctrl_off, payload_off);
         seg.header()
             .check(&Self::expected_header(spec, total), file_len, &spec.what)?;
         seg.member(spec.member).pid.store(seg.my_pid, Release);
         let a = seg.attached().seq.fetch_add(1, AcqRel) + 1;
         seg.attached().wake_if_sleeping();
         if a as usize == spec.members {
-            let _ = shm::unlink(name.as_str());
+            file.all_attached();
         }
         seg.await_attach(spec, dl)?;
-        unlink_on_error.disarm();
-        drop(guard);
+        file.succeeded();
         Ok(seg)
     }
 
@@ -957,10 +932,10 @@ mod fuzz {
             let fd = shm::open(
                 name.as_str(),
                 shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
-                Mode::from_raw_mode(0o600),
+                rustix::fs::Mode::from_raw_mode(0o600),
             )
             .unwrap();
-            let _gone = UnlinkOnDrop(Some(name.clone()));
+            let _gone = crate::backing::UnlinkOnDrop(Some(name.clone()));
             rustix::fs::ftruncate(&fd, total as u64).unwrap();
             let mut head: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
             if keep_magic {

@@ -2,7 +2,13 @@
 //! (issue 15.1), with real processes: the creator (rank 0) waits for
 //! members that will never come and is stopped the way a launcher stops it
 //! (SIGTERM after another rank failed, SIGINT from Ctrl-C forwarded to the
-//! ranks). Every test checks /dev/shm and the process table afterwards.
+//! ranks), or killed with SIGKILL. Every test checks /dev/shm, the
+//! descriptors of every process and the process table afterwards.
+//!
+//! Segments are anonymous (memfd) by default, and nothing can be left
+//! whatever stops the creator, SIGKILL included. The signal tests run the
+//! ranks with `DIST_SHM_BACKING=named`, the fallback whose names the
+//! signal handler has to unlink.
 
 mod common;
 
@@ -10,8 +16,14 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use comm_shm::list_segments;
+use comm_shm::{list_segments, BACKING_ENV};
 use common::*;
+
+/// The environment of a rank on named segments.
+const NAMED: (&str, &str) = (BACKING_ENV, "named");
+/// The environment of a rank on memfd segments (the default, said
+/// explicitly: CI also runs this suite with `DIST_SHM_BACKING=named`).
+const MEMFD: (&str, &str) = (BACKING_ENV, "memfd");
 
 /// What a child does: joins a group of `world` (and is expected to be
 /// stopped while it waits), or exits at once without joining.
@@ -30,8 +42,11 @@ fn child() {
         _ => {}
     }
     store.set(&format!("joining/{rank}"), b"1").unwrap();
-    let r = join(store, rank, world, &opts(&job));
-    eprintln!("rank {rank}: set-up returned {:?}", r.err());
+    let r = join(store.clone(), rank, world, &opts(&job));
+    eprintln!("rank {rank}: set-up returned {:?}", r.as_ref().err());
+    if let Err(e) = r {
+        let _ = store.set(&format!("error/{rank}"), e.to_string().as_bytes());
+    }
     std::process::exit(5);
 }
 
@@ -50,10 +65,12 @@ fn install_exit_handler() {
     }
 }
 
-/// Waits until the job's segment exists (the creator is in set-up).
+/// Waits until the job's segment exists (the creator is in set-up): its
+/// name in /dev/shm, or a memfd of the job held by one of `kids`.
 fn wait_for_segment(job: &str, kids: &mut [Child]) {
     let t0 = Instant::now();
-    while list_segments(job).is_empty() {
+    while list_segments(job).is_empty() && kids.iter().all(|k| memfds_held(k.id(), job).is_empty())
+    {
         for k in kids.iter_mut() {
             assert!(
                 k.try_wait().unwrap().is_none(),
@@ -86,13 +103,14 @@ fn ended(k: &mut Child) -> (Option<i32>, Option<i32>) {
     }
 }
 
-/// Rank 0 alone in a group of `world`, stopped by `sig` while it waits.
-fn creator_stopped_by(test: &str, sig: i32) {
+/// Rank 0 alone in a group of 2, on `backing`, stopped by `sig` while it
+/// waits.
+fn creator_stopped_by(test: &str, sig: i32, env: &[(&str, &str)]) {
     child();
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = file_store(dir.path());
     let job = job("leak");
-    let mut kids = vec![spawn_rank(test, 0, 2, &path, &job)];
+    let mut kids = vec![spawn_with(test, 0, 2, &path, &job, env)];
     wait_for_segment(&job, &mut kids);
     signal(&kids[0], sig);
     assert_eq!(
@@ -109,6 +127,7 @@ fn creator_killed_by_sigterm_in_set_up_leaves_nothing() {
     creator_stopped_by(
         "creator_killed_by_sigterm_in_set_up_leaves_nothing",
         libc::SIGTERM,
+        &[NAMED],
     );
 }
 
@@ -117,7 +136,61 @@ fn creator_interrupted_by_sigint_in_set_up_leaves_nothing() {
     creator_stopped_by(
         "creator_interrupted_by_sigint_in_set_up_leaves_nothing",
         libc::SIGINT,
+        &[NAMED],
     );
+}
+
+/// The default (memfd) segment: SIGKILL, which no handler sees, during
+/// set-up. Under no launcher at all, nothing is left: the segment never had
+/// a name, and the kernel freed it with the creator's descriptor.
+#[test]
+fn creator_killed_by_sigkill_in_set_up_leaves_nothing() {
+    let test = "creator_killed_by_sigkill_in_set_up_leaves_nothing";
+    child();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, store) = file_store(dir.path());
+    let job = job("leakkill");
+    let mut kids = vec![spawn_with(test, 0, 2, &path, &job, &[MEMFD])];
+    wait_for_segment(&job, &mut kids);
+    assert!(
+        list_segments(&job).is_empty(),
+        "a memfd segment has no name in /dev/shm"
+    );
+    assert_eq!(memfds_held(kids[0].id(), &job).len(), 1);
+    kids[0].kill().unwrap();
+    assert_eq!(ended(&mut kids[0]), (None, Some(libc::SIGKILL)));
+    assert_reaped(&kids);
+    assert_no_segments(&job);
+    // A member that comes now finds the locator in the store but not the
+    // segment: a clear error at once, not a wait for its deadline.
+    let late = join(store, 1, 2, &opts(&job)).err().unwrap().to_string();
+    assert!(late.contains("no longer exists"), "{late}");
+    assert_no_segments(&job);
+}
+
+/// An unknown backing is refused by every member at once, the attaching
+/// ones included (they would otherwise wait for a creator that refused).
+#[test]
+fn an_unknown_backing_is_an_error_on_every_member() {
+    let test = "an_unknown_backing_is_an_error_on_every_member";
+    child();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, store) = file_store(dir.path());
+    let job = job("leakbad");
+    let mut kids: Vec<Child> = (0..2)
+        .map(|r| spawn_with(test, r, 2, &path, &job, &[(BACKING_ENV, "shmem")]))
+        .collect();
+    for (r, k) in kids.iter_mut().enumerate() {
+        assert_eq!(ended(k), (Some(5), None), "rank {r}");
+        let e = store.get(&format!("error/{r}"), SETUP).unwrap();
+        let e = String::from_utf8_lossy(&e);
+        assert!(
+            e.contains(r#"DIST_SHM_BACKING="shmem": expected `memfd` or `named`"#),
+            "rank {r}: {e}"
+        );
+    }
+    assert_reaped(&kids);
+    assert_no_segments(&job);
 }
 
 /// A member exits before joining; the launcher then stops the creator.
@@ -128,9 +201,9 @@ fn member_exiting_before_joining_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (path, _) = file_store(dir.path());
     let job = job("leakexit");
-    let mut quitter = spawn_with(test, 1, 2, &path, &job, &[("LEAK_ROLE", "exit")]);
+    let mut quitter = spawn_with(test, 1, 2, &path, &job, &[("LEAK_ROLE", "exit"), NAMED]);
     assert_eq!(ended(&mut quitter), (Some(3), None));
-    let mut kids = vec![spawn_rank(test, 0, 2, &path, &job)];
+    let mut kids = vec![spawn_with(test, 0, 2, &path, &job, &[NAMED])];
     wait_for_segment(&job, &mut kids);
     signal(&kids[0], libc::SIGTERM);
     assert_eq!(ended(&mut kids[0]), (None, Some(libc::SIGTERM)));
@@ -150,9 +223,9 @@ fn late_member_killed_then_ctrl_c_leaves_nothing() {
     let (path, store) = file_store(dir.path());
     let job = job("leaklate");
     let mut kids = vec![
-        spawn_rank(test, 0, 3, &path, &job),
-        spawn_rank(test, 1, 3, &path, &job),
-        spawn_with(test, 2, 3, &path, &job, &[("LEAK_ROLE", "late")]),
+        spawn_with(test, 0, 3, &path, &job, &[NAMED]),
+        spawn_with(test, 1, 3, &path, &job, &[NAMED]),
+        spawn_with(test, 2, 3, &path, &job, &[("LEAK_ROLE", "late"), NAMED]),
     ];
     wait_for_segment(&job, &mut kids);
     store.wait(&["joining/1"], SETUP).unwrap();
@@ -187,7 +260,7 @@ fn application_handler_runs_after_the_clean_up() {
         2,
         &path,
         &job,
-        &[("LEAK_ROLE", "own-handler")],
+        &[("LEAK_ROLE", "own-handler"), NAMED],
     )];
     wait_for_segment(&job, &mut kids);
     signal(&kids[0], libc::SIGTERM);
@@ -197,10 +270,19 @@ fn application_handler_runs_after_the_clean_up() {
 }
 
 /// After set-up the previous dispositions are back: a rank still dies of
-/// SIGTERM (the launcher's stop), and there is nothing to clean.
+/// SIGTERM (the launcher's stop), and there is nothing to clean; on both
+/// backings.
 #[test]
 fn after_set_up_sigterm_still_kills() {
-    let test = "after_set_up_sigterm_still_kills";
+    after_set_up_sigterm_still_kills_on("after_set_up_sigterm_still_kills", &[MEMFD]);
+}
+
+#[test]
+fn after_set_up_sigterm_still_kills_named() {
+    after_set_up_sigterm_still_kills_on("after_set_up_sigterm_still_kills_named", &[NAMED]);
+}
+
+fn after_set_up_sigterm_still_kills_on(test: &str, env: &[(&str, &str)]) {
     if let Some((rank, world, store, job)) = child_of() {
         let c = join(store.clone(), rank, world, &opts(&job)).unwrap();
         c.barrier().unwrap();
@@ -212,7 +294,7 @@ fn after_set_up_sigterm_still_kills() {
     let (path, store) = file_store(dir.path());
     let job = job("leakafter");
     let mut kids: Vec<Child> = (0..2)
-        .map(|r| spawn_rank(test, r, 2, &path, &job))
+        .map(|r| spawn_with(test, r, 2, &path, &job, env))
         .collect();
     store.wait(&["up/0", "up/1"], SETUP).unwrap();
     for k in &kids {

@@ -17,6 +17,7 @@ mod prefix_store;
 pub mod rendezvous;
 mod same_host;
 mod server;
+pub mod shm_file;
 mod size;
 pub mod slurm;
 pub mod spg;

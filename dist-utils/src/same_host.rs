@@ -7,8 +7,11 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use comm_core::{CommError, Deadline, Result, Store};
-use rustix::fs::Mode;
+use std::os::fd::OwnedFd;
+
 use rustix::shm;
+
+use crate::shm_file;
 
 /// Store key prefix used by [`same_host_ranks`].
 const KEY: &str = "same_host";
@@ -16,12 +19,13 @@ const KEY: &str = "same_host";
 /// removes `/dev/shm/dshm.<job>.*` once every rank has exited.
 const JOB_ID_ENV: &str = "DIST_JOB_ID";
 
-/// The name of rank `rank`'s probe segment. With a job id (`DIST_JOB_ID`,
-/// letters, digits, `-`, `_`, at most 64) the segment is one of the job's
+/// The name of rank `rank`'s probe segment: with a job id (`DIST_JOB_ID`,
+/// letters, digits, `-`, `_`, at most 64) one of the job's
 /// (`/dshm.<job>.<pid>.samehost-r<rank>-<random>`, the names distrun
-/// removes after the job), so a rank killed while it probes (SIGKILL, or
-/// the launcher's SIGTERM while it waits for a frozen peer) leaves nothing
-/// behind; without one, `/dist-samehost-<pid>-r<rank>-<random>`.
+/// removes after the job), else `/dist-samehost-<pid>-r<rank>-<random>`.
+/// It is a memfd's label unless shared memory is named
+/// ([`shm_file::Backing`]); only then is it a name in `/dev/shm`, which a
+/// rank killed while it probes would leave behind outside distrun.
 fn probe_name(job: Option<&str>, rank: usize) -> Result<String> {
     let pid = std::process::id();
     let tag = random_hex::<8>()?;
@@ -37,33 +41,40 @@ fn probe_name(job: Option<&str>, rank: usize) -> Result<String> {
     })
 }
 
-/// A POSIX shm segment owned by this rank, unlinked on drop.
+/// This rank's probe: a shared-memory file holding its token, unlinked on
+/// drop when it is named.
 struct Segment {
-    name: String,
+    fd: OwnedFd,
+    locator: String,
+    named: bool,
 }
 
 impl Segment {
     fn create(rank: usize, token: &str) -> Result<Self> {
         let job = std::env::var(JOB_ID_ENV).ok();
         let name = probe_name(job.as_deref().map(str::trim), rank)?;
-        let fd = shm::open(
-            name.as_str(),
-            shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
-            Mode::RUSR | Mode::WUSR,
-        )
-        .map_err(|e| CommError::io(format!("creating the shared-memory probe {name}"), e.into()))?;
-        let seg = Segment { name };
-        File::from(fd).write_all(token.as_bytes()).map_err(|e| {
-            CommError::io(format!("writing the shared-memory probe {}", seg.name), e)
-        })?;
+        let f = shm_file::create(&name, shm_file::Backing::configured()?)?;
+        let seg = Segment {
+            fd: f.fd,
+            locator: f.locator,
+            named: f.backing == shm_file::Backing::Named,
+        };
+        let mut file = File::from(seg.fd.try_clone().map_err(|e| {
+            CommError::io(format!("duplicating the shared-memory probe {name}"), e)
+        })?);
+        file.write_all(token.as_bytes())
+            .map_err(|e| CommError::io(format!("writing the shared-memory probe {name}"), e))?;
         Ok(seg)
     }
 }
 
 impl Drop for Segment {
     fn drop(&mut self) {
-        if let Err(e) = shm::unlink(self.name.as_str()) {
-            tracing::warn!(name = %self.name, error = %e, "could not unlink the same-host probe segment");
+        if !self.named {
+            return;
+        }
+        if let Err(e) = shm::unlink(self.locator.as_str()) {
+            tracing::warn!(name = %self.locator, error = %e, "could not unlink the same-host probe segment");
         }
     }
 }
@@ -75,14 +86,19 @@ fn random_hex<const N: usize>() -> Result<String> {
     ))
 }
 
-/// True when segment `name` exists, can be opened by this process and holds `token`.
-fn probe(name: &str, token: &str) -> bool {
-    let ours = name.starts_with("/dist-samehost-")
-        || (name.starts_with("/dshm.") && name.contains(".samehost-r"));
-    if !ours || name[1..].contains('/') {
+/// True when the probe at `locator` exists, can be opened by this process
+/// and holds `token`.
+fn probe(locator: &str, token: &str) -> bool {
+    let Some(loc) = shm_file::Locator::parse(locator) else {
+        return false;
+    };
+    let name = loc.name();
+    if !(name.starts_with("/dist-samehost-")
+        || name.starts_with("/dshm.") && name.contains(".samehost-r"))
+    {
         return false;
     }
-    let Ok(fd) = shm::open(name, shm::OFlags::RDONLY, Mode::empty()) else {
+    let Ok(Some(fd)) = shm_file::open(loc, false) else {
         return false;
     };
     let mut buf = Vec::with_capacity(token.len());
@@ -95,12 +111,15 @@ fn probe(name: &str, token: &str) -> bool {
 /// The sorted global ranks running on this host, this rank included.
 ///
 /// Every rank of `0..world` must call it (collectively) with the same store.
-/// Each creates a small POSIX shared-memory segment (mode 0600, a unique name
-/// with its pid and random bits) holding a random token, and publishes name
-/// and token in `store`; each then opens every other rank's segment, and the
-/// ranks whose segment it can open with the right content share its host
-/// (same kernel, same `/dev/shm`, same user). After a store barrier every
-/// rank unlinks its own segment, so nothing is left behind, also on error.
+/// Each creates a small shared-memory file ([`shm_file`]: a memfd by
+/// default, labelled with its pid and random bits) holding a random token,
+/// and publishes its locator and the token in `store`; each then opens every
+/// other rank's file the way the shm backend opens its segments, and the
+/// ranks whose file it can open with the right content share its host (same
+/// kernel, same user, and one pid namespace for memfds or one `/dev/shm`
+/// for named files). After a store barrier every rank closes (or unlinks)
+/// its own, so nothing is left behind, also on error; a memfd cannot be
+/// left behind even by a rank killed while it probes.
 /// Every wait is bounded by `timeout`; a rank that never arrives gives a
 /// [`CommError::Timeout`] naming it. Calling it again on the same store is fine.
 pub fn same_host_ranks(
@@ -124,7 +143,7 @@ pub fn same_host_ranks(
     let seg = Segment::create(rank, &token)?;
     store.set(
         &format!("{prefix}/{rank}"),
-        format!("{} {token}", seg.name).as_bytes(),
+        format!("{} {token}", seg.locator).as_bytes(),
     )?;
 
     let keys: Vec<String> = (0..world).map(|r| format!("{prefix}/{r}")).collect();
@@ -146,12 +165,12 @@ pub fn same_host_ranks(
         }
         let v = store.get(key, deadline.remaining())?;
         let v = String::from_utf8_lossy(&v);
-        let (name, tok) = v.split_once(' ').ok_or_else(|| {
+        let (locator, tok) = v.split_once(' ').ok_or_else(|| {
             CommError::Protocol(format!(
                 "same_host_ranks: malformed entry for rank {r} in the store: {v:?}"
             ))
         })?;
-        if probe(name, tok) {
+        if probe(locator, tok) {
             local.push(r);
         }
     }

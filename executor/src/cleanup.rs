@@ -1,7 +1,9 @@
 //! Removing what a job's ranks left in `/dev/shm`.
 //!
-//! comm-shm names every segment `dshm.<DIST_JOB_ID>.<creator pid>.<random>`
-//! and unlinks it once every member has attached, so a healthy job leaves
+//! comm-shm's segments are anonymous memfds by default and never appear
+//! here. Named ones (`DIST_SHM_BACKING=named`, or a kernel refusing memfds)
+//! and the same-host probes are `dshm.<DIST_JOB_ID>.<creator pid>.<random>`,
+//! unlinked once every member has attached, so a healthy job leaves
 //! nothing. A job stopped during set-up (a member killed while the others
 //! wait to attach, a member that exits before joining, Ctrl-C) leaves the
 //! segments whose creator was stopped before it could unlink them. The

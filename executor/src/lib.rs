@@ -19,8 +19,9 @@
 //! set), so the rank that failed first is the one named and its code the one
 //! returned, even when the others fail microseconds later because of it.
 //! Once every rank is gone (success, failure, timeout, Ctrl-C), it removes
-//! the job's `/dev/shm/dshm.<DIST_JOB_ID>.*` segments, which a stop during
-//! shared-memory set-up would otherwise leave behind. Rank output is
+//! the job's `/dev/shm/dshm.<DIST_JOB_ID>.*` files, which a stop during
+//! set-up would otherwise leave behind where segments are named
+//! (`DIST_SHM_BACKING=named`; the default memfd segments have no name). Rank output is
 //! forwarded one whole line per `write`.
 //!
 //! [`Executor`] keeps one long-lived worker process per rank, on this host

@@ -27,9 +27,12 @@
 //! differ in both their network stack and their shared memory, so each
 //! "host" here gets both: `ip netns exec` already gives the node its own
 //! mount namespace, and the wrapper mounts a private tmpfs on `/dev/shm`
-//! there before starting distrun. The probe then sees two hosts for the
-//! reason it would on real ones, and nothing in the library needs to know
-//! about the test. After distrun exits, the wrapper lists what is left in
+//! there and starts distrun in a pid namespace of its own (shared memory is
+//! an anonymous memfd by default, which a rank opens through its creator's
+//! `/proc/<pid>/fd`: one pid namespace is what it needs, as a named segment
+//! needs one `/dev/shm`). The probe then sees two hosts for the reason it
+//! would on real ones, and nothing in the library needs to know about the
+//! test. After distrun exits, the wrapper lists what is left in
 //! its private `/dev/shm` (it must be nothing).
 //!
 //! Skips with a printed reason where namespaces cannot be created (not
@@ -67,9 +70,10 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The wrapper of a node's distrun, run by `sh -c` in the node's namespace
 /// (and mount namespace, from `ip netns exec`): a private `/dev/shm`, then
-/// distrun, then the list of what it left there.
+/// distrun in a pid namespace of its own (with its own `/proc`), then the
+/// list of what it left there.
 const NODE_SCRIPT: &str = r#"mount -t tmpfs -o mode=1777 dist-netns-shm /dev/shm || { echo "cannot mount a private /dev/shm in this namespace" >&2; exit 97; }
-"$@"; rc=$?
+unshare --pid --fork --mount-proc "$@"; rc=$?
 ls -A /dev/shm > "$PS_NETNS_LEFT"
 exit $rc"#;
 

@@ -208,10 +208,32 @@ pub fn assert_reaped(kids: &[Child]) {
     }
 }
 
-/// Nothing of job `job` is left in /dev/shm.
+/// The memfd segments of job `job` that process `pid` holds open, as their
+/// `/proc/<pid>/fd` links (`/memfd:dshm.<job>.<pid>.<random> (deleted)`).
+pub fn memfds_held(pid: u32, job: &str) -> Vec<String> {
+    let want = format!("/memfd:{}", comm_shm::segment_prefix(job));
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|rd| {
+            rd.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .filter(|l| l.starts_with(&want))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Nothing of job `job` is left in /dev/shm, and no process still holds one
+/// of its memfd segments open.
 pub fn assert_no_segments(job: &str) {
     let left = list_segments(job);
     assert!(left.is_empty(), "leaked segments: {left:?}");
+    let pids = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok());
+    for pid in pids {
+        let held = memfds_held(pid, job);
+        assert!(held.is_empty(), "process {pid} still holds {held:?}");
+    }
 }
 
 /// A tensor of `dt` holding `vals` (converted as `Element::from_f64` does).

@@ -41,11 +41,13 @@ pub const REQUEST_RING_ENV: &str = "DIST_EXECUTOR_REQUEST_RING";
 /// [`DEFAULT_REPLY_RING`]).
 pub const REPLY_RING_ENV: &str = "DIST_EXECUTOR_REPLY_RING";
 /// Default request ring: 32 MiB, so a 16 MiB request (a latent, a batch of
-/// embeddings) is held whole and read in place. Where `/dev/shm` has less
-/// than [`ROOMY_SHM`] free (a container's default 64 MiB), the default is
+/// embeddings) is held whole and read in place. Segments are memfds by
+/// default, bounded by memory only; where they are named
+/// (`DIST_SHM_BACKING=named`) and `/dev/shm` has less than [`ROOMY_SHM`]
+/// free (a container's default 64 MiB), the default is
 /// [`SMALL_REQUEST_RING`] instead, so the queues still fit.
 pub const DEFAULT_REQUEST_RING: usize = 32 << 20;
-/// The default request ring on a small `/dev/shm` (see
+/// The default request ring on a small `/dev/shm` with named segments (see
 /// [`DEFAULT_REQUEST_RING`]): a 16 MiB request then streams through it.
 pub const SMALL_REQUEST_RING: usize = 16 << 20;
 /// Free `/dev/shm` below which the default request ring is
@@ -97,8 +99,9 @@ impl QueueConfig {
     }
 }
 
-/// [`DEFAULT_REQUEST_RING`], or [`SMALL_REQUEST_RING`] where `/dev/shm` has
-/// less than [`ROOMY_SHM`] free.
+/// [`DEFAULT_REQUEST_RING`], or [`SMALL_REQUEST_RING`] where segments are
+/// named (`DIST_SHM_BACKING=named`) and `/dev/shm` has less than
+/// [`ROOMY_SHM`] free.
 fn default_request_ring() -> usize {
     if comm_shm::check_free_space(ROOMY_SHM).is_ok() {
         DEFAULT_REQUEST_RING
