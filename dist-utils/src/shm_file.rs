@@ -118,6 +118,14 @@ pub fn create(name: &str, backing: Backing) -> Result<NewFile> {
     if backing == Backing::Memfd {
         match rustix::fs::memfd_create(&name[1..], MemfdFlags::CLOEXEC) {
             Ok(fd) => {
+                // A memfd starts as 0777; only its creator's pid namespace and
+                // ptrace rules guard `/proc/<pid>/fd`. 0600 as for a named one.
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600)).map_err(|e| {
+                    CommError::io(
+                        format!("restricting shared-memory file {name}"),
+                        errno_io(e),
+                    )
+                })?;
                 let locator = format!("{MEMFD}{}:{}:{name}", std::process::id(), fd.as_raw_fd());
                 return Ok(NewFile {
                     fd,
@@ -267,6 +275,8 @@ mod tests {
         let c = create(&name, Backing::Memfd).unwrap();
         assert_eq!(c.backing, Backing::Memfd);
         assert!(!std::path::Path::new(&format!("/dev/shm{name}")).exists());
+        let mode = rustix::fs::fstat(&c.fd).unwrap().st_mode & 0o777;
+        assert_eq!(mode, 0o600);
         rustix::io::write(&c.fd, b"hello").unwrap();
         let loc = Locator::parse(&c.locator).unwrap();
         let o = open(loc, false).unwrap().unwrap();
