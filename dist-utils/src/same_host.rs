@@ -4,11 +4,10 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use comm_core::{CommError, Deadline, Result, Store};
-use std::os::fd::OwnedFd;
-
 use rustix::shm;
 
 use crate::shm_file;
