@@ -306,3 +306,40 @@ fn after_set_up_sigterm_still_kills_on(test: &str, env: &[(&str, &str)]) {
     assert_reaped(&kids);
     assert_no_segments(&job);
 }
+
+/// A creator that is not dumpable (other processes could not open its
+/// descriptors through `/proc`) makes a named segment instead, set-up
+/// completes, and nothing is left.
+#[test]
+fn an_undumpable_creator_falls_back_to_a_named_segment() {
+    let test = "an_undumpable_creator_falls_back_to_a_named_segment";
+    if let Some((rank, world, store, job)) = child_of() {
+        if rank == 0 {
+            // SAFETY: prctl with integer arguments only.
+            assert_eq!(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }, 0);
+        } else {
+            store.wait(&["go"], SETUP).unwrap();
+        }
+        let c = join(store.clone(), rank, world, &opts(&job)).unwrap();
+        c.barrier().unwrap();
+        std::process::exit(0);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (path, store) = file_store(dir.path());
+    let job = job("leakundump");
+    let mut kids: Vec<Child> = (0..2)
+        .map(|r| spawn_with(test, r, 2, &path, &job, &[MEMFD]))
+        .collect();
+    wait_for_segment(&job, &mut kids);
+    assert_eq!(
+        list_segments(&job).len(),
+        1,
+        "the creator fell back to a name"
+    );
+    store.set("go", b"1").unwrap();
+    for k in &mut kids {
+        assert_eq!(ended(k), (Some(0), None));
+    }
+    assert_reaped(&kids);
+    assert_no_segments(&job);
+}
