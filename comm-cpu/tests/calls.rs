@@ -116,8 +116,16 @@ fn mismatched_calls_fail_on_every_member() {
             assert!(is_mismatch_or_abort(e), "{case}: rank {r}: {e}");
             assert!(*t < FAST, "{case}: rank {r} took {t:?}");
         }
-        // Rank 0's right neighbour sees it directly.
-        assert!(is_mismatch(&res[1].0), "{case}: {}", res[1].0);
+        // Some member saw it directly (the one whose abort the others
+        // report). Which one depends on the algorithm and on timing: where
+        // several members compare with rank 0 (a small all_gather talks to
+        // every peer), the first to notice aborts the group, and rank 0's
+        // right neighbour may learn of it from that abort first.
+        assert!(
+            res.iter().any(|(e, _)| is_mismatch(e)),
+            "{case}: nobody saw the mismatch itself: {:?}",
+            res.iter().map(|(e, _)| e.to_string()).collect::<Vec<_>>()
+        );
     }
 }
 

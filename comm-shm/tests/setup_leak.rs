@@ -103,8 +103,8 @@ fn ended(k: &mut Child) -> (Option<i32>, Option<i32>) {
     }
 }
 
-/// Rank 0 alone in a group of 2, on `backing`, stopped by `sig` while it
-/// waits.
+/// Rank 0 alone in a group of 2, with the environment `env`, stopped by
+/// `sig` while it waits.
 fn creator_stopped_by(test: &str, sig: i32, env: &[(&str, &str)]) {
     child();
     let dir = tempfile::tempdir().unwrap();
