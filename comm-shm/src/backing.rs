@@ -106,8 +106,9 @@ impl Opened {
 }
 
 /// Opens the segment at `locator` (from the store key `key`); `what` names
-/// the object being set up, for errors.
-pub(crate) fn open(locator: &str, key: &str, what: &str) -> Result<Opened> {
+/// the object being set up, for errors. `Ok(None)` when it no longer
+/// exists (see [`creator_pid`] to tell why).
+pub(crate) fn open(locator: &str, key: &str, what: &str) -> Result<Option<Opened>> {
     let loc = Locator::parse(locator).ok_or_else(|| {
         CommError::Protocol(format!(
             "{what}: store key `{key}` holds no segment locator"
@@ -118,13 +119,7 @@ pub(crate) fn open(locator: &str, key: &str, what: &str) -> Result<Opened> {
     let guard = named.then(|| SetupGuard::register(name));
     let fd = match shm_file::open(loc, true) {
         Ok(Some(fd)) => fd,
-        Ok(None) => {
-            return Err(CommError::State(format!(
-                "{what}: segment {name} (from store key `{key}`) no longer exists: its creator \
-                 gave up (set-up deadline passed, it died or was stopped) or the key is left \
-                 over from an earlier group; use a fresh key prefix per communicator"
-            )))
-        }
+        Ok(None) => return Ok(None),
         Err(e) if named => {
             return Err(CommError::io(
                 format!("{what}: opening shared-memory segment {name}"),
@@ -142,12 +137,28 @@ pub(crate) fn open(locator: &str, key: &str, what: &str) -> Result<Opened> {
             ))
         }
     };
-    Ok(Opened {
+    Ok(Some(Opened {
         fd,
         name: name.to_string(),
         unlink_on_error: named.then(|| UnlinkOnDrop(Some(name.to_string()))),
         _guard: guard,
-    })
+    }))
+}
+
+/// The pid of the process that created the segment at `locator`: a memfd
+/// locator's own, or the one in a segment name
+/// (`/dshm.<job>.<pid>.<random>`, the job id has no dots).
+pub(crate) fn creator_pid(locator: &str) -> Option<u32> {
+    match Locator::parse(locator)? {
+        Locator::Memfd { pid, .. } => Some(pid),
+        Locator::Named(name) => {
+            let mut it = name[1..].split('.');
+            match (it.next(), it.next(), it.next(), it.next()) {
+                (Some("dshm"), Some(_), Some(pid), Some(_)) => pid.parse().ok(),
+                _ => None,
+            }
+        }
+    }
 }
 
 /// Where a segment of this backing takes its memory from, for messages.
@@ -171,12 +182,14 @@ mod tests {
         let c = create(&name).unwrap();
         assert_eq!(c.backing, Backing::Memfd);
         assert!(!std::path::Path::new(&format!("{SHM_DIR}{name}")).exists());
-        let o = open(&c.locator, "k", "test").unwrap();
+        let o = open(&c.locator, "k", "test").unwrap().unwrap();
         assert_eq!(o.name, name);
+        assert_eq!(creator_pid(&c.locator), Some(std::process::id()));
         let other = c.locator.replace("backing", "other");
-        let e = open(&other, "k", "test").err().unwrap().to_string();
-        assert!(e.contains("no longer exists"), "{e}");
+        assert!(open(&other, "k", "test").unwrap().is_none());
         let e = open("memfd:1", "k", "test").err().unwrap().to_string();
         assert!(e.contains("holds no segment locator"), "{e}");
+        assert_eq!(creator_pid("/dshm.job_1.4242.00ff"), Some(4242));
+        assert_eq!(creator_pid("/dist-samehost-1-r0-ab"), None);
     }
 }

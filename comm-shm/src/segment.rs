@@ -528,7 +528,9 @@ impl Segment {
             )
         })?;
         let locator = String::from_utf8_lossy(&raw);
-        let file = backing::open(&locator, &spec.key, &spec.what)?;
+        let Some(file) = backing::open(&locator, &spec.key, &spec.what)? else {
+            return Err(Self::gone(spec, &locator));
+        };
         let name = file.name.clone();
         let st = rustix::fs::fstat(&file.fd)
             .map_err(|e| CommError::io(format!("stat of {name}"), errno_io(e)))?;
@@ -554,6 +556,31 @@ impl Segment {
         seg.await_attach(spec, dl)?;
         file.succeeded();
         Ok(seg)
+    }
+
+    /// Why the segment at `locator` could not be found: its creator died
+    /// before every member attached (a memfd goes with its creator's
+    /// descriptor; a name with its signal handler), which names that rank,
+    /// or it gave up, or the store key is stale.
+    fn gone(spec: &SetupSpec<'_>, locator: &str) -> CommError {
+        let name = locator.rsplit(':').next().unwrap_or(locator);
+        if let Some(detail) = backing::creator_pid(locator).and_then(process_gone) {
+            return CommError::peer_lost(
+                spec.ranks.first().copied().unwrap_or(0),
+                format!("{} set-up", spec.what),
+                format!(
+                    "{detail}: it created segment {name} and ended before every member attached \
+                     (or store key `{}` is left over from an earlier group)",
+                    spec.key
+                ),
+            );
+        }
+        CommError::State(format!(
+            "{}: segment {name} (from store key `{}`) no longer exists: its creator gave up \
+             (set-up deadline passed, or it was stopped) or the key is left over from an \
+             earlier group; use a fresh key prefix per communicator",
+            spec.what, spec.key
+        ))
     }
 
     /// The header as found in the mapping.

@@ -14,8 +14,10 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Child;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use comm_core::{CommError, Store};
 use comm_shm::{list_segments, BACKING_ENV};
 use common::*;
 
@@ -108,7 +110,7 @@ fn ended(k: &mut Child) -> (Option<i32>, Option<i32>) {
 fn creator_stopped_by(test: &str, sig: i32, env: &[(&str, &str)]) {
     child();
     let dir = tempfile::tempdir().unwrap();
-    let (path, _) = file_store(dir.path());
+    let (path, store) = file_store(dir.path());
     let job = job("leak");
     let mut kids = vec![spawn_with(test, 0, 2, &path, &job, env)];
     wait_for_segment(&job, &mut kids);
@@ -120,6 +122,24 @@ fn creator_stopped_by(test: &str, sig: i32, env: &[(&str, &str)]) {
     );
     assert_reaped(&kids);
     assert_no_segments(&job);
+    assert_late_member_names_rank_0(store, &job);
+}
+
+/// A member that joins after the creator died finds the locator in the
+/// store but not the segment: at once, not at its deadline, an error naming
+/// rank 0 as the member that ended.
+fn assert_late_member_names_rank_0(store: Arc<dyn Store>, job: &str) {
+    let late = join(store, 1, 2, &opts(job)).err().unwrap();
+    assert!(
+        matches!(&late, CommError::PeerLost { peer, .. } if peer.group == 0),
+        "{late}"
+    );
+    assert!(
+        late.to_string()
+            .contains("ended before every member attached"),
+        "{late}"
+    );
+    assert_no_segments(job);
 }
 
 #[test]
@@ -161,11 +181,7 @@ fn creator_killed_by_sigkill_in_set_up_leaves_nothing() {
     assert_eq!(ended(&mut kids[0]), (None, Some(libc::SIGKILL)));
     assert_reaped(&kids);
     assert_no_segments(&job);
-    // A member that comes now finds the locator in the store but not the
-    // segment: a clear error at once, not a wait for its deadline.
-    let late = join(store, 1, 2, &opts(&job)).err().unwrap().to_string();
-    assert!(late.contains("no longer exists"), "{late}");
-    assert_no_segments(&job);
+    assert_late_member_names_rank_0(store, &job);
 }
 
 /// An unknown backing is refused by every member at once, the attaching
