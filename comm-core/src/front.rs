@@ -317,6 +317,18 @@ impl Communicator {
         Ok(())
     }
 
+    /// Gives up on the group because of `why`, an error this rank met
+    /// outside it (the set-up of another group, say). Peers are told, with
+    /// the ranks `why` blames read as this group's ranks, so that a peer
+    /// waiting in a call here reports those ranks rather than this one; every
+    /// later call here fails with `why`.
+    pub fn abort_for(&self, why: &CommError) -> Result<()> {
+        if self.inner.poison(why) {
+            self.inner.lock()?.comm.abort(why);
+        }
+        Ok(())
+    }
+
     // ------------------------------------------------------------ collectives
 
     /// In place: every member ends with the reduction of all members' `buf`.

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use comm_core::{
-    BackendFactory, CommError, DType, Device, Registry, Result, Store, Tensor, TensorMetadata,
+    BackendFactory, CommError, DType, Device, Missing, Registry, Result, Store, Tensor,
+    TensorMetadata,
 };
 use dist_utils::rendezvous::RankInfo;
 use dist_utils::{HashStore, PrefixStore};
@@ -245,8 +246,32 @@ impl ParallelState {
             "world",
             st.opts.use_message_queue_broadcaster,
         )?;
-        st.init_node_group(None)?;
+        if let Err(e) = st.init_node_group(None) {
+            return Err(st.abandon_world(e));
+        }
         Ok(st)
+    }
+
+    /// The node group's set-up failed with `e` after the world group was
+    /// built: tells the world group's other members (who may already wait
+    /// in a call on it) whom `e` blames, instead of letting them find this
+    /// rank's connections gone and blame it. Returns `e`.
+    fn abandon_world(&self, e: CommError) -> CommError {
+        let culprits: Vec<Missing> = e
+            .culprits()
+            .into_iter()
+            .filter_map(|r| r.global.or_else(|| self.node_ranks.get(r.group).copied()))
+            .filter(|&g| g != self.rank)
+            .map(|g| Missing::new(g, "blamed by its node group's failed set-up"))
+            .collect();
+        let why = CommError::peer_aborted(
+            self.rank,
+            "the node group's set-up",
+            e.to_string(),
+            culprits,
+        );
+        self.world.abort_for(&why);
+        e
     }
 
     /// `Ok` when `world_size`, `rank`, `local_rank` and `backend` agree with

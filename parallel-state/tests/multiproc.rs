@@ -70,6 +70,7 @@ fn worker_entry() {
         "layout8" => layout8(&ps),
         "mq" => mq(&ps),
         "absent" => absent(&ps),
+        "abandon" => abandon(&ps),
         other => panic!("unknown scenario {other}"),
     }
     println!("PS_OK {scenario} rank {}", ps.rank());
@@ -552,6 +553,49 @@ fn absent(ps: &ParallelState) {
             dp.all_reduce(&mut t, ReduceOp::Sum).unwrap();
             assert_eq!(t.to_vec::<f32>().unwrap(), vec![2.0; 64]);
         }
+    }
+}
+
+/// Rank 1 gives up on the world group because of a failure elsewhere (as
+/// `ParallelState` does when its node group's set-up fails after the world
+/// group was built) that blames rank 2. Ranks 0 and 2, waiting in a barrier
+/// on the world group, fail at once naming rank 2 (sent by rank 1), not
+/// rank 1 for leaving.
+fn abandon(ps: &ParallelState) {
+    use parallel_state::core::Missing;
+    let world = ps.world_group();
+    let done = |r: usize| format!("abandon/done/{r}");
+    if ps.rank() == 1 {
+        let why = CommError::timeout_ranks(
+            "set-up of another group",
+            Duration::from_secs(5),
+            vec![Missing::new(2, "did not open its control connection")],
+        );
+        world.abort_for(&why);
+        // Later calls here fail with that error.
+        let again = world.barrier().unwrap_err();
+        assert!(
+            again
+                .to_string()
+                .contains("did not open its control connection"),
+            "{again}"
+        );
+    } else {
+        let err = world.barrier().unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(&err, CommError::PeerAborted { peer, .. } if peer.group == 1),
+            "{text}"
+        );
+        let blamed: Vec<usize> = err.culprits().iter().map(|r| r.group).collect();
+        assert_eq!(blamed, vec![2], "{text}");
+    }
+    // Rank 0 hosts the store: it leaves last.
+    ps.store().set(&done(ps.rank()), b"1").unwrap();
+    if ps.rank() == 0 {
+        ps.store()
+            .wait(&[&done(1), &done(2)], Duration::from_secs(60))
+            .unwrap();
     }
 }
 
@@ -1308,6 +1352,14 @@ fn absent_member_times_out_naming_its_global_rank() {
 #[test]
 fn absent_member_times_out_naming_its_global_rank_over_tcp() {
     run("absent", 4, &[("DIST_BACKEND", "tcp")]);
+}
+#[test]
+fn abandoning_a_group_names_the_ranks_blamed() {
+    run("abandon", 3, &[]);
+}
+#[test]
+fn abandoning_a_group_names_the_ranks_blamed_over_tcp() {
+    run("abandon", 3, &[("DIST_BACKEND", "tcp")]);
 }
 #[test]
 fn transformer_block_sharded_matches_single_rank() {

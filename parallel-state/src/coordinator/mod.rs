@@ -499,6 +499,20 @@ impl GroupCoordinator {
         ))
     }
 
+    /// Gives up on the group because of `why`, an error this rank met
+    /// outside it, blaming the ranks `why` blames (as this group's ranks; see
+    /// [`Communicator::abort_for`]). Members waiting in a call on it fail at
+    /// once, naming those ranks; later calls here fail with `why`.
+    pub fn abort_for(&self, why: &CommError) {
+        for plane in [&self.device_plane, &self.host] {
+            if let Ok(g) = plane.read() {
+                if let Some(c) = g.as_ref() {
+                    let _ = c.abort_for(why);
+                }
+            }
+        }
+    }
+
     /// Releases the group's communicators; later calls return a clear error.
     pub fn destroy(&self) {
         if let Ok(mut g) = self.device_plane.write() {
