@@ -262,7 +262,7 @@ impl ParallelState {
             .into_iter()
             .filter_map(|r| r.global.or_else(|| self.node_ranks.get(r.group).copied()))
             .filter(|&g| g != self.rank)
-            .map(|g| Missing::new(g, "blamed by its node group's failed set-up"))
+            .map(|g| Missing::new(g, "blamed by the node group's failed set-up"))
             .collect();
         let why = CommError::peer_aborted(
             self.rank,
