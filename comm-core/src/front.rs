@@ -307,14 +307,10 @@ impl Communicator {
     /// Gives up on the group: peers are told (with `reason`) and every later
     /// call fails.
     pub fn abort(&self, reason: &str) -> Result<()> {
-        let e = CommError::Aborted(format!(
+        self.abort_for(&CommError::Aborted(format!(
             "{} aborted by this rank: {reason}",
             self.inner.label
-        ));
-        if self.inner.poison(&e) {
-            self.inner.lock()?.comm.abort(&e);
-        }
-        Ok(())
+        )))
     }
 
     /// Gives up on the group because of `why`, an error this rank met

@@ -14,10 +14,10 @@
 use std::os::fd::OwnedFd;
 
 use comm_core::{CommError, Result};
-use dist_utils::shm_file::{self, Locator};
+use dist_utils::shm_file;
 use rustix::shm;
 
-pub use dist_utils::shm_file::{Backing, BACKING_ENV};
+pub use dist_utils::shm_file::{Backing, Locator, BACKING_ENV};
 
 use crate::names::{SetupGuard, SHM_DIR};
 
@@ -61,14 +61,12 @@ pub(crate) fn create(name: &str) -> Result<Created> {
     // A name is registered before it exists, so no signal can find it
     // unregistered; a memfd that falls back to a name is registered late,
     // which only narrows that fallback's window.
-    let early = (backing == Backing::Named).then(|| SetupGuard::register(name));
+    let mut guard = (backing == Backing::Named).then(|| SetupGuard::register(name));
     let f = shm_file::create(name, backing)?;
     let named = f.backing == Backing::Named;
-    let guard = match early {
-        Some(g) => Some(g),
-        None if named => Some(SetupGuard::register(name)),
-        None => None,
-    };
+    if named && guard.is_none() {
+        guard = Some(SetupGuard::register(name));
+    }
     Ok(Created {
         fd: f.fd,
         locator: f.locator,
@@ -107,7 +105,7 @@ impl Opened {
 
 /// Opens the segment at `locator` (from the store key `key`); `what` names
 /// the object being set up, for errors. `Ok(None)` when it no longer
-/// exists (see [`creator_pid`] to tell why).
+/// exists (see [`creator_of`] to tell why).
 pub(crate) fn open(locator: &str, key: &str, what: &str) -> Result<Option<Opened>> {
     let loc = Locator::parse(locator).ok_or_else(|| {
         CommError::Protocol(format!(
@@ -145,19 +143,12 @@ pub(crate) fn open(locator: &str, key: &str, what: &str) -> Result<Option<Opened
     }))
 }
 
-/// The pid of the process that created the segment at `locator`: a memfd
-/// locator's own, or the one in a segment name
-/// (`/dshm.<job>.<pid>.<random>`, the job id has no dots).
-pub(crate) fn creator_pid(locator: &str) -> Option<u32> {
-    match Locator::parse(locator)? {
+/// The pid of the process that created the segment at `loc`: a memfd
+/// locator's own, or the one in a segment's name.
+pub(crate) fn creator_of(loc: &Locator<'_>) -> Option<u32> {
+    match *loc {
         Locator::Memfd { pid, .. } => Some(pid),
-        Locator::Named(name) => {
-            let mut it = name[1..].split('.');
-            match (it.next(), it.next(), it.next(), it.next()) {
-                (Some("dshm"), Some(_), Some(pid), Some(_)) => pid.parse().ok(),
-                _ => None,
-            }
-        }
+        Locator::Named(name) => crate::creator_pid(name),
     }
 }
 
@@ -184,12 +175,16 @@ mod tests {
         assert!(!std::path::Path::new(&format!("{SHM_DIR}{name}")).exists());
         let o = open(&c.locator, "k", "test").unwrap().unwrap();
         assert_eq!(o.name, name);
-        assert_eq!(creator_pid(&c.locator), Some(std::process::id()));
+        let loc = Locator::parse(&c.locator).unwrap();
+        assert_eq!(creator_of(&loc), Some(std::process::id()));
         let other = c.locator.replace("backing", "other");
         assert!(open(&other, "k", "test").unwrap().is_none());
         let e = open("memfd:1", "k", "test").err().unwrap().to_string();
         assert!(e.contains("holds no segment locator"), "{e}");
-        assert_eq!(creator_pid("/dshm.job_1.4242.00ff"), Some(4242));
-        assert_eq!(creator_pid("/dist-samehost-1-r0-ab"), None);
+        assert_eq!(
+            creator_of(&Locator::Named("/dshm.job_1.4242.00ff")),
+            Some(4242)
+        );
+        assert_eq!(creator_of(&Locator::Named("/dist-samehost-1-r0-ab")), None);
     }
 }

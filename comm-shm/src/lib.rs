@@ -42,7 +42,7 @@ pub use comm::{ShmCommunicator, ShmOptions, SingleCopyMode};
 pub use factory::ShmFactory;
 pub use mq::{MessageQueue, MqOptions, Role};
 pub use names::{
-    default_job_id, list_segments, remove_job_segments, sanitize_job, segment_prefix, JOB_ID_ENV,
-    JOB_SECRET_ENV, MAX_JOB_LEN, NAME_PREFIX, SHM_DIR,
+    creator_pid, default_job_id, list_segments, remove_job_segments, sanitize_job, segment_prefix,
+    JOB_ID_ENV, JOB_SECRET_ENV, MAX_JOB_LEN, NAME_PREFIX, SHM_DIR,
 };
 pub use segment::{check_free_space, Segment, SpinPolicy};

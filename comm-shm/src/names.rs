@@ -138,6 +138,21 @@ pub(crate) fn new_name(job: &str) -> Result<String> {
     ))
 }
 
+/// The creator's pid in a segment name `dshm.<job>.<pid>[.<rest>]` (with or
+/// without the leading `/`; job ids have no dots), `None` for other names.
+///
+/// ```
+/// assert_eq!(comm_shm::creator_pid("/dshm.job_1.4242.00ff"), Some(4242));
+/// assert_eq!(comm_shm::creator_pid("dshm.job.x"), None);
+/// ```
+pub fn creator_pid(name: &str) -> Option<u32> {
+    let mut it = name.strip_prefix('/').unwrap_or(name).split('.');
+    match (it.next(), it.next(), it.next()) {
+        (Some("dshm"), Some(_), Some(pid)) => pid.parse().ok(),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------- signals
 
 const SLOTS: usize = 64;

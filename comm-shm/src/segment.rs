@@ -563,8 +563,13 @@ impl Segment {
     /// descriptor; a name with its signal handler), which names that rank,
     /// or it gave up, or the store key is stale.
     fn gone(spec: &SetupSpec<'_>, locator: &str) -> CommError {
-        let name = locator.rsplit(':').next().unwrap_or(locator);
-        if let Some(detail) = backing::creator_pid(locator).and_then(process_gone) {
+        let loc = backing::Locator::parse(locator);
+        let name = loc.as_ref().map_or(locator, |l| l.name());
+        if let Some(detail) = loc
+            .as_ref()
+            .and_then(backing::creator_of)
+            .and_then(process_gone)
+        {
             return CommError::peer_lost(
                 spec.ranks.first().copied().unwrap_or(0),
                 format!("{} set-up", spec.what),

@@ -4,7 +4,6 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use comm_core::{CommError, Deadline, Result, Store};
@@ -43,7 +42,8 @@ fn probe_name(job: Option<&str>, rank: usize) -> Result<String> {
 /// This rank's probe: a shared-memory file holding its token, unlinked on
 /// drop when it is named.
 struct Segment {
-    fd: OwnedFd,
+    /// Kept open: a memfd lives as long as a descriptor of it does.
+    file: File,
     locator: String,
     named: bool,
 }
@@ -53,15 +53,13 @@ impl Segment {
         let job = std::env::var(JOB_ID_ENV).ok();
         let name = probe_name(job.as_deref().map(str::trim), rank)?;
         let f = shm_file::create(&name, shm_file::Backing::configured()?)?;
-        let seg = Segment {
-            fd: f.fd,
+        let mut seg = Segment {
+            file: File::from(f.fd),
             locator: f.locator,
             named: f.backing == shm_file::Backing::Named,
         };
-        let mut file = File::from(seg.fd.try_clone().map_err(|e| {
-            CommError::io(format!("duplicating the shared-memory probe {name}"), e)
-        })?);
-        file.write_all(token.as_bytes())
+        seg.file
+            .write_all(token.as_bytes())
             .map_err(|e| CommError::io(format!("writing the shared-memory probe {name}"), e))?;
         Ok(seg)
     }

@@ -89,10 +89,6 @@ fn dumpable() -> bool {
     )
 }
 
-fn errno_io(e: Errno) -> std::io::Error {
-    std::io::Error::from_raw_os_error(e.raw_os_error())
-}
-
 /// A new shared-memory file and its locator.
 #[derive(Debug)]
 pub struct NewFile {
@@ -121,10 +117,7 @@ pub fn create(name: &str, backing: Backing) -> Result<NewFile> {
                 // A memfd starts as 0777; only its creator's pid namespace and
                 // ptrace rules guard `/proc/<pid>/fd`. 0600 as for a named one.
                 rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o600)).map_err(|e| {
-                    CommError::io(
-                        format!("restricting shared-memory file {name}"),
-                        errno_io(e),
-                    )
+                    CommError::io(format!("restricting shared-memory file {name}"), e.into())
                 })?;
                 let locator = format!("{MEMFD}{}:{}:{name}", std::process::id(), fd.as_raw_fd());
                 return Ok(NewFile {
@@ -141,12 +134,7 @@ pub fn create(name: &str, backing: Backing) -> Result<NewFile> {
         shm::OFlags::CREATE | shm::OFlags::EXCL | shm::OFlags::RDWR,
         Mode::from_raw_mode(0o600),
     )
-    .map_err(|e| {
-        CommError::io(
-            format!("creating shared-memory segment {name}"),
-            errno_io(e),
-        )
-    })?;
+    .map_err(|e| CommError::io(format!("creating shared-memory segment {name}"), e.into()))?;
     Ok(NewFile {
         fd,
         locator: name.to_string(),
@@ -227,7 +215,7 @@ pub fn open(loc: Locator<'_>, write: bool) -> std::io::Result<Option<OwnedFd>> {
             match shm::open(name, flags, Mode::empty()) {
                 Ok(fd) => Ok(Some(fd)),
                 Err(Errno::NOENT) => Ok(None),
-                Err(e) => Err(errno_io(e)),
+                Err(e) => Err(e.into()),
             }
         }
     }

@@ -49,11 +49,10 @@ fn remove_job_segments_in(dir: &Path, job_id: &str, ours: &[u32]) -> Vec<PathBuf
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        let Some(rest) = name.strip_prefix(&prefix) else {
+        if !name.starts_with(&prefix) {
             continue;
-        };
-        let creator = rest.split('.').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = creator {
+        }
+        if let Some(pid) = comm_shm::creator_pid(name) {
             if !ours.contains(&pid) && process_alive(pid) {
                 continue;
             }
